@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install everything.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench paper clean-venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU wheel first, so nothing below pulls in a CUDA build of torch.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev,hf]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/nexus-moe run configs/tiny.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+
+paper: $(STAMP)
+	$(BIN)/nexus-moe run configs/paper-small.yaml
+
+clean-venv:
+	rm -rf $(VENV)

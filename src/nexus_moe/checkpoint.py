@@ -1,0 +1,159 @@
+"""Self-describing model checkpoints: a directory of safetensors + JSON (SPEC §1, §12).
+
+Layout of a checkpoint directory::
+
+    config.json          {"format": "nexus-moe", "model": ModelConfig, "metadata": {...}}
+    model.safetensors    weights (tied lm_head stored once, as the embedding)
+    tokenizer.json       the tokenizer the model was trained with (when known)
+
+Everything is written to a temporary directory and renamed into place, so an interrupted save
+never leaves a half-written checkpoint. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nexus_moe import __version__
+from nexus_moe.config import ModelConfig, from_dict, to_dict
+from nexus_moe.errors import NexusError
+from nexus_moe.io_utils import atomic_dir, read_json, write_json
+from nexus_moe.model import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT = "nexus-moe"
+
+
+def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Persistent tensors to save (the tied lm_head is dropped; it is the embedding)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    model: Transformer,
+    tokenizer_path: str | Path | None = None,
+    metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a self-describing checkpoint directory, atomically.
+
+    ``extra_files`` maps file names to either a dict (written as JSON), a dict of tensors
+    (written as safetensors) or a path (copied).
+    """
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_json(
+            tmp / CONFIG_FILE,
+            {
+                "format": FORMAT,
+                "version": __version__,
+                "model": to_dict(model.cfg),
+                "metadata": metadata or {},
+            },
+        )
+        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer_path is not None:
+            shutil.copyfile(find_tokenizer(tokenizer_path), tmp / TOKENIZER_FILE)
+        for name, content in (extra_files or {}).items():
+            _write_extra(tmp / name, content)
+    return out_dir
+
+
+def _write_extra(path: Path, content: Any) -> None:
+    if isinstance(content, str | Path):
+        shutil.copyfile(content, path)
+    elif (
+        isinstance(content, dict)
+        and content
+        and all(isinstance(v, torch.Tensor) for v in content.values())
+    ):
+        save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(path))
+    else:
+        write_json(path, content)
+
+
+def find_tokenizer(path: str | Path) -> Path:
+    """``path`` itself if it is a file, else ``path/tokenizer.json``; NexusError if absent."""
+    path = Path(path)
+    candidate = path / TOKENIZER_FILE if path.is_dir() else path
+    if not candidate.is_file():
+        raise NexusError(f"{candidate}: tokenizer file not found")
+    return candidate
+
+
+def load_config(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read a checkpoint's model config and metadata."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise NexusError(f"{ckpt_dir}: checkpoint directory not found")
+    doc = read_json(ckpt_dir / CONFIG_FILE)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise NexusError(
+            f"{ckpt_dir / CONFIG_FILE}: not a nexus-moe checkpoint (a Hugging Face folder? "
+            "convert it with `nexus-moe import`)"
+        )
+    cfg = from_dict(ModelConfig, doc["model"], "model")
+    return cfg, doc.get("metadata", {})
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file; corrupt or truncated files raise NexusError."""
+    path = Path(path)
+    if not path.is_file():
+        raise NexusError(f"{path}: weights file not found")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise NexusError(
+            f"{path}: cannot read weights ({exc}); the file is corrupt or truncated — "
+            "restore it from a copy or re-run the stage that wrote it"
+        ) from exc
+
+
+def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``state`` into ``model``, naming the first missing/unexpected/misshapen tensor."""
+    expected = model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = (
+            f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{unexpected[0]}'"
+        )
+        raise NexusError(f"{source}: {what}; the weights do not match config.json")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise NexusError(
+                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(
+    ckpt_dir: str | Path, device: str = "cpu"
+) -> tuple[Transformer, dict[str, Any]]:
+    """Build the model a checkpoint describes and load its weights bit-exactly."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg, metadata = load_config(ckpt_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)  # no random init: every weight is loaded below
+    model.init_buffers()
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    state = read_safetensors(ckpt_dir / WEIGHTS_FILE, device=device)
+    load_state_into(model, state, ckpt_dir / WEIGHTS_FILE)
+    return model, metadata

@@ -1,0 +1,260 @@
+"""Typed configuration: the one place every default lives.
+
+Model configs (dense and MoE) and recipe sections are dataclasses. YAML/JSON is turned into them by
+:func:`from_dict`, which rejects an unknown key or a wrong type with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nexus_moe.errors import NexusError
+
+T = TypeVar("T")
+
+
+class RouterType(enum.StrEnum):
+    """How a MoE layer scores its routed experts (SPEC §4)."""
+
+    linear = "linear"
+    nexus = "nexus"
+    ac = "ac"
+
+
+@dataclass
+class MoEConfig:
+    """The MoE part of a model (SPEC §3, §4). Absent (None) on a dense model."""
+
+    num_experts: int = 4  # routed experts, one per domain for btx / moe-linear / nexus
+    top_k: int = 1  # Nexus default: top-1 + shared expert; BTX: top-2, no shared expert
+    shared_expert: bool = True  # the seed's FFN, always active (moe-linear / nexus)
+    renormalize: bool = False  # gate = p_i (False) or p_i / sum_topk p (True)
+    router: RouterType = RouterType.nexus
+    ac_base: RouterType = (
+        RouterType.linear
+    )  # AC: where expert embeddings e_k come from (linear|nexus)
+    moe_every: int = 1  # replace the FFN of every k-th block (block i is MoE when i % k == 0)
+    expert_intermediate_size: int | None = None  # None: same as the dense FFN
+    load_balance_weight: float = 0.05  # Switch loss weight (Nexus default 0.05)
+    z_loss_weight: float = 0.0  # router z-loss weight; 0 disables it
+    router_init_std: float = 0.02  # linear router rows and the Nexus projection
+    domain_embedding_dim: int = 384  # m: dimension of the sentence embedder (all-MiniLM: 384)
+    nexus_hidden_size: int = 256  # h': inner width of the Nexus SwiGLU projection
+    normalize_domain_embeddings: bool = True  # L2-normalise d_i before projecting them
+    ac_eps: float = 1e-4  # AC: w = 1 / (MAD + eps)
+    ac_tau: float = 10.0  # AC: weights clipped at tau * mean(w)
+    ac_momentum: float = 0.9  # AC: EMA of the weights kept for evaluation
+    domains: list[str] = field(default_factory=list)  # domain of each routed expert (may be empty)
+    embedder: str | None = None  # sentence-transformers model the domain embeddings came from
+
+    def __post_init__(self) -> None:
+        self.router = RouterType(self.router)
+        self.ac_base = RouterType(self.ac_base)
+        if self.ac_base == RouterType.ac:
+            raise NexusError("moe.ac_base must be 'linear' or 'nexus'")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise NexusError(
+                f"moe.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}"
+            )
+        if self.domains and len(self.domains) != self.num_experts:
+            raise NexusError(
+                f"moe.domains has {len(self.domains)} names but num_experts={self.num_experts}"
+            )
+
+    @property
+    def uses_nexus(self) -> bool:
+        """True when expert embeddings come from domain embeddings (Nexus or AC on Nexus)."""
+        return self.router == RouterType.nexus or (
+            self.router == RouterType.ac and self.ac_base == RouterType.nexus
+        )
+
+
+@dataclass
+class ModelConfig:
+    """A Llama/Qwen2-style decoder (SPEC §2), optionally with MoE feed-forward layers."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 704  # SwiGLU width (~8/3 * hidden, rounded)
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2  # grouped-query attention: heads share K/V in groups
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
+    init_std: float = 0.02
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = from_dict(MoEConfig, self.moe, "moe")
+        if self.num_heads % self.num_kv_heads:
+            raise NexusError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise NexusError("hidden_size must be divisible by num_heads (or set head_dim)")
+            self.head_dim = self.hidden_size // self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` has a MoE feed-forward."""
+        return self.moe is not None and layer % self.moe.moe_every == 0
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        assert self.moe is not None
+        return self.moe.expert_intermediate_size or self.intermediate_size
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count of the model this config builds (``active``: per token, top-k only)."""
+        h, inter, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        hd = self.head_dim
+        assert hd is not None
+        attn = h * hd * self.num_heads * 2 + h * hd * self.num_kv_heads * 2
+        if self.attention_bias:
+            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * hd
+        total = v * h * (1 if self.tie_embeddings else 2) + h  # embeddings, head, final norm
+        for layer in range(self.num_layers):
+            total += attn + 2 * h  # attention + two norms
+            if not self.is_moe_layer(layer):
+                total += 3 * h * inter
+                continue
+            moe = self.moe
+            assert moe is not None
+            e_inter = self.expert_intermediate_size
+            n_routed = moe.top_k if active else moe.num_experts
+            total += n_routed * 3 * h * e_inter
+            if moe.shared_expert:
+                total += 3 * h * inter
+            total += _router_params(self, moe)
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def _router_params(cfg: ModelConfig, moe: MoEConfig) -> int:
+    if moe.uses_nexus:
+        m, hp = moe.domain_embedding_dim, moe.nexus_hidden_size
+        return m * 2 * hp + hp * cfg.hidden_size
+    return moe.num_experts * cfg.hidden_size
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain JSON-able dict (enums as values, paths as strings)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types.
+
+    ``where`` is the dotted path of ``data`` in the enclosing document, used in error messages.
+    """
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise NexusError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise NexusError(
+            f"unknown key '{prefix}{unknown[0]}'; allowed keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise NexusError(f"{where or 'config'}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except NexusError as exc:
+                errors.append(str(exc))
+        raise NexusError(errors[0] if len(errors) == 1 else f"{where}: wrong type ({value!r})")
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value, where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in tp)
+            raise NexusError(f"{where}: '{value}' is not one of: {allowed}") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise NexusError(f"{where}: expected a list, got {type(value).__name__}")
+        return (
+            [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise NexusError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if origin is typing.Literal:
+        if value not in args:
+            raise NexusError(f"{where}: '{value}' is not one of: {', '.join(map(str, args))}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise NexusError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise NexusError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise NexusError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise NexusError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            raise NexusError(f"{where}: expected a path, got {value!r}")
+        return Path(value)
+    return value

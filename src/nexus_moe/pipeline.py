@@ -1,0 +1,238 @@
+"""Pipeline stages (SPEC §1) and the recipe that chains them.
+
+Each stage is a function that reads directories and writes one directory, plus a ``stage.json``
+fingerprint of the config and inputs that made it. ``nexus-moe run`` skips a stage whose output
+exists with the same fingerprint, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from nexus_moe.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
+from nexus_moe.config import ModelConfig, from_dict, to_dict
+from nexus_moe.data import TokenShards, tokenize_corpus
+from nexus_moe.errors import NexusError
+from nexus_moe.evaluate import EvalConfig
+from nexus_moe.io_utils import read_json, write_json
+from nexus_moe.model import Transformer
+from nexus_moe.train import TrainConfig, Trainer
+
+STAGE_FILE = "stage.json"
+DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal"]
+
+
+# ---------------------------------------------------------------------------------------------
+# recipe
+
+
+@dataclass
+class CorpusSection:
+    """Where the text comes from (SPEC §11)."""
+
+    domains: list[str] = field(default_factory=lambda: list(DEFAULT_DOMAINS))
+    heldout: list[str] = field(default_factory=lambda: ["math"])  # added later by `extend`
+    from_dir: Path | None = None  # the user's own data: one sub-folder per domain
+    max_mb_per_domain: float = 1.0
+    val_fraction: float = 0.05
+
+
+@dataclass
+class TokenizerSection:
+    vocab_size: int = 4096
+    path: Path | None = None  # use this tokenizer.json instead of training one
+
+
+@dataclass
+class Recipe:
+    """A whole study; every section has defaults (see configs/tiny.yaml for an example)."""
+
+    workdir: Path = Path("runs/default")
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed_train: TrainConfig = field(default_factory=TrainConfig)
+    branch_train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; unknown keys and wrong types name the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise NexusError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise NexusError(f"{path}: not valid YAML ({exc})") from exc
+    try:
+        return from_dict(Recipe, data)
+    except NexusError as exc:
+        raise NexusError(f"{path}: {exc}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NexusError(f"device '{name}' requested but CUDA is not available; use 'cpu'")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage bookkeeping
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of configs and input fingerprints."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (short form)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def stage_done(out_dir: Path, key: str) -> bool:
+    """True when ``out_dir`` was completed by a stage with the same fingerprint."""
+    marker = out_dir / STAGE_FILE
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("fingerprint") == key
+    except json.JSONDecodeError:
+        return False
+
+
+def mark_done(out_dir: Path, key: str, **info: Any) -> None:
+    write_json(out_dir / STAGE_FILE, {"fingerprint": key, **info})
+
+
+def stage_key(out_dir: Path) -> str:
+    """The fingerprint of a finished stage (inputs of later stages include it)."""
+    return read_json(out_dir / STAGE_FILE)["fingerprint"]
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A checkpoint dir itself, or a training run dir holding ``model/``."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    raise NexusError(
+        f"{path}: no model checkpoint here (expected {CONFIG_FILE} or model/{CONFIG_FILE})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def tokens_for(
+    corpus_dir: Path, tokenizer_path: Path, cache_root: Path | None = None
+) -> TokenShards:
+    """Token shards of ``corpus_dir`` under ``tokenizer_path``, built once and cached."""
+    manifest = corpus_dir / "manifest.json"
+    corpus_hash = file_hash(manifest)[:12] if manifest.is_file() else "nomanifest"
+    out = (cache_root or corpus_dir) / f"tokens-{file_hash(tokenizer_path)[:12]}-{corpus_hash}"
+    if not (out / "meta.json").is_file():
+        tokenize_corpus(corpus_dir, tokenizer_path, out)
+    return TokenShards(out)
+
+
+def train_model(
+    model: Transformer,
+    corpus_dir: Path,
+    tokenizer_path: Path,
+    domains: list[str],
+    cfg: TrainConfig,
+    out_dir: Path,
+    metadata: dict[str, Any] | None = None,
+    eval_domains: list[str] | None = None,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> Path:
+    """Train ``model`` on ``domains`` of the corpus; returns ``out_dir/model``."""
+    shards = tokens_for(corpus_dir, tokenizer_path)
+    trainer = Trainer(
+        model,
+        shards,
+        domains,
+        cfg,
+        out_dir,
+        tokenizer_path=tokenizer_path,
+        metadata=metadata,
+        eval_domains=eval_domains,
+        device=device,
+        show_progress=show_progress,
+    )
+    final = trainer.train()
+    assert final is not None
+    return final
+
+
+def pretrain_seed(
+    model_cfg: ModelConfig,
+    corpus_dir: Path,
+    tokenizer_path: Path,
+    domains: list[str],
+    cfg: TrainConfig,
+    out_dir: Path,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Train a dense seed model from scratch on the domain mix."""
+    from nexus_moe.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tokenizer_path).get_vocab_size()
+    if model_cfg.vocab_size != vocab:
+        model_cfg = ModelConfig(**{**vars(model_cfg), "vocab_size": vocab})
+    if model_cfg.is_moe:
+        raise NexusError("the seed must be dense: remove model.moe from the recipe")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg)
+    return train_model(
+        model,
+        corpus_dir,
+        tokenizer_path,
+        domains,
+        cfg,
+        out_dir,
+        metadata={"stage": "seed", "domains": domains},
+        device=device,
+    )
+
+
+def branch_expert(
+    seed_dir: Path,
+    corpus_dir: Path,
+    domain: str,
+    cfg: TrainConfig,
+    out_dir: Path,
+    eval_domains: list[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Continue training the seed on one domain: a dense domain expert (SPEC §1, branch)."""
+    seed_dir = resolve_model_dir(seed_dir)
+    model, _ = load_checkpoint(seed_dir)
+    return train_model(
+        model,
+        corpus_dir,
+        seed_dir / TOKENIZER_FILE,
+        [domain],
+        cfg,
+        out_dir,
+        metadata={"stage": "branch", "domain": domain, "seed": str(seed_dir)},
+        eval_domains=eval_domains or [domain],
+        device=device,
+    )

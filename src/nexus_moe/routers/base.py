@@ -1,0 +1,37 @@
+"""The router interface (SPEC §4).
+
+A router only scores experts: it returns float32 logits of shape (tokens, routed experts). Softmax,
+top-k, gating and the auxiliary losses live in the MoE layer (``nexus_moe.moe``), so every router
+is interchangeable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Router(nn.Module):
+    """Base class: subclasses implement :meth:`expert_embeddings` and may override :meth:`forward`."""
+
+    num_experts: int
+
+    def expert_embeddings(self) -> torch.Tensor:
+        """The (num_experts, hidden) matrix whose rows score tokens: logits = x @ E^T."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, prev_assignment: torch.Tensor | None = None) -> torch.Tensor:
+        """Score tokens ``x`` (N, hidden) against every routed expert -> (N, num_experts) fp32.
+
+        ``prev_assignment`` (N,) is the top-1 expert of each token at the previous MoE layer;
+        only the adaptive-clustering router uses it.
+        """
+        embeddings = self.expert_embeddings()  # (E, hidden)
+        return x.float() @ embeddings.float().t()
+
+    # Growing and shrinking (SPEC §7). Subclasses implement these for their own parameters.
+    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
+        raise NotImplementedError
+
+    def remove_expert(self, index: int) -> None:
+        raise NotImplementedError

@@ -1,0 +1,85 @@
+"""Nexus router (SPEC §4): expert embeddings projected from fixed domain embeddings.
+
+Each MoE layer owns a small SwiGLU hypernetwork P. For routed expert i with domain embedding d_i:
+
+    u = W1 d_i (m -> 2h');  a, b = split(u);  e_i = W2 (silu(a) * b) (h' -> hidden)
+    logits_i(x) = x . e_i
+
+Only W1 and W2 are learned; d_i is a buffer. A new expert needs only its d_i: its embedding comes
+out of the trained projection, so it is routed to without any new router parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nexus_moe.routers.base import Router
+
+
+class NexusRouter(Router):
+    """Router whose expert embeddings are ``P(d_i)``; E is computed once per forward."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        domain_embeddings: torch.Tensor,
+        projection_size: int = 256,
+        init_std: float = 0.02,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        num_experts, embed_dim = domain_embeddings.shape
+        self.num_experts = num_experts
+        self.normalize = normalize
+        self.init_std = init_std
+        self.w1 = nn.Linear(embed_dim, 2 * projection_size, bias=False)  # m -> 2h'
+        self.w2 = nn.Linear(projection_size, hidden_size, bias=False)  # h' -> hidden
+        nn.init.normal_(self.w1.weight, std=init_std)
+        nn.init.normal_(self.w2.weight, std=init_std)
+        self.register_buffer("domain_embeddings", domain_embeddings.detach().float().clone())
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def project(self, domain_embeddings: torch.Tensor) -> torch.Tensor:
+        """P(d): (n, m) -> (n, hidden) expert embeddings."""
+        d = domain_embeddings.float()
+        if self.normalize:
+            d = F.normalize(d, dim=-1)
+        a, b = self.w1(d.to(self.w1.weight.dtype)).chunk(2, dim=-1)  # (n, h') each
+        return self.w2(F.silu(a) * b)  # (n, hidden)
+
+    def expert_embeddings(self) -> torch.Tensor:
+        # Inference: E depends only on parameters, so reuse it until any of them changes.
+        if self.training or torch.is_grad_enabled():
+            self._cache = None
+            return self.project(self.domain_embeddings)
+        key = tuple(
+            (t.data_ptr(), t._version, t.dtype, t.shape)
+            for t in (self.w1.weight, self.w2.weight, self.domain_embeddings)
+        )
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.project(self.domain_embeddings))
+        return self._cache[1]
+
+    @torch.no_grad()
+    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
+        """Append the new domain's embedding; no new parameters (``reset`` is not applicable)."""
+        if domain_embedding is None:
+            raise ValueError("the Nexus router needs the new domain's embedding")
+        d = domain_embedding.detach().float().reshape(1, -1).to(self.domain_embeddings.device)
+        if d.shape[1] != self.domain_embeddings.shape[1]:
+            raise ValueError(
+                f"domain embedding has dimension {d.shape[1]}, router expects "
+                f"{self.domain_embeddings.shape[1]}"
+            )
+        self.domain_embeddings = torch.cat([self.domain_embeddings, d])
+        self.num_experts += 1
+        self._cache = None
+
+    @torch.no_grad()
+    def remove_expert(self, index: int) -> None:
+        keep = [i for i in range(self.num_experts) if i != index]
+        self.domain_embeddings = self.domain_embeddings[keep].clone()
+        self.num_experts -= 1
+        self._cache = None

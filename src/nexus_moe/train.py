@@ -1,0 +1,387 @@
+"""The trainer (SPEC §8): AdamW, warmup + cosine, clipping, accumulation, bf16 autocast,
+periodic per-domain evaluation, JSONL metrics, atomic checkpoints with exact resume and a NaN guard.
+
+A training run writes one directory::
+
+    out_dir/model/        final model checkpoint (written when the run completes)
+    out_dir/checkpoint/   last resumable state: model + optimizer.safetensors + trainer_state.json
+    out_dir/metrics.jsonl one JSON object per logged step / evaluation
+
+Under ``torchrun`` every rank trains its own share of each batch; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nexus_moe import distributed as dist_utils
+from nexus_moe.checkpoint import (
+    WEIGHTS_FILE,
+    load_state_into,
+    read_safetensors,
+    save_checkpoint,
+)
+from nexus_moe.config import to_dict
+from nexus_moe.data import DomainSampler, TokenShards
+from nexus_moe.errors import NexusError
+from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
+from nexus_moe.io_utils import read_json
+from nexus_moe.losses import language_model_loss
+from nexus_moe.model import Transformer
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (seed pretraining, branching, MoE training)."""
+
+    steps: int = 200  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch (per rank)
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_frac: float = 0.1  # linear warmup over this share of the steps (SPEC §8: 10%)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    bf16: bool = False  # bf16 autocast (weights and optimizer stay float32)
+    seed: int = 0
+    domain_weighting: str = "size"  # "size" | "uniform"; see domain_weights for explicit weights
+    domain_weights: dict[str, float] = field(default_factory=dict)  # explicit, overrides weighting
+    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    eval_tokens: int = 32768  # validation tokens per domain at each evaluation
+    checkpoint_every: int = 100  # steps between resumable checkpoints; 0: only at the end
+    log_every: int = 10
+    freeze: list[str] = field(default_factory=list)  # parameter-name substrings kept frozen
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise NexusError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise NexusError(f"train.lr must be > 0 (got {self.lr})")
+        if self.domain_weighting not in ("size", "uniform"):
+            raise NexusError("train.domain_weighting must be 'size' or 'uniform'")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate before optimizer step ``step`` (0-based): linear warmup, then cosine."""
+    warmup = max(1, int(cfg.warmup_frac * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases and 1-D tensors."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state <-> safetensors (by parameter name, so nothing is pickled)
+
+
+def optimizer_tensors(
+    model: torch.nn.Module, opt: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for param, state in opt.state.items():
+        for key, value in state.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            out[f"{names[id(param)]}::{key}"] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def load_optimizer_tensors(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
+) -> None:
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, _, field_name = key.partition("::")
+        if name not in params:
+            raise NexusError(f"optimizer state names unknown parameter '{name}'")
+        param = params[name]
+        opt.state[param][field_name] = value.to(param.device) if value.ndim else value.clone()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains ``model`` on a domain mix from ``shards``; see the module docstring for outputs."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        shards: TokenShards,
+        domains: list[str],
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        tokenizer_path: str | Path | None = None,
+        metadata: dict[str, Any] | None = None,
+        eval_domains: list[str] | None = None,
+        device: str | torch.device = "cpu",
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.tokenizer_path = tokenizer_path
+        self.metadata = dict(metadata or {})
+        self.domains = domains
+        self.eval_domains = eval_domains or domains
+        self.shards = shards
+        self.device = torch.device(device)
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self.show_progress = show_progress and self.rank == 0
+        torch.manual_seed(cfg.seed)
+        self.model = model.to(self.device)
+        for name, param in self.model.named_parameters():
+            if any(pattern in name for pattern in cfg.freeze):
+                param.requires_grad_(False)
+        self.wrapped = dist_utils.wrap_model(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        weighting: str | dict[str, float] = cfg.domain_weights or cfg.domain_weighting
+        # Micro-batches of one optimizer step are consecutive sampler batches.
+        self.sampler = DomainSampler(
+            shards,
+            domains,
+            cfg.seq_len,
+            cfg.batch_size,
+            weighting=weighting,
+            seed=cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.out_dir / "model"
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "sampler": self.sampler.state_dict(),
+            "train_config": to_dict(self.cfg),
+            "world_size": self.world_size,
+        }
+
+    def save(self) -> None:
+        """Write the resumable checkpoint atomically (rank 0 only)."""
+        if self.rank != 0:
+            return
+        rng = {"torch_rng": torch.get_rng_state()}
+        save_checkpoint(
+            self.checkpoint_dir,
+            self.model,
+            self.tokenizer_path,
+            metadata=self.metadata,
+            extra_files={
+                OPTIMIZER_FILE: optimizer_tensors(self.model, self.optimizer) or {},
+                STATE_FILE: self._trainer_state(),
+                "rng.safetensors": rng,
+            },
+        )
+
+    def maybe_resume(self) -> bool:
+        """Resume from ``out_dir/checkpoint`` when it exists; True if resumed."""
+        ckpt = self.checkpoint_dir
+        if not (ckpt / STATE_FILE).is_file():
+            return False
+        state = read_json(ckpt / STATE_FILE)
+        if state.get("world_size", 1) != self.world_size:
+            raise NexusError(
+                f"{ckpt}: saved with world size {state.get('world_size')}, now {self.world_size}; "
+                "resume with the same number of processes"
+            )
+        if state.get("train_config") != to_dict(self.cfg):
+            raise NexusError(
+                f"{ckpt / STATE_FILE}: the training config differs from the one being resumed; "
+                f"use a new output directory or restore the original config"
+            )
+        load_state_into(
+            self.model, read_safetensors(ckpt / WEIGHTS_FILE, str(self.device)), ckpt / WEIGHTS_FILE
+        )
+        opt_path = ckpt / OPTIMIZER_FILE
+        if opt_path.is_file():
+            load_optimizer_tensors(self.model, self.optimizer, read_safetensors(opt_path))
+        torch.set_rng_state(read_safetensors(ckpt / "rng.safetensors")["torch_rng"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        return True
+
+    # -- training -------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _routing_stats(self) -> dict[str, Any]:
+        layers = self.model.moe_layers()
+        if not layers:
+            return {}
+        loads = []
+        for layer in layers:
+            counts = layer.tokens_per_expert
+            loads.append((counts / counts.sum().clamp_min(1)).tolist())
+            counts.zero_()
+        return {"expert_load": loads}
+
+    def evaluate(self) -> dict[str, Any]:
+        eval_cfg = EvalConfig(self.cfg.seq_len, self.cfg.batch_size, self.cfg.eval_tokens)
+        scores = evaluate_domains(
+            self.model,
+            self.shards,
+            self.eval_domains,
+            eval_cfg,
+            device=self.device,
+            autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None,
+        )
+        return scores_to_dict(scores)
+
+    def train(self, stop_at_step: int | None = None) -> Path | None:
+        """Run (or finish) training; returns the final model dir, or None if stopped early.
+
+        ``stop_at_step`` ends the run after that many steps as if interrupted (for tests and
+        time-boxed runs); the resumable checkpoint is written first.
+        """
+        cfg = self.cfg
+        self.maybe_resume()
+        self.model.train()
+        end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
+        progress = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not self.show_progress,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
+        window_start, window_tokens = time.perf_counter(), 0
+        last_good = self.step
+        while self.step < end:
+            lr = lr_at(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            lm_total, aux_total = 0.0, 0.0
+            for micro in range(cfg.grad_accum):
+                inputs, targets, _ = self.sampler.next_batch()
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                with dist_utils.no_sync_unless(self.wrapped, micro == cfg.grad_accum - 1):
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        out = self.wrapped(inputs)
+                        lm_loss = language_model_loss(out.logits, targets)
+                        loss = (lm_loss + out.aux_loss) / cfg.grad_accum
+                    if not torch.isfinite(loss):
+                        self._nan_error(lm_loss, out.aux_loss, last_good)
+                    loss.backward()
+                lm_total += lm_loss.item() / cfg.grad_accum
+                aux_total += out.aux_loss.item() / cfg.grad_accum
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in params if p.grad is not None]
+                )
+            if not torch.isfinite(grad_norm):
+                self._nan_error(torch.tensor(lm_total), torch.tensor(float("nan")), last_good)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            lm_total = dist_utils.mean_across_ranks(lm_total)
+            progress.update(1)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                record = {
+                    "step": self.step,
+                    "loss": lm_total,
+                    "aux_loss": aux_total,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens": self.tokens_seen,
+                    "tokens_per_s": tps,
+                    **self._routing_stats(),
+                }
+                if out.routing:
+                    record["load_balance_loss"] = float(
+                        torch.stack([r.load_balance_loss.detach() for r in out.routing]).mean()
+                    )
+                self._log(record)
+                progress.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{tps:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self._log({"step": self.step, "eval": self.evaluate()})
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+                last_good = self.step
+        progress.close()
+        if self.step < cfg.steps:  # interrupted on purpose
+            self.save()
+            return None
+        scores = self.evaluate()
+        self._log({"step": self.step, "eval": scores})
+        if self.rank == 0:
+            self.save()
+            save_checkpoint(
+                self.final_dir,
+                self.model,
+                self.tokenizer_path,
+                metadata={
+                    **self.metadata,
+                    "steps": self.step,
+                    "tokens": self.tokens_seen,
+                    "eval": scores,
+                },
+            )
+        dist_utils.barrier()
+        return self.final_dir
+
+    def _nan_error(self, lm_loss: torch.Tensor, aux_loss: torch.Tensor, last_good: int) -> None:
+        where = (
+            f"the last good checkpoint (step {last_good}) is kept in {self.checkpoint_dir}"
+            if (self.checkpoint_dir / STATE_FILE).is_file()
+            else "no checkpoint had been written yet"
+        )
+        raise NexusError(
+            f"non-finite loss at step {self.step + 1} (lm loss {float(lm_loss):.4g}, aux loss "
+            f"{float(aux_loss):.4g}); {where}. Lower train.lr, enable train.grad_clip, or check "
+            "the data; nothing was written for the failing step."
+        )

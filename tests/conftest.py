@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny configs that exercise the real code paths on CPU in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nexus_moe.config import ModelConfig, MoEConfig
+
+
+def tiny_config(moe: MoEConfig | None = None, **overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=64,
+        moe=moe,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

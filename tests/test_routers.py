@@ -1,0 +1,208 @@
+"""Router contract (SPEC §3, §4): every router behind the same MoE layer."""
+
+import pytest
+import torch
+
+from nexus_moe.config import MoEConfig
+from nexus_moe.moe import MoELayer
+from nexus_moe.routers import ACRouter, LinearRouter, NexusRouter, cluster_feature_weights
+
+H, I = 16, 32
+ROUTERS = [
+    dict(router="linear"),
+    dict(router="nexus"),
+    dict(router="ac", ac_base="linear"),
+    dict(router="ac", ac_base="nexus"),
+]
+
+
+def make_layer(num_experts=4, top_k=2, domain_dim=8, **kw):
+    cfg = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        domain_embedding_dim=domain_dim,
+        nexus_hidden_size=8,
+        **kw,
+    )
+    layer = MoELayer(cfg, H, I, I)
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(0, 0.2)
+        for m in layer.modules():
+            if isinstance(m, NexusRouter):
+                m.domain_embeddings.copy_(torch.randn(num_experts, domain_dim))
+    return layer
+
+
+@pytest.mark.parametrize("kw", ROUTERS, ids=lambda k: "-".join(k.values()))
+def test_probabilities_indices_and_gradients(kw):
+    layer = make_layer(**kw)
+    x = torch.randn(2, 10, H)
+    prev = torch.randint(0, 4, (20,))
+    y, info = layer(x, prev)
+    assert y.shape == x.shape
+    probs = torch.softmax(info.router_logits, -1)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(20))
+    assert info.router_logits.dtype == torch.float32
+    assert info.top1.min() >= 0 and info.top1.max() < 4
+    (y.square().mean() + info.load_balance_loss).backward()
+    router_params = list(layer.router.named_parameters())
+    assert router_params
+    for name, p in router_params:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    if kw["router"] == "nexus" or kw.get("ac_base") == "nexus":
+        names = {n for n, _ in router_params}
+        assert any("w1" in n for n in names) and any("w2" in n for n in names)
+
+
+@pytest.mark.parametrize("kw", ROUTERS, ids=lambda k: "-".join(k.values()))
+def test_eval_forward_leaves_counters_and_stats_unchanged(kw):
+    layer = make_layer(**kw)
+    x = torch.randn(2, 10, H)
+    prev = torch.randint(0, 4, (20,))
+    layer.train()
+    layer(x, prev)
+    counts = layer.tokens_per_expert.clone()
+    assert counts.sum() == 20 * 2  # top-2 assignments
+    buffers = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, 7, H), torch.randint(0, 4, (21,)))
+    assert torch.equal(layer.tokens_per_expert, counts)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+
+
+@pytest.mark.parametrize("kw", ROUTERS, ids=lambda k: "-".join(k.values()))
+def test_identical_experts_equal_dense_ffn(kw):
+    """Renormalised top-k over identical experts is exactly the dense FFN."""
+    layer = make_layer(renormalize=True, shared_expert=False, **kw)
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.copy_(p[0:1].expand_as(p))
+    x = torch.randn(3, 5, H)
+    y, _ = layer(x, torch.randint(0, 4, (15,)))
+    w = layer.experts
+    dense = (
+        torch.nn.functional.silu(x @ w.gate_proj[0].t()) * (x @ w.up_proj[0].t())
+    ) @ w.down_proj[0].t()
+    torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
+
+
+def naive_moe(layer, x, prev=None):
+    """Reference: loop over tokens and their top-k experts."""
+    logits = layer.router(x, prev).float()
+    probs = torch.softmax(logits, -1)
+    top_p, top_i = probs.topk(layer.top_k, -1)
+    if layer.cfg.renormalize:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    w = layer.experts
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros(x.shape[1])
+        for j in range(layer.top_k):
+            e = top_i[t, j]
+            h = torch.nn.functional.silu(w.gate_proj[e] @ x[t]) * (w.up_proj[e] @ x[t])
+            acc = acc + top_p[t, j] * (w.down_proj[e] @ h)
+        if layer.shared_expert is not None:
+            acc = acc + layer.shared_expert(x[t])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("top_k,renorm", [(1, False), (2, False), (2, True), (3, True)])
+def test_grouped_dispatch_equals_naive_reference(top_k, renorm):
+    layer = make_layer(num_experts=4, top_k=top_k, renormalize=renorm, router="linear")
+    x = torch.randn(24, H, requires_grad=True)
+    y, _ = layer(x)
+    ref = naive_moe(layer, x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum(), [x, *layer.parameters()])
+    grads_ref = torch.autograd.grad((ref * g).sum(), [x, *layer.parameters()])
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_without_tokens_still_gets_zero_gradient():
+    layer = make_layer(num_experts=4, top_k=1, router="linear")
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 10.0  # everything goes to expert 0
+    x = torch.ones(6, H)
+    y, info = layer(x)
+    assert (info.top1 == 0).all()
+    y.sum().backward()
+    assert layer.experts.gate_proj.grad is not None
+    assert layer.experts.gate_proj.grad[1:].abs().sum() == 0
+
+
+def test_ac_weights_average_one_and_empty_clusters_get_one():
+    x = torch.randn(50, H, requires_grad=True)
+    assign = torch.randint(0, 3, (50,))  # expert 3 gets no tokens
+    w, present = cluster_feature_weights(x, assign, 4)
+    assert w.shape == (4, H) and not w.requires_grad
+    torch.testing.assert_close(w.mean(0), torch.ones(H))
+    assert present.tolist() == [True, True, True, False]
+    # Before the cross-expert normalisation the empty cluster's weights are exactly 1, so after
+    # it the empty row equals 1 / mean over experts of the raw weights; check the ratio holds.
+    tight = torch.randn(50, H) * 0.01
+    w2, _ = cluster_feature_weights(tight, torch.zeros(50, dtype=torch.long), 2)
+    assert (w2[0] > w2[1]).all()  # the tight cluster weighs every feature more
+
+
+def test_ac_weights_clipped_at_tau_times_mean():
+    x = torch.randn(40, H)
+    x[:, 0] = 0.5  # zero deviation: raw weight 1/eps would dominate without clipping
+    w_raw, _ = cluster_feature_weights(x, torch.zeros(40, dtype=torch.long), 1, tau=10.0)
+    torch.testing.assert_close(w_raw, torch.ones(1, H))  # one cluster: normalised to 1
+    x2 = torch.cat([x, torch.randn(40, H)])
+    assign = torch.cat([torch.zeros(40), torch.ones(40)]).long()
+    w, _ = cluster_feature_weights(x2, assign, 2, eps=1e-4, tau=10.0)
+    assert torch.isfinite(w).all() and w.max() < 2.0  # bounded: both clusters average to 1
+
+
+def test_ac_statistics_have_no_gradient_and_first_layer_uses_base():
+    base = LinearRouter(H, 3)
+    ac = ACRouter(base)
+    x = torch.randn(10, H)
+    torch.testing.assert_close(ac(x, None), base(x))
+    x.requires_grad_(True)
+    ac.train()
+    logits = ac(x, torch.randint(0, 3, (10,)))
+    logits.sum().backward()
+    # Gradient w.r.t. x flows only through the scaled input (weights are constants).
+    assert x.grad is not None
+
+
+def test_nexus_new_expert_needs_no_new_parameters():
+    router = NexusRouter(H, torch.randn(3, 8), projection_size=8)
+    before = sum(p.numel() for p in router.parameters())
+    d_new = torch.randn(8)
+    router.add_expert(d_new)
+    assert sum(p.numel() for p in router.parameters()) == before
+    assert router.num_experts == 4
+    expected = router.project(d_new[None])[0]
+    torch.testing.assert_close(router.expert_embeddings()[3], expected)
+
+
+def test_nexus_inference_cache_tracks_parameter_updates():
+    router = NexusRouter(H, torch.randn(3, 8), projection_size=8).eval()
+    x = torch.randn(5, H)
+    with torch.no_grad():
+        first = router(x)
+        assert router._cache is not None
+        router.w2.weight.mul_(2.0)
+        second = router(x)
+    torch.testing.assert_close(second, 2 * first)
+
+
+def test_load_balancing_loss_is_one_when_balanced():
+    from nexus_moe.losses import load_balancing_loss
+
+    probs = torch.full((8, 4), 0.25)
+    top1 = torch.arange(8) % 4
+    torch.testing.assert_close(load_balancing_loss(probs, top1), torch.tensor(1.0))
+    skewed = torch.zeros(8, 4)
+    skewed[:, 0] = 1.0
+    assert load_balancing_loss(skewed, torch.zeros(8, dtype=torch.long)) == 4.0
