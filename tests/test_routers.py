@@ -7,7 +7,7 @@ from nexus_moe.config import MoEConfig
 from nexus_moe.moe import MoELayer
 from nexus_moe.routers import ACRouter, LinearRouter, NexusRouter, cluster_feature_weights
 
-H, I = 16, 32
+H, FFN = 16, 32
 ROUTERS = [
     dict(router="linear"),
     dict(router="nexus"),
@@ -24,7 +24,7 @@ def make_layer(num_experts=4, top_k=2, domain_dim=8, **kw):
         nexus_hidden_size=8,
         **kw,
     )
-    layer = MoELayer(cfg, H, I, I)
+    layer = MoELayer(cfg, H, FFN, FFN)
     with torch.no_grad():
         for p in layer.experts.parameters():
             p.normal_(0, 0.2)

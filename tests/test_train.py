@@ -12,7 +12,7 @@ from nexus_moe.data import TokenShards, tokenize_corpus
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
 from nexus_moe.tokenizer import train_tokenizer
-from nexus_moe.train import Trainer, TrainConfig, lr_at
+from nexus_moe.train import TrainConfig, Trainer, lr_at
 
 TEXT = {
     "alpha": "The quick brown fox jumps over the lazy dog. {i} foxes were seen near the river.",
@@ -85,9 +85,10 @@ def test_resume_is_bit_exact(shards, tmp_path, moe):
         full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
-    losses = lambda d: [
-        r["loss"] for r in map(json.loads, open(d / "metrics.jsonl")) if "loss" in r
-    ]
+    def losses(run_dir):
+        records = map(json.loads, open(run_dir / "metrics.jsonl"))
+        return [r["loss"] for r in records if "loss" in r]
+
     assert losses(tmp_path / "full") == losses(tmp_path / "half")
 
 
