@@ -1,0 +1,376 @@
+"""Hugging Face interop for dense models: logits parity with ``transformers``, through the same
+converter users run (``import_hf`` / ``export_hf``), round trips, sharding, and bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_config
+from nexus_moe.checkpoint import load_checkpoint, model_state_dict
+from nexus_moe.errors import NexusError
+from nexus_moe.hf import export_hf, import_hf
+from nexus_moe.model import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+VOCAB = 300
+
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
+    """Move every weight (norms, biases included) off its init so a wrong mapping shows."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * scale)
+
+
+def _hf_model(model_type: str, tie: bool, **overrides):
+    config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[model_type])
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        tie_word_embeddings=tie,
+    )
+    if model_type == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    model = model_cls(config_cls(**kwargs))
+    _perturb(model)
+    return model.eval()
+
+
+def _save_hf(model, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _hf_logits(path_or_model, ids: torch.Tensor, attn: str = "sdpa") -> torch.Tensor:
+    model = path_or_model
+    if isinstance(path_or_model, Path):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path_or_model, attn_implementation=attn, dtype=torch.float32
+        ).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _our_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def _ids(seq: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, seq))
+
+
+def _tiny_ours(**overrides) -> Transformer:
+    cfg = tiny_config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        max_seq_len=128,
+        rope_theta=5000.0,
+        **overrides,
+    )
+    model = Transformer(cfg)
+    _perturb(model)
+    return model.eval()
+
+
+def _tokenizer_file(path: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["hello world, the tokenizer of a tiny test model"] * 20, trainer)
+    tok.save(str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# import: HF -> ours reproduces transformers' logits
+
+
+@pytest.mark.parametrize(
+    ("model_type", "tie"),
+    [
+        ("llama", False),
+        ("llama", True),
+        ("mistral", False),
+        ("qwen2", False),
+        ("qwen2", True),
+        ("qwen3", False),
+        ("qwen3", True),
+    ],
+)
+def test_import_matches_transformers_logits(tmp_path, model_type, tie):
+    hf_dir = _save_hf(_hf_model(model_type, tie), tmp_path / "hf")
+    ours = import_hf(hf_dir)
+    assert isinstance(ours, Transformer)
+    assert ours.cfg.tie_embeddings == tie
+    assert ours.cfg.attention_bias == (model_type == "qwen2")
+    assert ours.cfg.qk_norm == (model_type == "qwen3")
+    ids = _ids()
+    logits = _our_logits(ours, ids)
+    for attn in ("eager", "sdpa"):
+        diff = (logits - _hf_logits(hf_dir, ids, attn)).abs().max().item()
+        assert diff <= TOL, f"{model_type} tie={tie} {attn}: max |diff| {diff:.2e}"
+
+
+def test_import_llama_with_attention_bias(tmp_path):
+    hf = _hf_model("llama", False, attention_bias=True)
+    with torch.no_grad():  # our o_proj has no bias: accepted only when it is zero
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.bias.zero_()
+    hf_dir = _save_hf(hf, tmp_path / "hf")
+    ours = import_hf(hf_dir)
+    assert ours.cfg.attention_bias
+    ids = _ids()
+    assert (_our_logits(ours, ids) - _hf_logits(hf, ids)).abs().max() <= TOL
+
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.o_proj.bias.fill_(0.1)
+    _save_hf(hf, tmp_path / "hf_obias")
+    with pytest.raises(NexusError, match=r"model\.layers\.1\.self_attn\.o_proj\.bias"):
+        import_hf(tmp_path / "hf_obias")
+
+
+def test_import_writes_native_checkpoint_with_tokenizer(tmp_path):
+    hf_dir = _save_hf(_hf_model("qwen2", True), tmp_path / "hf")
+    _tokenizer_file(hf_dir / "tokenizer.json")
+    out = import_hf(hf_dir, tmp_path / "ckpt")
+    assert out == tmp_path / "ckpt"
+    assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    model, metadata = load_checkpoint(out)
+    assert metadata["hf_model_type"] == "qwen2"
+    ids = _ids()
+    assert (_our_logits(model, ids) - _hf_logits(hf_dir, ids)).abs().max() <= TOL
+
+
+def test_mistral_sliding_window_caps_context(tmp_path):
+    hf = _hf_model("mistral", False, sliding_window=32)
+    hf_dir = _save_hf(hf, tmp_path / "hf")
+    with pytest.warns(UserWarning, match="sliding_window=32"):
+        ours = import_hf(hf_dir)
+    assert ours.cfg.max_seq_len == 32
+    ids = _ids(32)  # within the window, sliding and full attention agree
+    assert (_our_logits(ours, ids) - _hf_logits(hf_dir, ids, "eager")).abs().max() <= TOL
+
+
+def test_qwen2_unused_sliding_window_is_ignored(tmp_path):
+    hf_dir = _save_hf(_hf_model("qwen2", False), tmp_path / "hf")
+    doc = json.loads((hf_dir / "config.json").read_text())
+    doc.update(sliding_window=8, use_sliding_window=False)
+    (hf_dir / "config.json").write_text(json.dumps(doc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert import_hf(hf_dir).cfg.max_seq_len == 128
+
+
+def test_legacy_rope_theta_key(tmp_path):
+    """transformers 4.x configs carry a top-level rope_theta and no rope_parameters."""
+    hf_dir = _save_hf(_hf_model("llama", False), tmp_path / "hf")
+    doc = json.loads((hf_dir / "config.json").read_text())
+    doc.pop("rope_parameters")
+    doc.update(rope_theta=5000.0, rope_scaling=None, torch_dtype="float32")
+    (hf_dir / "config.json").write_text(json.dumps(doc))
+    assert import_hf(hf_dir).cfg.rope_theta == 5000.0
+
+
+# --------------------------------------------------------------------------------------------
+# export: ours -> HF loads in transformers with the same logits; import gives the same weights
+
+
+@pytest.mark.parametrize(
+    ("fmt", "overrides"),
+    [
+        ("llama", {}),
+        ("llama", {"tie_embeddings": True}),
+        ("llama", {"attention_bias": True}),
+        ("mistral", {}),
+        ("qwen2", {"attention_bias": True}),
+        ("qwen2", {"attention_bias": True, "tie_embeddings": True}),
+        ("qwen3", {"qk_norm": True}),
+        ("qwen3", {"qk_norm": True, "attention_bias": True, "tie_embeddings": True}),
+    ],
+)
+def test_export_round_trip(tmp_path, fmt, overrides):
+    ours = _tiny_ours(**overrides)
+    hf_dir = export_hf(ours, tmp_path / "hf", fmt=fmt)
+    assert sorted(p.name for p in hf_dir.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    ids = _ids()
+    logits = _our_logits(ours, ids)
+    for attn in ("eager", "sdpa"):
+        diff = (logits - _hf_logits(hf_dir, ids, attn)).abs().max().item()
+        assert diff <= TOL, f"{fmt} {overrides} {attn}: max |diff| {diff:.2e}"
+
+    back = import_hf(hf_dir)
+    assert back.cfg == ours.cfg
+    expected, actual = model_state_dict(ours), model_state_dict(back)
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+
+
+def test_export_qwen2_without_bias_writes_zero_biases(tmp_path):
+    ours = _tiny_ours()
+    hf_dir = export_hf(ours, tmp_path / "hf", fmt="qwen2")
+    weights = load_file(hf_dir / "model.safetensors")
+    assert not weights["model.layers.0.self_attn.q_proj.bias"].any()
+    ids = _ids()
+    assert (_our_logits(ours, ids) - _hf_logits(hf_dir, ids)).abs().max() <= TOL
+
+
+def test_export_refuses_what_the_format_cannot_express(tmp_path):
+    with pytest.raises(NexusError, match="qwen3"):
+        export_hf(_tiny_ours(qk_norm=True), tmp_path / "a", fmt="llama")
+    with pytest.raises(NexusError, match="qwen3"):
+        export_hf(_tiny_ours(qk_norm=True), tmp_path / "b", fmt="qwen2")
+    with pytest.raises(NexusError, match="qk_norm"):
+        export_hf(_tiny_ours(), tmp_path / "c", fmt="qwen3")
+    with pytest.raises(NexusError, match="biases"):
+        export_hf(_tiny_ours(attention_bias=True), tmp_path / "d", fmt="mistral")
+    with pytest.raises(NexusError, match="llama, mistral, qwen2, qwen3"):
+        export_hf(_tiny_ours(), tmp_path / "e", fmt="gpt2")
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_sharded_export_loads_in_transformers(tmp_path):
+    ours = _tiny_ours()
+    hf_dir = export_hf(ours, tmp_path / "hf", max_shard_size=60_000)
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert not (hf_dir / "model.safetensors").exists()
+    ids = _ids()
+    assert (_our_logits(ours, ids) - _hf_logits(hf_dir, ids)).abs().max() <= TOL
+    back = import_hf(hf_dir)
+    for name, tensor in model_state_dict(ours).items():
+        assert torch.equal(tensor, model_state_dict(back)[name]), name
+
+
+def test_export_from_checkpoint_with_tokenizer(tmp_path):
+    from nexus_moe.checkpoint import save_checkpoint
+
+    ours = _tiny_ours()
+    tokenizer = _tokenizer_file(tmp_path / "tokenizer.json")
+    ckpt = save_checkpoint(tmp_path / "ckpt", ours, tokenizer_path=tokenizer)
+    hf_dir = export_hf(ckpt, tmp_path / "hf", fmt="llama", dtype=torch.bfloat16)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["eos_token_id"] == 0 and config["bos_token_id"] is None
+    assert config["torch_dtype"] == "bfloat16"
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast)
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+    text = "hello world"
+    assert tok.decode(tok(text).input_ids) == text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert hf.dtype == torch.bfloat16
+    assert hf.generation_config.eos_token_id == 0
+
+
+def test_export_replaces_existing_folder_atomically(tmp_path):
+    target = tmp_path / "hf"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    export_hf(_tiny_ours(), target)
+    assert not (target / "stale.txt").exists()
+    assert (target / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.fixture
+def llama_dir(tmp_path) -> Path:
+    return _save_hf(_hf_model("llama", False), tmp_path / "hf")
+
+
+def _edit_config(hf_dir: Path, **changes) -> None:
+    doc = json.loads((hf_dir / "config.json").read_text())
+    doc.update(changes)
+    (hf_dir / "config.json").write_text(json.dumps(doc))
+
+
+def test_config_disagreeing_with_tensors_names_the_tensor(llama_dir):
+    _edit_config(llama_dir, hidden_size=128)
+    with pytest.raises(NexusError, match=r"'model\.embed_tokens\.weight' has shape \(300, 64\)"):
+        import_hf(llama_dir)
+
+
+def test_missing_and_unexpected_tensors_are_named(llama_dir):
+    weights = load_file(llama_dir / "model.safetensors")
+    weights.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(weights, llama_dir / "model.safetensors")
+    with pytest.raises(NexusError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+        import_hf(llama_dir)
+    _edit_config(llama_dir, num_hidden_layers=1)
+    with pytest.raises(NexusError, match=r"unexpected tensor 'model\.layers\.1\."):
+        import_hf(llama_dir)
+
+
+def test_unsupported_model_type(llama_dir):
+    _edit_config(llama_dir, model_type="gpt2")
+    with pytest.raises(NexusError, match="'gpt2' is not supported; supported: llama, mistral"):
+        import_hf(llama_dir)
+
+
+def test_rope_scaling_refused(llama_dir):
+    _edit_config(llama_dir, rope_parameters={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(NexusError, match="rope_type='linear'"):
+        import_hf(llama_dir)
+    _edit_config(llama_dir, rope_parameters=None, rope_scaling={"type": "llama3", "factor": 8.0})
+    with pytest.raises(NexusError, match="rope_type='llama3'"):
+        import_hf(llama_dir)
+
+
+def test_pickled_weights_refused(llama_dir):
+    (llama_dir / "model.safetensors").rename(llama_dir / "pytorch_model.bin")
+    with pytest.raises(NexusError, match="pytorch_model.bin.*safetensors"):
+        import_hf(llama_dir)
+
+
+def test_corrupt_and_missing_files(llama_dir, tmp_path):
+    data = (llama_dir / "model.safetensors").read_bytes()
+    (llama_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NexusError, match="corrupt or truncated"):
+        import_hf(llama_dir)
+    (llama_dir / "config.json").write_text("{ not json")
+    with pytest.raises(NexusError, match="config.json"):
+        import_hf(llama_dir)
+    with pytest.raises(NexusError, match="not found"):
+        import_hf(tmp_path / "nowhere")
