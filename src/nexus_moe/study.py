@@ -17,6 +17,7 @@ from nexus_moe.config import to_dict
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
 from nexus_moe.io_utils import atomic_path, write_json
 from nexus_moe.pipeline import (
+    MoEVariant,
     Recipe,
     branch_expert,
     file_hash,
@@ -28,6 +29,7 @@ from nexus_moe.pipeline import (
     stage_done,
     stage_key,
     tokens_for,
+    train_model,
 )
 
 
@@ -150,6 +152,85 @@ class Study:
         )
         return out / "model"
 
+    def stage_embed(self, corpus_dir: Path, domains: list[str]) -> Path:
+        from nexus_moe.embed import embed_domains
+
+        e = self.recipe.embed
+        out = self.workdir / "domain_embeddings"
+        key = fingerprint(e, stage_key(corpus_dir), domains, self.recipe.seed)
+
+        def build() -> None:
+            embeddings = embed_domains(
+                corpus_dir,
+                domains,
+                embedder=e.embedder,
+                num_chunks=e.num_chunks,
+                chunk_chars=e.chunk_chars,
+                seed=self.recipe.seed,
+                device="cuda" if self.device.type == "cuda" else "cpu",
+            )
+            embeddings.save(out)
+
+        self._stage("embed-domains", out, key, build)
+        return out
+
+    def stage_upcycle(
+        self, variant: MoEVariant, seed_dir: Path, experts: dict[str, Path], embeddings: Path
+    ) -> Path:
+        from nexus_moe.embed import DomainEmbeddings
+        from nexus_moe.upcycle import upcycle
+
+        out = self.workdir / "moe" / variant.name / "upcycled"
+        overrides = {**self.recipe.moe.overrides, **variant.moe}
+        key = fingerprint(
+            variant,
+            overrides,
+            stage_key(seed_dir.parent),
+            [stage_key(p.parent) for p in experts.values()],
+            stage_key(embeddings),
+        )
+        expert_dirs = [] if variant.method == "sparse-upcycle" else list(experts.values())
+        self._stage(
+            f"upcycle:{variant.name}",
+            out,
+            key,
+            lambda: upcycle(
+                variant.method,
+                seed_dir,
+                expert_dirs,
+                out,
+                domain_embeddings=DomainEmbeddings.load(embeddings),
+                num_experts=len(experts) if variant.method == "sparse-upcycle" else None,
+                moe_overrides=overrides or None,
+                seed=self.recipe.seed,
+            ),
+        )
+        return out
+
+    def stage_moe_train(
+        self, variant: MoEVariant, upcycled: Path, corpus_dir: Path, domains: list[str]
+    ) -> Path:
+        if not variant.train:
+            return upcycled
+        out = self.workdir / "moe" / variant.name / "trained"
+        key = fingerprint(self.recipe.moe.train, stage_key(upcycled), domains)
+
+        def build() -> None:
+            model, meta = load_checkpoint(upcycled)
+            train_model(
+                model,
+                corpus_dir,
+                upcycled / TOKENIZER_FILE,
+                domains,
+                self.recipe.moe.train,
+                out,
+                metadata={**meta, "stage": "moe-train", "variant": variant.name},
+                device=self.device,
+            )
+
+        self._stage(f"train:{variant.name}", out, key, build)
+        return out / "model"
+
     def evaluate_models(
         self, models: dict[str, Path], corpus_dir: Path, domains: list[str]
     ) -> dict[str, dict[str, dict[str, float]]]:
@@ -170,6 +251,11 @@ class Study:
         seed = self.stage_seed(corpus_dir, tokenizer, domains)
         experts = {d: self.stage_branch(seed, corpus_dir, d) for d in domains}
         models = {"seed": seed, **{f"expert:{d}": p for d, p in experts.items()}}
+        if self.recipe.moe.variants:
+            embeddings = self.stage_embed(corpus_dir, domains)
+            for variant in self.recipe.moe.variants:
+                upcycled = self.stage_upcycle(variant, seed, experts, embeddings)
+                models[variant.name] = self.stage_moe_train(variant, upcycled, corpus_dir, domains)
         results = self.evaluate_models(models, corpus_dir, domains)
         self.write_results(results, domains)
         return results
