@@ -85,6 +85,9 @@ class MoELayer(nn.Module):
         self.shared_expert = SwiGLU(hidden_size, intermediate_size) if cfg.shared_expert else None
         # Tokens routed to each expert (top-k assignments), accumulated in training only.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        # Optional (E,) bool: False experts get no tokens (logit -inf), e.g. to check that adding
+        # an expert leaves the routing of the others unchanged.
+        self.expert_mask: torch.Tensor | None = None
 
     def forward(
         self, x: torch.Tensor, prev_assignment: torch.Tensor | None = None
@@ -94,6 +97,8 @@ class MoELayer(nn.Module):
         x_flat = x.reshape(-1, shape[-1])  # (N, H)
         num_tokens = x_flat.shape[0]
         logits = self.router(x_flat, prev_assignment).float()  # (N, E)
+        if self.expert_mask is not None:
+            logits = logits.masked_fill(~self.expert_mask, float("-inf"))
         probs = torch.softmax(logits, dim=-1)  # float32, SPEC §3
         top_probs, top_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.cfg.renormalize else top_probs

@@ -1,0 +1,261 @@
+"""Grow and shrink a trained MoE (SPEC §7).
+
+Extending appends a new dense expert (trained from the same seed, or brought by the user):
+
+1. its FFN becomes a new routed expert in every MoE layer;
+2. every other weight is merged ``phi = (1 - lambda) phi_moe + lambda phi_new``, ``lambda = 1/(n+1)``
+   (FFNs of dense blocks included; the shared expert and routers are left alone);
+3. the router grows: Nexus appends the new domain embedding (its expert embedding comes from the
+   trained projection, no new parameter), linear appends a random row or is re-initialised (the
+   paper's baseline), AC grows its base router.
+
+The extended checkpoint keeps an *undo record* (the pre-merge values of the merged weights), so
+``remove_expert`` of the expert just added gives back the original model bit-exactly. Removing any
+other expert drops its FFN and router entry and keeps the merged weights as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from nexus_moe.checkpoint import (
+    TOKENIZER_FILE,
+    load_checkpoint,
+    read_safetensors,
+    save_checkpoint,
+)
+from nexus_moe.config import ModelConfig, MoEConfig, RouterType
+from nexus_moe.errors import NexusError
+from nexus_moe.model import Transformer
+from nexus_moe.moe import MoELayer
+from nexus_moe.upcycle import ARCHITECTURE_FIELDS
+
+UNDO_FILE = "undo.safetensors"
+
+
+def _merged_names(model: Transformer) -> list[str]:
+    """Weights merged with lambda: everything but routed experts, shared experts and routers."""
+    names = []
+    for name in model.state_dict():
+        if ".mlp.experts." in name or ".mlp.shared_expert." in name or ".mlp.router." in name:
+            continue
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        names.append(name)
+    return names
+
+
+def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_compatible(moe_dir: Path, moe_cfg: ModelConfig, expert_dir: Path, cfg: ModelConfig):
+    if cfg.moe is not None:
+        raise NexusError(f"{expert_dir}: the new expert must be a dense checkpoint")
+    for name in ARCHITECTURE_FIELDS:
+        if getattr(cfg, name) != getattr(moe_cfg, name):
+            raise NexusError(
+                f"{expert_dir}: {name}={getattr(cfg, name)} but the MoE ({moe_dir}) has "
+                f"{getattr(moe_cfg, name)}; train the new expert from the same seed"
+            )
+    if moe_cfg.expert_intermediate_size != cfg.intermediate_size:
+        raise NexusError(
+            f"{expert_dir}: intermediate_size={cfg.intermediate_size} but the MoE's experts have "
+            f"{moe_cfg.expert_intermediate_size}"
+        )
+    tok_a, tok_b = moe_dir / TOKENIZER_FILE, expert_dir / TOKENIZER_FILE
+    if tok_a.is_file() and tok_b.is_file() and tok_a.read_bytes() != tok_b.read_bytes():
+        raise NexusError(f"{expert_dir}: {TOKENIZER_FILE} differs from the MoE's ({moe_dir})")
+
+
+@torch.no_grad()
+def extend_model(
+    moe: Transformer,
+    expert: Transformer,
+    domain: str,
+    domain_embedding: torch.Tensor | None = None,
+    reset_linear_router: bool = False,
+    merge_lambda: float | None = None,
+    seed: int = 0,
+) -> tuple[Transformer, dict[str, torch.Tensor]]:
+    """Add ``expert`` to ``moe`` in place; returns (moe, undo record of the merged weights)."""
+    cfg = moe.cfg
+    assert cfg.moe is not None
+    n = cfg.moe.num_experts
+    lam = 1.0 / (n + 1) if merge_lambda is None else merge_lambda
+    if domain in cfg.moe.domains:
+        raise NexusError(f"the MoE already has an expert for domain '{domain}'")
+    if cfg.moe.uses_nexus and domain_embedding is None:
+        raise NexusError(
+            f"the Nexus router needs the embedding of domain '{domain}': run `nexus-moe "
+            "embed-domains` for it with the MoE's embedder"
+        )
+
+    moe_state, expert_state = moe.state_dict(), expert.state_dict()
+    undo = {}
+    for name in _merged_names(moe):
+        old = moe_state[name]
+        undo[name] = old.clone()
+        merged = (1.0 - lam) * old.float() + lam * expert_state[name].float()
+        old.copy_(merged.to(old.dtype))
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # a new linear-router row is random: make it reproducible
+    try:
+        for i, block in enumerate(moe.model.layers):
+            if not isinstance(block.mlp, MoELayer):
+                continue
+            ffn = expert.model.layers[i].mlp
+            _append_expert(
+                block.mlp, ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight
+            )
+            embedding = domain_embedding if cfg.moe.uses_nexus else None
+            block.mlp.router.add_expert(embedding, reset=reset_linear_router)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+    domains = list(cfg.moe.domains) or [f"expert{j}" for j in range(n)]
+    _set_moe_config(moe, n + 1, domains + [domain])
+    return moe, undo
+
+
+def _append_expert(layer: MoELayer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    experts = layer.experts
+    for name, new in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+        old = getattr(experts, name)
+        stacked = torch.cat([old.detach(), new.detach().to(old.dtype)[None]])
+        setattr(experts, name, torch.nn.Parameter(stacked))
+    experts.num_experts += 1
+    layer.num_experts += 1
+    layer.tokens_per_expert = torch.zeros(layer.num_experts, device=gate.device)
+
+
+def _set_moe_config(model: Transformer, num_experts: int, domains: list[str]) -> None:
+    assert model.cfg.moe is not None
+    fields = {**vars(model.cfg.moe), "num_experts": num_experts, "domains": domains}
+    fields["top_k"] = min(fields["top_k"], num_experts)
+    new_moe = MoEConfig(**fields)
+    model.cfg.moe = new_moe
+    for layer in model.moe_layers():
+        layer.cfg = new_moe
+        layer.top_k = new_moe.top_k
+
+
+@torch.no_grad()
+def remove_from_model(model: Transformer, index: int) -> Transformer:
+    """Drop routed expert ``index`` (its FFN and router entry) in place."""
+    cfg = model.cfg.moe
+    assert cfg is not None
+    if cfg.num_experts <= 1:
+        raise NexusError("cannot remove the last routed expert of an MoE")
+    keep = [j for j in range(cfg.num_experts) if j != index]
+    for layer in model.moe_layers():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            old = getattr(layer.experts, name)
+            setattr(layer.experts, name, torch.nn.Parameter(old.detach()[keep].clone()))
+        layer.experts.num_experts -= 1
+        layer.num_experts -= 1
+        layer.router.remove_expert(index)
+        layer.tokens_per_expert = torch.zeros(layer.num_experts)
+    domains = [d for j, d in enumerate(cfg.domains) if j != index] if cfg.domains else []
+    _set_moe_config(model, cfg.num_experts - 1, domains)
+    return model
+
+
+def extend(
+    moe_dir: str | Path,
+    expert_dir: str | Path,
+    out_dir: str | Path,
+    domain: str | None = None,
+    domain_embeddings=None,
+    reset_linear_router: bool = False,
+    merge_lambda: float | None = None,
+    seed: int = 0,
+) -> Path:
+    """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (SPEC §7).
+
+    ``domain`` defaults to the expert's metadata ``domain``. ``domain_embeddings`` (a
+    :class:`~nexus_moe.embed.DomainEmbeddings` holding that domain, made with the MoE's embedder)
+    is required for Nexus routers.
+    """
+    moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
+    moe, moe_meta = load_checkpoint(moe_dir)
+    expert, expert_meta = load_checkpoint(expert_dir)
+    if moe.cfg.moe is None:
+        raise NexusError(f"{moe_dir}: not an MoE checkpoint; use `upcycle` to build one")
+    _check_compatible(moe_dir, moe.cfg, expert_dir, expert.cfg)
+    domain = domain or expert_meta.get("domain")
+    if not domain:
+        raise NexusError(f"{expert_dir}: no domain in its metadata; pass --domain NAME")
+    embedding = None
+    if moe.cfg.moe.uses_nexus:
+        if domain_embeddings is None:
+            raise NexusError(
+                f"the MoE in {moe_dir} routes with domain embeddings: pass --embeddings with an "
+                f"embedding for '{domain}'"
+            )
+        if moe.cfg.moe.embedder and domain_embeddings.embedder != moe.cfg.moe.embedder:
+            raise NexusError(
+                f"domain embeddings were made with {domain_embeddings.embedder} but the MoE uses "
+                f"{moe.cfg.moe.embedder}; re-run embed-domains with --embedder "
+                f"{moe.cfg.moe.embedder}"
+            )
+        embedding = domain_embeddings.get([domain])[0]
+    if moe.cfg.moe.router == RouterType.nexus and reset_linear_router:
+        raise NexusError("--reset-router applies to linear routers only")
+    moe, undo = extend_model(
+        moe, expert, domain, embedding, reset_linear_router, merge_lambda, seed
+    )
+    merged_now = {k: v for k, v in moe.state_dict().items() if k in undo}
+    metadata = {
+        **moe_meta,
+        "stage": "extend",
+        "extended_with": {"domain": domain, "expert": str(expert_dir), "from": str(moe_dir)},
+        "undo": {"domain": domain, "merged_fingerprint": _fingerprint(merged_now)},
+    }
+    save_checkpoint(
+        out_dir,
+        moe,
+        moe_dir / TOKENIZER_FILE if (moe_dir / TOKENIZER_FILE).is_file() else None,
+        metadata=metadata,
+        extra_files={UNDO_FILE: undo},
+    )
+    return out_dir
+
+
+def remove_expert(ckpt_dir: str | Path, out_dir: str | Path, domain: str) -> Path:
+    """Remove the routed expert of ``domain`` from an MoE checkpoint.
+
+    When ``ckpt_dir`` is the unmodified output of :func:`extend` for that domain, the merged
+    weights are restored from its undo record, giving back the original model bit-exactly.
+    """
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    model, meta = load_checkpoint(ckpt_dir)
+    if model.cfg.moe is None:
+        raise NexusError(f"{ckpt_dir}: not an MoE checkpoint")
+    domains = model.cfg.moe.domains
+    if domain not in domains:
+        raise NexusError(f"{ckpt_dir}: no expert for domain '{domain}' (experts: {domains})")
+    remove_from_model(model, domains.index(domain))
+    undo_info = meta.get("undo") or {}
+    restored = False
+    if undo_info.get("domain") == domain and (ckpt_dir / UNDO_FILE).is_file():
+        undo = read_safetensors(ckpt_dir / UNDO_FILE)
+        state = model.state_dict()
+        current = {k: state[k] for k in undo}
+        if _fingerprint(current) == undo_info.get("merged_fingerprint"):
+            for name, value in undo.items():
+                state[name].copy_(value)
+            restored = True
+    meta = {k: v for k, v in meta.items() if k not in ("undo", "extended_with")}
+    meta.update({"stage": "remove-expert", "removed": domain, "merge_undone": restored})
+    tok = ckpt_dir / TOKENIZER_FILE
+    save_checkpoint(out_dir, model, tok if tok.is_file() else None, metadata=meta)
+    return out_dir
