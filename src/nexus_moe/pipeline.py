@@ -85,6 +85,18 @@ class MoESection:
 
 
 @dataclass
+class ExtendSection:
+    """Add held-out domains to trained MoEs and finetune on a token budget (SPEC §7)."""
+
+    domains: list[str] = field(default_factory=list)  # default: corpus.heldout
+    variants: list[str] = field(default_factory=lambda: ["nexus", "moe-linear"])
+    reset_linear_router: bool = True  # the paper's linear baseline re-initialises its router
+    budgets: list[int] = field(default_factory=lambda: [65536])  # finetuning tokens; 0 = none
+    new_domain_share: float = 0.5  # share of the finetuning mix from the new domain
+    train: TrainConfig = field(default_factory=TrainConfig)  # `steps` is set from each budget
+
+
+@dataclass
 class Recipe:
     """A whole study; every section has defaults (see configs/tiny.yaml for an example)."""
 
@@ -98,6 +110,8 @@ class Recipe:
     branch_train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedSection = field(default_factory=EmbedSection)
     moe: MoESection = field(default_factory=MoESection)
+    extend: ExtendSection = field(default_factory=ExtendSection)
+    seeds: list[int] = field(default_factory=list)  # MoE stages per seed; default: [seed]
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
