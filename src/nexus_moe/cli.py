@@ -184,13 +184,41 @@ def branch(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
+    parallel_devices: Annotated[
+        int,
+        typer.Option(
+            help="GPUs to train experts on at once, one process per GPU "
+            "(0: every visible GPU when the device is auto/cuda; 1: one after another)."
+        ),
+    ] = 0,
 ) -> None:
     """Train one dense expert per domain by continued training of the seed."""
+    import torch
+
     from nexus_moe.corpus import load_manifest
+    from nexus_moe.distributed import assign_to_devices, run_per_device
     from nexus_moe.pipeline import branch_expert, resolve_device
 
     cfg = _train_config(config, set_, "branch_train")
     names = _split(domains) or list(load_manifest(corpus)["domains"])
+    if parallel_devices == 0:
+        parallel_devices = torch.cuda.device_count() if device in ("auto", "cuda") else 1
+    groups = assign_to_devices(names, max(parallel_devices, 1))
+    if len(groups) > 1:  # the experts are independent: one process per GPU, no communication
+        options = [arg for path in [config] if path for arg in ("--config", str(path))]
+        options += [arg for item in set_ or [] for arg in ("--set", item)]
+        commands = [
+            [sys.executable, "-m", "nexus_moe.cli", "branch", "--seed", str(seed)]
+            + ["--corpus", str(corpus), "--out", str(out), "--domains", ",".join(group)]
+            + ["--device", "cuda", "--parallel-devices", "1", *options]
+            for group in groups
+        ]
+        for gpu, group in enumerate(groups):
+            console.print(f"GPU {gpu}: {', '.join(group)} (log: {out / 'logs'}/device{gpu}.log)")
+        run_per_device(commands, out / "logs")
+        for name in names:
+            console.print(f"[{name}] expert written to {out / name / 'model'}")
+        return
     for name in names:
         final = branch_expert(seed, corpus, name, cfg, out / name, device=resolve_device(device))
         console.print(f"[{name}] expert written to {final}")
@@ -300,6 +328,124 @@ def upcycle(
         seed=random_seed,
     )
     console.print(f"{method} model written to {result}")
+
+
+@app.command("extend")
+def extend_cmd(
+    moe: Annotated[Path, typer.Option(help="Trained MoE checkpoint (or run directory).")],
+    expert: Annotated[Path, typer.Option(help="New dense expert (branched from the same seed).")],
+    out: Annotated[Path, typer.Option(help="Output MoE checkpoint with one more expert.")],
+    domain: Annotated[
+        str | None, typer.Option(help="Domain of the new expert (default: its metadata).")
+    ] = None,
+    embeddings: Annotated[
+        Path | None, typer.Option(help="Domain embeddings holding the new domain (Nexus).")
+    ] = None,
+    reset_router: Annotated[
+        bool, typer.Option(help="Linear router: re-initialise it (the paper's baseline).")
+    ] = False,
+    random_seed: int = 0,
+) -> None:
+    """Append a new domain expert to an MoE (SPEC §7); then finetune with `train --init`."""
+    from nexus_moe.embed import DomainEmbeddings
+    from nexus_moe.extend import extend
+    from nexus_moe.pipeline import resolve_model_dir
+
+    result = extend(
+        resolve_model_dir(moe),
+        resolve_model_dir(expert),
+        out,
+        domain=domain,
+        domain_embeddings=DomainEmbeddings.load(embeddings) if embeddings else None,
+        reset_linear_router=reset_router,
+        seed=random_seed,
+    )
+    console.print(f"extended MoE written to {result}")
+
+
+@app.command("remove-expert")
+def remove_expert_cmd(
+    moe: Annotated[Path, typer.Option(help="MoE checkpoint (or run directory).")],
+    domain: Annotated[str, typer.Option(help="Domain whose expert is removed.")],
+    out: Annotated[Path, typer.Option(help="Output MoE checkpoint.")],
+) -> None:
+    """Drop one routed expert (the inverse of extend; exact right after extend)."""
+    from nexus_moe.extend import remove_expert
+    from nexus_moe.pipeline import resolve_model_dir
+
+    console.print(
+        f"MoE without '{domain}' written to {remove_expert(resolve_model_dir(moe), out, domain)}"
+    )
+
+
+@app.command()
+def analyse(
+    checkpoint: Annotated[Path, typer.Argument(help="MoE checkpoint (or run directory).")],
+    corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
+    out: Annotated[Path, typer.Option(help="Directory for heatmaps and JSON.")] = Path("analysis"),
+    domains: DomainsOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
+    seq_len: int = 256,
+    name: Annotated[str, typer.Option(help="Label used in file names and titles.")] = "model",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Routing matrices (domain x expert), routing accuracy and expert load, with heatmaps."""
+    from nexus_moe.analyse import analyse as run_analysis
+    from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
+    from nexus_moe.corpus import load_manifest
+    from nexus_moe.evaluate import EvalConfig
+    from nexus_moe.pipeline import resolve_device, resolve_model_dir, tokens_for
+
+    ckpt = resolve_model_dir(checkpoint)
+    dev = resolve_device(device)
+    model, _ = load_checkpoint(ckpt, device=str(dev))
+    if model.cfg.moe is None:
+        raise NexusError(f"{ckpt}: a dense model has no routing to analyse")
+    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    cfg = EvalConfig(seq_len=seq_len, max_tokens=max_tokens or None)
+    report = run_analysis(
+        model, tokens_for(corpus, ckpt / TOKENIZER_FILE), names, out, name, cfg, device=dev
+    )
+    table = Table(title="routing (top-1 share, mean over MoE layers)")
+    table.add_column("domain")
+    for e in report["experts"]:
+        table.add_column(e, justify="right")
+    for d, row in zip(report["domains"], report["mean"], strict=True):
+        table.add_row(d, *[f"{v:.2f}" for v in row])
+    console.print(table)
+    console.print(f"heatmaps and JSON written to {out}")
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[Path, typer.Argument(help="Local Hugging Face model folder or .gguf file.")],
+    out: Annotated[Path, typer.Option(help="Output nexus-moe checkpoint.")],
+) -> None:
+    """Convert a local Hugging Face (Llama/Mistral/Qwen2/Qwen3, safetensors or GGUF) model."""
+    from nexus_moe import hf
+
+    if source.suffix == ".gguf" and hasattr(hf, "import_gguf"):
+        hf.import_gguf(source, out)
+    else:
+        hf.import_hf(source, out)
+    console.print(f"checkpoint written to {out}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="nexus-moe checkpoint (or run directory).")],
+    out: Annotated[Path, typer.Option(help="Output Hugging Face folder.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="qwen2_moe | mixtral | llama | qwen2 | mistral | qwen3")
+    ] = "qwen2_moe",
+) -> None:
+    """Write a transformers checkpoint (config, sharded safetensors, tokenizer, model card)."""
+    from nexus_moe.hf import export_hf
+    from nexus_moe.pipeline import resolve_model_dir
+
+    ckpt = resolve_model_dir(checkpoint)
+    export_hf(ckpt, out, fmt=format_)
+    console.print(f"{format_} export written to {out}")
 
 
 @app.command()
