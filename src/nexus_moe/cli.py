@@ -428,7 +428,7 @@ def import_cmd(
     """Convert a local Hugging Face (Llama/Mistral/Qwen2/Qwen3, safetensors or GGUF) model."""
     from nexus_moe import hf
 
-    if source.suffix == ".gguf" and hasattr(hf, "import_gguf"):
+    if source.suffix == ".gguf":
         hf.import_gguf(source, out)
     else:
         hf.import_hf(source, out)
@@ -440,8 +440,13 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="nexus-moe checkpoint (or run directory).")],
     out: Annotated[Path, typer.Option(help="Output Hugging Face folder.")],
     format_: Annotated[
-        str, typer.Option("--format", help="qwen2_moe | mixtral | llama | qwen2 | mistral | qwen3")
-    ] = "qwen2_moe",
+        str,
+        typer.Option(
+            "--format",
+            help="auto | qwen2_moe | mixtral | llama | qwen2 | mistral | qwen3 (auto: mixtral "
+            "when it can express the MoE, else qwen2_moe; llama for dense)",
+        ),
+    ] = "auto",
 ) -> None:
     """Write a transformers checkpoint (config, sharded safetensors, tokenizer, model card)."""
     from nexus_moe.hf import export_hf

