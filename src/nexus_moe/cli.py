@@ -152,7 +152,7 @@ def train(
     from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
     from nexus_moe.config import ModelConfig, from_dict
     from nexus_moe.corpus import load_manifest
-    from nexus_moe.distributed import init_from_env
+    from nexus_moe.distributed import init_from_env, rank
     from nexus_moe.pipeline import pretrain_seed, resolve_device, resolve_model_dir, train_model
 
     dev = init_from_env() if device == "auto" else resolve_device(device)
@@ -176,7 +176,8 @@ def train(
             raise NexusError("a new seed needs --model-config and --tokenizer (or give --init)")
         mcfg = from_dict(ModelConfig, _settings(model_config, None, "model"), "model")
         final = pretrain_seed(mcfg, corpus, tokenizer, names, cfg, out, device=dev)
-    console.print(f"model written to {final}")
+    if rank() == 0:
+        console.print(f"model written to {final}")
 
 
 @app.command()

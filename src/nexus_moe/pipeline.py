@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from nexus_moe import distributed as dist_utils
 from nexus_moe.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
 from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.data import TokenShards, tokenize_corpus
@@ -197,7 +198,11 @@ def tokens_for(
     corpus_hash = file_hash(manifest)[:12] if manifest.is_file() else "nomanifest"
     out = (cache_root or corpus_dir) / f"tokens-{file_hash(tokenizer_path)[:12]}-{corpus_hash}"
     if not (out / "meta.json").is_file():
-        tokenize_corpus(corpus_dir, tokenizer_path, out)
+        # Under torchrun, rank 0 tokenizes while the other ranks wait, then all read the cache.
+        dist_utils.init_from_env()
+        if dist_utils.rank() == 0:
+            tokenize_corpus(corpus_dir, tokenizer_path, out)
+        dist_utils.barrier()
     return TokenShards(out)
 
 

@@ -7,7 +7,10 @@ A training run writes one directory::
     out_dir/checkpoint/   last resumable state: model + optimizer.safetensors + trainer_state.json
     out_dir/metrics.jsonl one JSON object per logged step / evaluation
 
-Under ``torchrun`` every rank trains its own share of each batch; only rank 0 writes.
+Under ``torchrun`` every rank trains its own share of each batch (DDP, or FSDP2 with
+``parallelism: fsdp``) and only rank 0 logs and writes; checkpoints have the same single-file
+format either way, so a run can be resumed with the other parallelism (same number of ranks).
+See ``docs/scaling.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from nexus_moe.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
-from nexus_moe.config import to_dict
+from nexus_moe.config import ModelConfig, to_dict
 from nexus_moe.data import DomainSampler, TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
@@ -65,6 +68,9 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints; 0: only at the end
     log_every: int = 10
     freeze: list[str] = field(default_factory=list)  # parameter-name substrings kept frozen
+    # Under torchrun: "ddp" (full replica per rank) or "fsdp" (FSDP2: weights, gradients and
+    # optimizer state sharded across ranks, for models that do not fit one device with DDP).
+    parallelism: str = "ddp"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -74,6 +80,11 @@ class TrainConfig:
             raise NexusError(f"train.lr must be > 0 (got {self.lr})")
         if self.domain_weighting not in ("size", "uniform"):
             raise NexusError("train.domain_weighting must be 'size' or 'uniform'")
+        if self.parallelism not in dist_utils.PARALLELISMS:
+            raise NexusError(
+                f"train.parallelism must be one of {', '.join(dist_utils.PARALLELISMS)} "
+                f"(got {self.parallelism!r})"
+            )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -104,28 +115,37 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 # optimizer state <-> safetensors (by parameter name, so nothing is pickled)
 
 
-def optimizer_tensors(
-    model: torch.nn.Module, opt: torch.optim.Optimizer
-) -> dict[str, torch.Tensor]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    out: dict[str, torch.Tensor] = {}
-    for param, state in opt.state.items():
-        for key, value in state.items():
-            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            out[f"{names[id(param)]}::{key}"] = tensor.detach().contiguous().cpu()
-    return out
+def optimizer_tensors(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``{name: {"exp_avg": t, ...}}`` -> flat ``{"name::exp_avg": t}`` on the CPU."""
+    return {
+        f"{name}::{key}": value.detach().contiguous().cpu()
+        for name, fields in state.items()
+        for key, value in fields.items()
+    }
 
 
-def load_optimizer_tensors(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
-) -> None:
-    params = dict(model.named_parameters())
+def optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The reverse of :func:`optimizer_tensors`."""
+    state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, field_name = key.partition("::")
-        if name not in params:
-            raise NexusError(f"optimizer state names unknown parameter '{name}'")
-        param = params[name]
-        opt.state[param][field_name] = value.to(param.device) if value.ndim else value.clone()
+        state.setdefault(name, {})[field_name] = value
+    return state
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    """A Transformer that holds the tensors of ``state`` without copying them.
+
+    Used to write the full weights gathered from FSDP shards with the ordinary checkpoint code.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if cfg.tie_embeddings and "lm_head.weight" not in state:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +174,12 @@ class Trainer:
         self.domains = domains
         self.eval_domains = eval_domains or domains
         self.shards = shards
+        # Under torchrun the process group is set up here if the caller did not, so every
+        # entry point (CLI, recipes, Python) trains data-parallel without further code.
+        local_device = dist_utils.init_from_env()
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = local_device  # "cuda" means this rank's GPU
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self.show_progress = show_progress and self.rank == 0
         torch.manual_seed(cfg.seed)
@@ -162,7 +187,8 @@ class Trainer:
         for name, param in self.model.named_parameters():
             if any(pattern in name for pattern in cfg.freeze):
                 param.requires_grad_(False)
-        self.wrapped = dist_utils.wrap_model(self.model)
+        # The optimizer is built after wrapping: FSDP swaps the parameters for sharded ones.
+        self.wrapped = dist_utils.wrap_model(self.model, cfg.parallelism)
         self.optimizer = build_optimizer(self.model, cfg)
         weighting: str | dict[str, float] = cfg.domain_weights or cfg.domain_weighting
         # Micro-batches of one optimizer step are consecutive sampler batches.
@@ -197,18 +223,38 @@ class Trainer:
             "world_size": self.world_size,
         }
 
-    def save(self) -> None:
-        """Write the resumable checkpoint atomically (rank 0 only)."""
+    def _full_model_and_optimizer(self) -> tuple[Transformer, dict[str, torch.Tensor]] | None:
+        """The model to write and its flat optimizer tensors; None on ranks other than 0.
+
+        Call on every rank: under FSDP the shards are gathered to rank 0 (a collective).
+        """
+        model_state, optim_state = dist_utils.full_state(self.model, self.optimizer)
         if self.rank != 0:
+            return None
+        if dist_utils.is_sharded(self.model):
+            model = model_from_state(self.model.cfg, model_state)
+        else:
+            model = self.model
+        return model, optimizer_tensors(optim_state)
+
+    def save(self) -> None:
+        """Write the resumable checkpoint atomically. Call on every rank: rank 0 writes and the
+        others wait for it, so that whatever comes next (a resume) finds it complete."""
+        self._write_checkpoint(self._full_model_and_optimizer())
+        dist_utils.barrier()
+
+    def _write_checkpoint(self, full: tuple[Transformer, dict[str, torch.Tensor]] | None) -> None:
+        if full is None:  # not rank 0
             return
+        model, optim_tensors = full
         rng = {"torch_rng": torch.get_rng_state()}
         save_checkpoint(
             self.checkpoint_dir,
-            self.model,
+            model,
             self.tokenizer_path,
             metadata=self.metadata,
             extra_files={
-                OPTIMIZER_FILE: optimizer_tensors(self.model, self.optimizer) or {},
+                OPTIMIZER_FILE: optim_tensors or {},
                 STATE_FILE: self._trainer_state(),
                 "rng.safetensors": rng,
             },
@@ -225,17 +271,25 @@ class Trainer:
                 f"{ckpt}: saved with world size {state.get('world_size')}, now {self.world_size}; "
                 "resume with the same number of processes"
             )
-        if state.get("train_config") != to_dict(self.cfg):
+        # The parallelism may change: the checkpoint holds full tensors either way.
+        saved_cfg = {k: v for k, v in state.get("train_config", {}).items() if k != "parallelism"}
+        current_cfg = {k: v for k, v in to_dict(self.cfg).items() if k != "parallelism"}
+        if saved_cfg != current_cfg:
             raise NexusError(
                 f"{ckpt / STATE_FILE}: the training config differs from the one being resumed; "
                 f"use a new output directory or restore the original config"
             )
-        load_state_into(
-            self.model, read_safetensors(ckpt / WEIGHTS_FILE, str(self.device)), ckpt / WEIGHTS_FILE
-        )
         opt_path = ckpt / OPTIMIZER_FILE
-        if opt_path.is_file():
-            load_optimizer_tensors(self.model, self.optimizer, read_safetensors(opt_path))
+        optim = optimizer_state(read_safetensors(opt_path)) if opt_path.is_file() else {}
+        if dist_utils.is_sharded(self.model):
+            weights = read_safetensors(ckpt / WEIGHTS_FILE)  # full tensors; each rank keeps a shard
+            if self.model.cfg.tie_embeddings:
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+            dist_utils.load_full_model_state(self.model, weights)
+        else:
+            weights = read_safetensors(ckpt / WEIGHTS_FILE, str(self.device))
+            load_state_into(self.model, weights, ckpt / WEIGHTS_FILE)  # names a bad tensor
+        dist_utils.load_full_optimizer_state(self.model, self.optimizer, optim)
         torch.set_rng_state(read_safetensors(ckpt / "rng.safetensors")["torch_rng"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
@@ -256,9 +310,9 @@ class Trainer:
             return {}
         loads = []
         for layer in layers:
-            counts = layer.tokens_per_expert
+            counts = dist_utils.sum_across_ranks(layer.tokens_per_expert)  # all ranks' tokens
             loads.append((counts / counts.sum().clamp_min(1)).tolist())
-            counts.zero_()
+            layer.tokens_per_expert.zero_()
         return {"expert_load": loads}
 
     def evaluate(self) -> dict[str, Any]:
@@ -306,18 +360,15 @@ class Trainer:
                         out = self.wrapped(inputs)
                         lm_loss = language_model_loss(out.logits, targets)
                         loss = (lm_loss + out.aux_loss) / cfg.grad_accum
-                    if not torch.isfinite(loss):
-                        self._nan_error(lm_loss, out.aux_loss, last_good)
+                    # Decided together, so that every rank stops at the same point.
+                    if not dist_utils.all_ranks(bool(torch.isfinite(loss))):
+                        self._nan_error(lm_loss.detach(), out.aux_loss.detach(), last_good)
                     loss.backward()
                 lm_total += lm_loss.item() / cfg.grad_accum
                 aux_total += out.aux_loss.item() / cfg.grad_accum
             params = [p for p in self.model.parameters() if p.requires_grad]
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in params if p.grad is not None]
-                )
+            # Gradients are already reduced across ranks here, so the norm is the global one.
+            grad_norm = dist_utils.clip_grad_norm(params, cfg.grad_clip)
             if not torch.isfinite(grad_norm):
                 self._nan_error(torch.tensor(lm_total), torch.tensor(float("nan")), last_good)
             self.optimizer.step()
@@ -325,9 +376,12 @@ class Trainer:
             self.step += 1
             self.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
+            # Each rank's loss is the mean over its own tokens; with equal per-rank batches their
+            # mean is the global-batch loss (and DDP/FSDP average the gradients the same way).
             lm_total = dist_utils.mean_across_ranks(lm_total)
             progress.update(1)
             if self.step % cfg.log_every == 0 or self.step == end:
+                aux_total = dist_utils.mean_across_ranks(aux_total)
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
                 record = {
@@ -341,8 +395,11 @@ class Trainer:
                     **self._routing_stats(),
                 }
                 if out.routing:
-                    record["load_balance_loss"] = float(
-                        torch.stack([r.load_balance_loss.detach() for r in out.routing]).mean()
+                    # Computed per rank on its local tokens (see docs/scaling.md), then averaged.
+                    record["load_balance_loss"] = dist_utils.mean_across_ranks(
+                        float(
+                            torch.stack([r.load_balance_loss.detach() for r in out.routing]).mean()
+                        )
                     )
                 self._log(record)
                 progress.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{tps:,.0f}")
@@ -358,11 +415,12 @@ class Trainer:
             return None
         scores = self.evaluate()
         self._log({"step": self.step, "eval": scores})
-        if self.rank == 0:
-            self.save()
+        full = self._full_model_and_optimizer()  # every rank: a collective under FSDP
+        if full is not None:
+            self._write_checkpoint(full)
             save_checkpoint(
                 self.final_dir,
-                self.model,
+                full[0],
                 self.tokenizer_path,
                 metadata={
                     **self.metadata,
