@@ -123,22 +123,29 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
         ) from exc
 
 
-def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy ``state`` into ``model``, naming the first missing/unexpected/misshapen tensor."""
-    expected = model_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def check_tensor_table(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: Path
+) -> None:
+    """NexusError naming the first missing, unexpected or misshapen tensor of ``found``."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         what = (
             f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{unexpected[0]}'"
         )
         raise NexusError(f"{source}: {what}; the weights do not match config.json")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
+    for name in sorted(found):
+        if tuple(found[name]) != tuple(expected[name]):
             raise NexusError(
-                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(expected[name].shape)}"
+                f"{source}: tensor '{name}' has shape {tuple(found[name])}, config.json implies "
+                f"{tuple(expected[name])}"
             )
+
+
+def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``state`` into ``model``, naming the first missing/unexpected/misshapen tensor."""
+    expected = {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
+    check_tensor_table(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
     model.load_state_dict(state, strict=False)
 
 

@@ -41,6 +41,7 @@ from nexus_moe.checkpoint import (
     FORMAT,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    check_tensor_table,
     load_config,
     model_state_dict,
 )
@@ -274,21 +275,10 @@ def _check_weights(
         raise NexusError(
             f"{path}: cannot read weights ({exc}); the file is corrupt or truncated"
         ) from exc
-    missing = sorted(set(expected) - set(header))
-    unexpected = sorted(set(header) - set(expected))
-    if missing or unexpected:
-        what = (
-            f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{unexpected[0]}'"
-        )
-        raise NexusError(f"{path}: {what}; the weights do not match config.json")
+    check_tensor_table(expected, {k: tuple(v[0]) for k, v in header.items()}, path)
     dtypes = {}
     for name in sorted(expected):
-        shape, dtype_name = header[name]
-        if tuple(shape) != expected[name]:
-            raise NexusError(
-                f"{path}: tensor '{name}' has shape {tuple(shape)}, config.json implies "
-                f"{expected[name]}"
-            )
+        dtype_name = header[name][1]
         if dtype_name not in _DTYPES_BY_NAME:
             raise NexusError(f"{path}: tensor '{name}' has unsupported dtype {dtype_name}")
         dtypes[name] = _DTYPES_BY_NAME[dtype_name]
