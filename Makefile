@@ -27,6 +27,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/moe_layer.py
+	$(BIN)/python benchmarks/moe_vs_hf.py --quick --experts 4 16 --threads 1
+	$(BIN)/python benchmarks/train_moe_vs_dense.py --threads 1 --dtypes fp32
+	$(BIN)/python benchmarks/generation.py --threads 1 --sizes tiny
+	$(BIN)/python benchmarks/upcycle_memory.py
+	$(BIN)/python benchmarks/upcycle_vs_mergekit.py --mergekit-bin $(or $(MERGEKIT_MOE),/tmp/mk-venv/bin/mergekit-moe)
 
 paper: $(STAMP)
 	$(BIN)/nexus-moe run configs/paper-small.yaml
