@@ -23,6 +23,11 @@ def tiny_config(moe: MoEConfig | None = None, **overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# Tiny test models gain nothing from intra-op threads, and 2 OpenMP threads per process slow
+# down badly whenever another process shares the cores.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -206,3 +206,14 @@ def test_load_balancing_loss_is_one_when_balanced():
     skewed = torch.zeros(8, 4)
     skewed[:, 0] = 1.0
     assert load_balancing_loss(skewed, torch.zeros(8, dtype=torch.long)) == 4.0
+
+
+def test_nexus_expert_embeddings_start_at_linear_router_scale():
+    """Both projection factors small would give e_i ~ 0 and a vanishing router gradient."""
+    torch.manual_seed(0)
+    domains = torch.nn.functional.normalize(torch.randn(64, 384), dim=-1)
+    router = NexusRouter(256, domains, projection_size=128, init_std=0.02)
+    std = router.expert_embeddings().std().item()
+    assert 0.015 < std < 0.025, std
+    linear = LinearRouter(256, 64, init_std=0.02)
+    assert abs(linear.expert_embeddings().std().item() - std) < 0.005

@@ -118,7 +118,7 @@ def upcycle(
     * ``num_experts``: sparse-upcycle only, the number of seed FFN copies (default 4).
     * ``moe_overrides``: further :class:`MoEConfig` fields, e.g. ``{"router": "ac",
       "ac_base": "nexus", "top_k": 2}``; unknown keys and wrong types are errors.
-    * ``seed``: seeds the random router initialisation (normal(0, router_init_std)).
+    * ``seed``: seeds the random router initialisation (each router's ``reset_parameters``).
 
     All inputs must be dense and share one architecture, dtype and tokenizer; everything is
     checked before anything is written, and the output appears atomically.
@@ -462,9 +462,8 @@ def _router_tensors(
         with torch.random.fork_rng(devices=[]):  # the router's own init must not move global RNG
             router = build_router(moe, cfg.hidden_size)
         with torch.no_grad():
-            # Parameters: normal(0, router_init_std) from our generator, layer after layer.
-            for _, param in sorted(router.named_parameters()):
-                param.normal_(0.0, moe.router_init_std, generator=generator)
+            # Each router initialises itself, drawing from our generator, layer after layer.
+            router.reset_parameters(generator)
             if vectors is not None:
                 for module in router.modules():
                     if isinstance(module, NexusRouter):

@@ -61,6 +61,9 @@ class ACRouter(Router):
     def expert_embeddings(self) -> torch.Tensor:
         return self.base.expert_embeddings()
 
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.base.reset_parameters(generator)
+
     def forward(self, x: torch.Tensor, prev_assignment: torch.Tensor | None = None) -> torch.Tensor:
         if prev_assignment is None:  # first MoE layer: no clusters yet
             return self.base(x)

@@ -29,6 +29,10 @@ class Router(nn.Module):
         embeddings = self.expert_embeddings()  # (E, hidden)
         return x.float() @ embeddings.float().t()
 
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """(Re-)initialise the learned parameters, drawing from ``generator`` when given."""
+        raise NotImplementedError
+
     # Growing and shrinking (SPEC §7). Subclasses implement these for their own parameters.
     def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
         raise NotImplementedError

@@ -18,8 +18,9 @@ class LinearRouter(Router):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.weight.normal_(0.0, self.init_std, generator=generator)
 
     def expert_embeddings(self) -> torch.Tensor:
         return self.weight

@@ -11,11 +11,16 @@ out of the trained projection, so it is routed to without any new router paramet
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nexus_moe.routers.base import Router
+
+# E[silu(a)^2] for a ~ N(0, 1) (numerically, 1e7 samples); b ~ N(0, 1) contributes E[b^2] = 1.
+_SILU_SQUARE_MEAN = 0.3556
 
 
 class NexusRouter(Router):
@@ -36,10 +41,24 @@ class NexusRouter(Router):
         self.init_std = init_std
         self.w1 = nn.Linear(embed_dim, 2 * projection_size, bias=False)  # m -> 2h'
         self.w2 = nn.Linear(projection_size, hidden_size, bias=False)  # h' -> hidden
-        nn.init.normal_(self.w1.weight, std=init_std)
-        nn.init.normal_(self.w2.weight, std=init_std)
         self.register_buffer("domain_embeddings", domain_embeddings.detach().float().clone())
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Start each expert embedding at the scale of a linear router row (std ``init_std``).
+
+        Initialising both W1 and W2 at a small std (0.02) makes e_i = W2(silu(W1 d)...) the
+        product of two small factors: expert embeddings start near 0 (norm ~1e-3), routing is
+        uniform and the router's gradient vanishes with them. Instead W1 ~ N(0, 1), since d is a
+        unit vector (so each u component is ~N(0, 1)), and W2 is scaled so that e_i has
+        per-component std ``init_std``: Var(e) = h' * E[silu(a)^2] * std_w2^2.
+        """
+        self.w1.weight.normal_(0.0, 1.0, generator=generator)
+        std_w2 = self.init_std / math.sqrt(self.w2.weight.shape[1] * _SILU_SQUARE_MEAN)
+        self.w2.weight.normal_(0.0, std_w2, generator=generator)
+        self._cache = None
 
     def project(self, domain_embeddings: torch.Tensor) -> torch.Tensor:
         """P(d): (n, m) -> (n, hidden) expert embeddings."""
