@@ -6,9 +6,9 @@ word-level ``tokenizer.json`` because mergekit loads the tokenizer), then builds
 checkpoint (routed experts = the experts' FFNs, shared expert = the seed's FFN, top-1) both ways:
 
 * ours, one subprocess per step, timed separately and summed:
-  ``nexus-moe import`` of each input, ``nexus_moe.upcycle.upcycle("moe-linear", ...)`` (through
-  the Python API, because the CLI reads each expert's domain from checkpoint metadata, which an
-  imported Hugging Face model has none of), ``nexus-moe export --format qwen2_moe``;
+  ``nexus-moe import`` of each input, ``nexus-moe upcycle --method moe-linear --domains ...``
+  (``--domains`` names the experts: an imported Hugging Face model has no domain metadata),
+  ``nexus-moe export --format qwen2_moe``;
 * mergekit: one ``mergekit-moe`` run with ``architecture: qwen``, ``gate_mode: random``, the seed
   as ``base_model`` and as the one shared expert, ``experts_per_token: 1``, ``dtype: float32``.
 
@@ -93,13 +93,6 @@ upcycle("moe-linear", a["nx"][0], a["nx"][1:], a["moe"], domains=a["domains"])
 for d in a["nx"]:
     shutil.rmtree(d)
 export_hf(a["moe"], a["out"], fmt="qwen2_moe")
-"""
-
-UPCYCLE = """
-import sys, json
-from nexus_moe.upcycle import upcycle
-a = json.loads(sys.argv[1])
-upcycle("moe-linear", a["seed"], a["experts"], a["out"], domains=a["domains"])
 """
 
 
@@ -189,13 +182,12 @@ def main() -> None:
                     [cli, "import", str(work / "hf" / name), "--out", str(work / "nx" / name)]
                 )
             shutil.rmtree(work / "nx_moe", ignore_errors=True)
-            payload = {
-                "seed": str(work / "nx" / "seed"),
-                "experts": [str(work / "nx" / n) for n in names[1:]],
-                "out": str(work / "nx_moe"),
-                "domains": names[1:],
-            }
-            steps["upcycle moe-linear"] = run_measured([py, "-c", UPCYCLE, json.dumps(payload)])
+            upcycle_cmd = [cli, "upcycle", "--method", "moe-linear"]
+            upcycle_cmd += ["--seed", str(work / "nx" / "seed"), "--out", str(work / "nx_moe")]
+            for n in names[1:]:
+                upcycle_cmd += ["--expert", str(work / "nx" / n)]
+            upcycle_cmd += ["--domains", ",".join(names[1:])]
+            steps["upcycle moe-linear"] = run_measured(upcycle_cmd)
             shutil.rmtree(work / "ours_out", ignore_errors=True)
             steps["export qwen2_moe"] = run_measured(
                 [

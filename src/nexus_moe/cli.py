@@ -315,6 +315,13 @@ def upcycle(
     set_: SetOpt = None,
     btx_include_seed: bool = False,
     random_seed: Annotated[int, typer.Option(help="Seeds the router initialisation.")] = 0,
+    domains: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated domain of each expert checkpoint, in --expert order "
+            "(default: each checkpoint's metadata; needed for imported models)."
+        ),
+    ] = None,
 ) -> None:
     """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields."""
     from nexus_moe.embed import DomainEmbeddings
@@ -331,6 +338,7 @@ def upcycle(
         moe_overrides=_settings(None, set_) or None,
         btx_include_seed=btx_include_seed,
         seed=random_seed,
+        domains=[d.strip() for d in domains.split(",")] if domains is not None else None,
     )
     console.print(f"{method} model written to {result}")
 

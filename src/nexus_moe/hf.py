@@ -14,6 +14,12 @@ experts before top-k, which is our MoE layer's math (SPEC §3): a linear router 
 gate, a Nexus router as its expert-embedding matrix ``E`` (``logits = x @ E^T`` in both). Imports
 therefore always have a linear router. The adaptive-clustering router cannot be expressed.
 
+Memory: ``import_hf`` of a dense folder into a directory and ``export_hf`` of a checkpoint
+directory stream: the tensor table is checked from the safetensors headers, then each output
+tensor is produced from its inputs alone (read through a fresh ``safe_open`` handle) and written
+by :func:`nexus_moe.upcycle.write_safetensors`, so peak memory is about one tensor, not the model.
+MoE imports and in-memory models go through a :class:`Transformer`.
+
 GGUF files are read through transformers (which dequantises them) and then converted like a folder.
 Nothing is unpickled: a folder holding only ``pytorch_model.bin`` is refused. Outputs are written
 to a temporary directory and renamed into place.
@@ -28,7 +34,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +43,26 @@ from typing import Any, Literal
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from nexus_moe import __version__
+from nexus_moe.checkpoint import CONFIG_FILE as CKPT_CONFIG_FILE
 from nexus_moe.checkpoint import (
+    FORMAT,
     TOKENIZER_FILE,
+    check_tensor_table,
     find_tokenizer,
-    load_checkpoint,
+    load_config,
     model_state_dict,
     save_checkpoint,
 )
+from nexus_moe.checkpoint import WEIGHTS_FILE as CKPT_WEIGHTS_FILE
 from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, read_json, write_json
 from nexus_moe.model import Transformer
 from nexus_moe.moe import MoELayer
+from nexus_moe.routers import build_router
+from nexus_moe.upcycle import TensorSpec, write_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -827,27 +838,40 @@ class _TensorReader:
 
     Remembers which tensors were read so that leftovers (weights config.json does not explain)
     can be reported.
+
+    With a ``stack`` the files stay open (in it) for all reads. Without one only the headers are
+    read up front (names, shapes, dtypes) and every :meth:`get` opens its file afresh: a handle
+    kept open keeps every page touched so far resident, which adds up to the whole input.
     """
 
-    def __init__(self, hf_dir: Path, stack: ExitStack) -> None:
+    def __init__(self, hf_dir: Path, stack: ExitStack | None = None) -> None:
         self.hf_dir = hf_dir
         self._files: dict[str, Any] = {}
         self._where: dict[str, str] = {}  # tensor name -> file name
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
         self._used: set[str] = set()
         for file_name in self._weight_files():
             path = hf_dir / file_name
             if not path.is_file():
                 raise NexusError(f"{path}: weights file not found (listed in {INDEX_FILE})")
             try:
-                handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                if stack is not None:
+                    handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                    self._files[file_name] = handle
+                    self._where.update(dict.fromkeys(handle.keys(), file_name))
+                    continue
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        piece = handle.get_slice(name)
+                        self._where[name] = file_name
+                        self._shapes[name] = tuple(piece.get_shape())
+                        self._dtypes[name] = piece.get_dtype()
             except (SafetensorError, OSError, ValueError) as exc:
                 raise NexusError(
                     f"{path}: cannot read weights ({exc}); the file is corrupt or truncated — "
                     "download it again"
                 ) from exc
-            self._files[file_name] = handle
-            for name in handle.keys():
-                self._where[name] = file_name
 
     def _weight_files(self) -> list[str]:
         index = self.hf_dir / INDEX_FILE
@@ -889,15 +913,20 @@ class _TensorReader:
                 f"{self.hf_dir}: tensor '{name}' is missing from the weights, but config.json "
                 f"implies it (shape {shape}); config.json does not match the weights"
             )
-        handle = self._files[self._where[name]]
         try:
-            actual = tuple(handle.get_slice(name).get_shape())
-            if actual != shape:
-                raise NexusError(
-                    f"{self.file_of(name)}: tensor '{name}' has shape {actual}, but config.json "
-                    f"implies {shape}; config.json does not match the weights"
-                )
-            tensor = handle.get_tensor(name)
+            if name in self._shapes:  # header read up front: check, then open just for this
+                self.check(name, shape)
+                with safe_open(str(self.file_of(name)), framework="pt", device="cpu") as f:
+                    tensor = f.get_tensor(name)
+            else:
+                handle = self._files[self._where[name]]
+                actual = tuple(handle.get_slice(name).get_shape())
+                if actual != shape:
+                    raise NexusError(
+                        f"{self.file_of(name)}: tensor '{name}' has shape {actual}, but "
+                        f"config.json implies {shape}; config.json does not match the weights"
+                    )
+                tensor = handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as exc:
             raise NexusError(
                 f"{self.file_of(name)}: cannot read tensor '{name}' ({exc}); the file is "
@@ -905,6 +934,22 @@ class _TensorReader:
             ) from exc
         self._used.add(name)
         return tensor
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """Check from the header that tensor ``name`` exists with ``shape``; mark it used.
+        Only for a reader opened without a stack."""
+        if name not in self._where:
+            raise NexusError(
+                f"{self.hf_dir}: tensor '{name}' is missing from the weights, but config.json "
+                f"implies it (shape {shape}); config.json does not match the weights"
+            )
+        actual = self._shapes[name]
+        if actual != shape:
+            raise NexusError(
+                f"{self.file_of(name)}: tensor '{name}' has shape {actual}, but config.json "
+                f"implies {shape}; config.json does not match the weights"
+            )
+        self._used.add(name)
 
     def unused(self) -> list[str]:
         return sorted(
@@ -951,7 +996,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Transfor
     (``model.safetensors`` or shards with ``model.safetensors.index.json``) and optionally
     ``tokenizer.json``. Weights are read lazily and converted to float32. Without ``out_dir`` the
     model is returned; with it, a native checkpoint (tokenizer included) is written there
-    atomically and ``out_dir`` is returned. A path to a ``.gguf`` file goes to
+    atomically and ``out_dir`` is returned (a dense model is streamed tensor by tensor, without
+    building it; the file holds the same tensors). A path to a ``.gguf`` file goes to
     :func:`import_gguf`.
 
     MoE folders (``qwen2_moe``, ``mixtral``) import with a linear router whose weight is the HF
@@ -977,6 +1023,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Transfor
         raise NexusError(f"{config_path}: expected a JSON object")
     if doc.get("format") == "nexus-moe":
         raise NexusError(f"{hf_dir}: already a nexus-moe checkpoint; nothing to import")
+    if out_dir is not None and isinstance(
+        _adapter(doc.get("model_type"), str(config_path)), DenseAdapter
+    ):
+        return _import_streamed(doc, config_path, hf_dir, Path(out_dir))
     with ExitStack() as stack:
         model, adapter, notes = _convert(doc, config_path, lambda: _TensorReader(hf_dir, stack))
     if out_dir is None:
@@ -998,6 +1048,76 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Transfor
     return save_checkpoint(
         out_dir, model, tokenizer if tokenizer.is_file() else None, metadata=metadata
     )
+
+
+def _import_streamed(doc: dict[str, Any], config_path: Path, hf_dir: Path, out_dir: Path) -> Path:
+    """:func:`import_hf` of a dense folder into ``out_dir`` without building the model.
+
+    Everything is checked from the safetensors headers first (every tensor the config implies,
+    its shape, no leftovers, zero biases our model lacks), exactly as the in-memory import
+    checks it; then ``model.safetensors`` is written tensor by tensor, each read through a fresh
+    ``safe_open`` handle and converted to our parameter dtype, so peak memory is about one tensor.
+    """
+    adapter = _adapter(doc.get("model_type"), str(config_path))
+    assert isinstance(adapter, DenseAdapter)
+    cfg, notes = adapter.config_from_hf(doc, config_path)
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model_state_dict(model).items()}
+    del model
+    reader = _TensorReader(hf_dir)  # headers only
+    for name, (shape, _) in expected.items():
+        reader.check(name, shape)
+    for name, size in adapter._extra_zero_biases(cfg):
+        if name in reader and reader.get(name, (size,)).any():
+            raise NexusError(
+                f"{reader.file_of(name)}: tensor '{name}' is non-zero, but our model has no "
+                f"such bias ({adapter.model_type} with attention_bias=true biases o_proj)"
+            )
+    if cfg.tie_embeddings:
+        reader.mark_used("lm_head.weight")  # transformers ties it to the embedding anyway
+    leftover = reader.unused()
+    if leftover:
+        raise NexusError(
+            f"{reader.file_of(leftover[0])}: unexpected tensor '{leftover[0]}' "
+            f"({len(leftover)} in all) that config.json does not account for; config.json "
+            "does not match the weights"
+        )
+
+    def pieces(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        yield reader.get(name, shape).to(dtype)
+
+    specs = [
+        TensorSpec(name, dtype, shape, functools.partial(pieces, name, shape, dtype))
+        for name, (shape, dtype) in expected.items()
+    ]
+    tokenizer = hf_dir / TOKENIZER_FILE
+    metadata = {
+        "source": "huggingface",
+        "hf_dir": str(hf_dir.resolve()),
+        "hf_model_type": adapter.model_type,
+        "bos_token_id": doc.get("bos_token_id"),
+        "eos_token_id": doc.get("eos_token_id"),
+        "notes": notes,
+    }
+    if not tokenizer.is_file():
+        warnings.warn(
+            f"{hf_dir}: no tokenizer.json; the checkpoint is written without a tokenizer",
+            stacklevel=3,
+        )
+    with atomic_dir(out_dir) as tmp:  # the layout of checkpoint.save_checkpoint
+        write_json(
+            tmp / CKPT_CONFIG_FILE,
+            {"format": FORMAT, "version": __version__, "model": to_dict(cfg), "metadata": metadata},
+        )
+        # Like safetensors' own writer: larger dtypes first, then by name.
+        specs.sort(key=lambda spec: (-spec.dtype.itemsize, spec.name))
+        write_safetensors(tmp / CKPT_WEIGHTS_FILE, specs, metadata={"format": "pt"})
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    return out_dir
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Transformer | Path:
@@ -1118,7 +1238,8 @@ def export_hf(
     """Write a model as a Hugging Face checkpoint that ``AutoModelForCausalLM`` loads.
 
     ``ckpt_or_model`` is a :class:`Transformer` or a native checkpoint directory (whose
-    ``tokenizer.json`` is used unless ``tokenizer_path`` is given). ``fmt`` is a key of
+    ``tokenizer.json`` is used unless ``tokenizer_path`` is given; it is streamed, one tensor in
+    memory at a time, never the whole model). ``fmt`` is a key of
     :data:`ADAPTERS`: dense ``llama``, ``mistral``, ``qwen2``, ``qwen3``; MoE ``qwen2_moe``
     (shared expert, any top-k gating, MoE every k-th block) and ``mixtral`` (no shared expert,
     renormalised gates, every block MoE); ``auto`` picks llama/qwen3 for a dense model and
@@ -1134,24 +1255,42 @@ def export_hf(
     """
     out_dir = Path(out_dir)
     metadata: dict[str, Any] | None = None
+    model: Transformer | None = None
+    native: _NativeTensors | None = None
     if isinstance(ckpt_or_model, Transformer):
         model = ckpt_or_model
+        cfg = model.cfg
     else:
+        # A checkpoint directory is streamed: nothing but one tensor at a time is in memory.
         ckpt_dir = Path(ckpt_or_model)
-        model, metadata = load_checkpoint(ckpt_dir)
+        cfg, metadata = load_config(ckpt_dir)
+        native = _NativeTensors(ckpt_dir, cfg)
         if tokenizer_path is None and (ckpt_dir / TOKENIZER_FILE).is_file():
             tokenizer_path = ckpt_dir / TOKENIZER_FILE
-    cfg = model.cfg
     fmt = _auto_format(cfg) if fmt == "auto" else fmt
     adapter = _adapter(fmt, "export_hf(fmt=...)")
     adapter.check_exportable(cfg)
     tokenizer_file = find_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     bos_token, eos_token = _special_tokens(tokenizer_file) if tokenizer_file else (None, None)
 
-    dtype = dtype or model.model.embed_tokens.weight.dtype
-    with torch.no_grad():
-        hf_state = {k: v.to(dtype).contiguous() for k, v in adapter.state_to_hf(model).items()}
-    split = split_torch_state_dict_into_shards(hf_state, max_shard_size=max_shard_size)
+    if model is not None:
+        dtype = dtype or model.model.embed_tokens.weight.dtype
+        with torch.no_grad():
+            hf_state = {k: v.to(dtype).contiguous() for k, v in adapter.state_to_hf(model).items()}
+        plan = {
+            name: (tuple(t.shape), functools.partial(lambda t: [t], t))
+            for name, t in hf_state.items()
+        }
+        del hf_state  # the plan holds the tensors
+    else:
+        assert native is not None
+        dtype = dtype or native.dtypes["model.embed_tokens.weight"]
+        plan = _hf_plan(adapter, cfg, native, dtype)
+    # Shard from the shapes alone (meta tensors), in the order state_to_hf lists the tensors.
+    split = split_torch_state_dict_into_shards(
+        {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, _) in plan.items()},
+        max_shard_size=max_shard_size,
+    )
     hf_config = adapter.config_to_hf(
         cfg, dtype, bos_token[1] if bos_token else None, eos_token[1] if eos_token else None
     )
@@ -1163,14 +1302,20 @@ def export_hf(
             {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
         )
         write_json(tmp / "generation_config.json", generation)
+        total_size = 0
         for file_name, names in split.filename_to_tensors.items():
-            shard = {name: hf_state[name] for name in names}
-            save_file(shard, str(tmp / file_name), metadata={"format": "pt"})
+            specs = [TensorSpec(name, dtype, plan[name][0], plan[name][1]) for name in names]
+            # The order of safetensors' own writer: larger dtypes first, then by name.
+            specs.sort(key=lambda spec: (-spec.dtype.itemsize, spec.name))
+            write_safetensors(tmp / file_name, specs, metadata={"format": "pt"})
+            total_size += sum(spec.nbytes for spec in specs)
+            for name in names:
+                plan.pop(name)  # release in-memory tensors once written
         if split.is_sharded:
             write_json(
                 tmp / INDEX_FILE,
                 {
-                    "metadata": {"total_size": sum(t.nbytes for t in hf_state.values())},
+                    "metadata": {"total_size": total_size},
                     "weight_map": dict(sorted(split.tensor_to_filename.items())),
                 },
             )
@@ -1192,6 +1337,130 @@ def export_hf(
             card = _model_card(cfg, adapter, metadata or {}, out_dir.name, tokenizer_file)
             (tmp / MODEL_CARD_FILE).write_text(card)
     return out_dir
+
+
+class _NativeTensors:
+    """The tensors of a native checkpoint's ``model.safetensors``, read one at a time.
+
+    The header is checked against the config up front (as :func:`load_checkpoint` does); each
+    read opens the file afresh, so no page of the file stays resident after its tensor is gone.
+    Tensors come back in the dtype our model's parameter has (what loading the model gives).
+    """
+
+    def __init__(self, ckpt_dir: Path, cfg: ModelConfig) -> None:
+        self.path = ckpt_dir / CKPT_WEIGHTS_FILE
+        if not self.path.is_file():
+            raise NexusError(f"{self.path}: weights file not found")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise NexusError(
+                f"{self.path}: cannot read weights ({exc}); the file is corrupt or truncated — "
+                "restore it from a copy or re-run the stage that wrote it"
+            ) from exc
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        state = model_state_dict(model)
+        self.shapes = {name: tuple(t.shape) for name, t in state.items()}
+        self.dtypes = {name: t.dtype for name, t in state.items()}
+        check_tensor_table(self.shapes, found, self.path)
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` (only its ``index``-th slice along dim 0 if given)."""
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                tensor = f.get_tensor(name) if index is None else f.get_slice(name)[index]
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise NexusError(
+                f"{self.path}: cannot read tensor '{name}' ({exc}); the file is corrupt or "
+                "truncated — restore it from a copy or re-run the stage that wrote it"
+            ) from exc
+        return tensor.to(self.dtypes[name])
+
+
+_Plan = dict[str, tuple[tuple[int, ...], Callable[[], Iterable[torch.Tensor]]]]
+
+
+def _hf_plan(
+    adapter: Adapter, cfg: ModelConfig, native: _NativeTensors, dtype: torch.dtype
+) -> _Plan:
+    """Every HF tensor of ``adapter.state_to_hf`` (same names, order and values, in ``dtype``)
+    as (shape, producer), each producer reading only what that tensor needs from ``native``."""
+
+    def copied(name: str, index: int | None = None, scale: int = 1) -> Callable[[], list]:
+        def pieces() -> list[torch.Tensor]:
+            tensor = native.get(name, index)
+            return [(tensor * scale if scale != 1 else tensor).to(dtype)]
+
+        return pieces
+
+    def zeros(shape: tuple[int, ...]) -> Callable[[], list]:
+        return lambda: [torch.zeros(shape, dtype=dtype)]
+
+    dense = adapter.dense if isinstance(adapter, MoEAdapter) else adapter
+    skip = adapter._moe_prefixes(cfg) if isinstance(adapter, MoEAdapter) else ()
+    plan: _Plan = {}
+    for name, shape in native.shapes.items():
+        if not name.startswith(skip):
+            plan[name] = (shape, copied(name))
+    for name, size in dense._extra_zero_biases(cfg):
+        plan[name] = ((size,), zeros((size,)))
+    if not isinstance(adapter, MoEAdapter):
+        return plan
+    moe = cfg.moe
+    assert moe is not None
+    hidden = cfg.hidden_size
+    for i in range(cfg.num_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        ours = f"model.layers.{i}.mlp"
+        prefix = f"model.layers.{i}.{adapter.moe_module}"
+        plan[f"{prefix}.gate.weight"] = ((moe.num_experts, hidden), _gate(native, cfg, ours, dtype))
+        stacked = [f"{ours}.experts.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+        for j in range(moe.num_experts):
+            for hf_name, name in zip(adapter.expert_names, stacked, strict=True):
+                shape = native.shapes[name][1:]
+                plan[f"{prefix}.experts.{j}.{hf_name}.weight"] = (shape, copied(name, j))
+        if not adapter.has_shared_expert:
+            continue
+        shared = f"{prefix}.shared_expert"
+        names = [f"{ours}.shared_expert.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+        if moe.shared_expert:
+            plan[f"{shared}.gate_proj.weight"] = (native.shapes[names[0]], copied(names[0]))
+            plan[f"{shared}.up_proj.weight"] = (native.shapes[names[1]], copied(names[1]))
+            # sigmoid(0) = 1/2 scales the shared expert: doubled down_proj (see _shared_to_hf).
+            plan[f"{shared}.down_proj.weight"] = (
+                native.shapes[names[2]],
+                copied(names[2], scale=2),
+            )
+        else:  # an empty (width 0) shared expert adds exactly nothing
+            plan[f"{shared}.gate_proj.weight"] = ((0, hidden), zeros((0, hidden)))
+            plan[f"{shared}.up_proj.weight"] = ((0, hidden), zeros((0, hidden)))
+            plan[f"{shared}.down_proj.weight"] = ((hidden, 0), zeros((hidden, 0)))
+        plan[f"{prefix}.shared_expert_gate.weight"] = ((1, hidden), zeros((1, hidden)))
+    return plan
+
+
+def _gate(
+    native: _NativeTensors, cfg: ModelConfig, prefix: str, dtype: torch.dtype
+) -> Callable[[], list[torch.Tensor]]:
+    """The HF gate of MoE block ``prefix``: the router's expert-embedding matrix E (for a Nexus
+    router P(d), computed from that layer's small router tensors alone)."""
+
+    def pieces() -> list[torch.Tensor]:
+        assert cfg.moe is not None
+        with torch.device("meta"):
+            router = build_router(cfg.moe, cfg.hidden_size)
+        router = router.to_empty(device="cpu")
+        names = [f"{prefix}.router.{name}" for name in router.state_dict()]
+        router.load_state_dict(
+            {name.removeprefix(f"{prefix}.router."): native.get(name) for name in names}
+        )
+        with torch.no_grad():
+            return [router.eval().expert_embeddings().detach().float().to(dtype)]
+
+    return pieces
 
 
 def _model_card(
