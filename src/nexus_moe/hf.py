@@ -1031,23 +1031,31 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Transfor
         model, adapter, notes = _convert(doc, config_path, lambda: _TensorReader(hf_dir, stack))
     if out_dir is None:
         return model
-    tokenizer = hf_dir / TOKENIZER_FILE
+    metadata, tokenizer = _import_metadata(doc, hf_dir, adapter.model_type, notes)
+    return save_checkpoint(out_dir, model, tokenizer, metadata=metadata)
+
+
+def _import_metadata(
+    doc: dict[str, Any], hf_dir: Path, model_type: str, notes: list[str]
+) -> tuple[dict[str, Any], Path | None]:
+    """Checkpoint metadata of an import, and the folder's tokenizer.json (None, with a warning,
+    when it has none)."""
     metadata = {
         "source": "huggingface",
         "hf_dir": str(hf_dir.resolve()),
-        "hf_model_type": adapter.model_type,
+        "hf_model_type": model_type,
         "bos_token_id": doc.get("bos_token_id"),
         "eos_token_id": doc.get("eos_token_id"),
         "notes": notes,
     }
+    tokenizer = hf_dir / TOKENIZER_FILE
     if not tokenizer.is_file():
         warnings.warn(
             f"{hf_dir}: no tokenizer.json; the checkpoint is written without a tokenizer",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return save_checkpoint(
-        out_dir, model, tokenizer if tokenizer.is_file() else None, metadata=metadata
-    )
+        return metadata, None
+    return metadata, tokenizer
 
 
 def _import_streamed(doc: dict[str, Any], config_path: Path, hf_dir: Path, out_dir: Path) -> Path:
@@ -1093,20 +1101,7 @@ def _import_streamed(doc: dict[str, Any], config_path: Path, hf_dir: Path, out_d
         TensorSpec(name, dtype, shape, functools.partial(pieces, name, shape, dtype))
         for name, (shape, dtype) in expected.items()
     ]
-    tokenizer = hf_dir / TOKENIZER_FILE
-    metadata = {
-        "source": "huggingface",
-        "hf_dir": str(hf_dir.resolve()),
-        "hf_model_type": adapter.model_type,
-        "bos_token_id": doc.get("bos_token_id"),
-        "eos_token_id": doc.get("eos_token_id"),
-        "notes": notes,
-    }
-    if not tokenizer.is_file():
-        warnings.warn(
-            f"{hf_dir}: no tokenizer.json; the checkpoint is written without a tokenizer",
-            stacklevel=3,
-        )
+    metadata, tokenizer = _import_metadata(doc, hf_dir, adapter.model_type, notes)
     with atomic_dir(out_dir) as tmp:  # the layout of checkpoint.save_checkpoint
         write_json(
             tmp / CKPT_CONFIG_FILE,
@@ -1115,7 +1110,7 @@ def _import_streamed(doc: dict[str, Any], config_path: Path, hf_dir: Path, out_d
         # Like safetensors' own writer: larger dtypes first, then by name.
         specs.sort(key=lambda spec: (-spec.dtype.itemsize, spec.name))
         write_safetensors(tmp / CKPT_WEIGHTS_FILE, specs, metadata={"format": "pt"})
-        if tokenizer.is_file():
+        if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     return out_dir
 
