@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_config
+from conftest import tiny_bpe_file, tiny_config
 from nexus_moe.checkpoint import load_checkpoint, model_state_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.hf import export_hf, import_hf
@@ -99,21 +99,7 @@ def _tiny_ours(**overrides) -> Transformer:
 
 
 def _tokenizer_file(path: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["hello world, the tokenizer of a tiny test model"] * 20, trainer)
-    tok.save(str(path))
-    return path
+    return tiny_bpe_file(path, ["hello world, the tokenizer of a tiny test model"] * 20, VOCAB)
 
 
 # --------------------------------------------------------------------------------------------
