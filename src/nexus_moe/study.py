@@ -312,7 +312,10 @@ class Study:
         write_json(cache, result)
         return result
 
-    def routing(self, ckpt: Path, corpus_dir: Path, domains: list[str], name: str) -> dict:
+    def routing(
+        self, ckpt: Path, corpus_dir: Path, domains: list[str], name: str, out: Path | None = None
+    ) -> dict:
+        """Routing report of ``ckpt`` with heatmaps under ``out`` (default: results/)."""
         from nexus_moe.analyse import analyse
 
         model, _ = load_checkpoint(ckpt, device=str(self.device))
@@ -321,7 +324,7 @@ class Study:
             model,
             shards,
             domains,
-            self.workdir / "results",
+            out or self.workdir / "results",
             name=name,
             cfg=self.recipe.evaluate,
             device=self.device,
@@ -449,17 +452,9 @@ class Study:
         seed: int,
     ) -> float:
         """Share of the new domain's tokens whose top-1 expert is the new expert."""
-        from nexus_moe.analyse import analyse
-
-        model, _ = load_checkpoint(ckpt, device=str(self.device))
-        shards = tokens_for(corpus_dir, ckpt / TOKENIZER_FILE)
-        out = self.workdir / "results"
-        label = f"{name}+{domain}-ft{budget}"
-        if seed != (self.recipe.seeds or [self.recipe.seed])[0]:
-            out = self.workdir / f"s{seed}" / "routing"
-        report = analyse(
-            model, shards, domains, out, name=label, cfg=self.recipe.evaluate, device=self.device
-        )
+        first_seed = seed == (self.recipe.seeds or [self.recipe.seed])[0]
+        out = None if first_seed else self.workdir / f"s{seed}" / "routing"
+        report = self.routing(ckpt, corpus_dir, domains, f"{name}+{domain}-ft{budget}", out)
         return float(report["accuracy"][domain] or 0.0)
 
     # -- reporting ------------------------------------------------------------------------------
