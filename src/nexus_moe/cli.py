@@ -338,7 +338,7 @@ def upcycle(
         moe_overrides=_settings(None, set_) or None,
         btx_include_seed=btx_include_seed,
         seed=random_seed,
-        domains=[d.strip() for d in domains.split(",")] if domains is not None else None,
+        domains=_split(domains),
     )
     console.print(f"{method} model written to {result}")
 
