@@ -5,22 +5,24 @@ weights, ~500 MB each with the defaults; written with ``nexus_moe.hf.export_hf``
 word-level ``tokenizer.json`` because mergekit loads the tokenizer), then builds a Qwen2-MoE
 checkpoint (routed experts = the experts' FFNs, shared expert = the seed's FFN, top-1) both ways:
 
-* ours, one subprocess per step, timed separately and summed:
-  ``nexus-moe import`` of each input, ``nexus-moe upcycle --method moe-linear --domains ...``
-  (``--domains`` names the experts: an imported Hugging Face model has no domain metadata),
+* ours: one ``nexus-moe upcycle --method moe-linear --format qwen2_moe`` command reading the
+  Hugging Face folders in place (``--domains`` names the experts: a Hugging Face folder has no
+  domain metadata);
+* with ``--three-step`` also the older route, one subprocess per step, timed separately and
+  summed: ``nexus-moe import`` of each input, ``nexus-moe upcycle`` of the native checkpoints,
   ``nexus-moe export --format qwen2_moe``;
 * mergekit: one ``mergekit-moe`` run with ``architecture: qwen``, ``gate_mode: random``, the seed
   as ``base_model`` and as the one shared expert, ``experts_per_token: 1``, ``dtype: float32``.
 
 The two do not do identical work: mergekit copies the base model's attention/embedding weights,
-ours averages them over the experts (moe-linear); our import+export also convert formats, which
-mergekit does not need. Peak memory is each process's ``VmHWM`` (peak resident set, memory-mapped
-input pages included), read from /proc/<pid>/status by polling; the pipeline's peak is the
-largest over its steps. mergekit lives in its own virtual environment (it pins other versions of
+ours averages them over the experts (moe-linear), so ours reads 4x the non-FFN weights. Both
+write the same 1.5 GB. Peak memory is each process's ``VmHWM`` (peak resident set,
+memory-mapped input pages included), read from /proc/<pid>/status by polling; a multi-step
+pipeline's peak is the largest over its steps. mergekit lives in its own virtual environment (it pins other versions of
 transformers/pydantic); pass its ``mergekit-moe`` with ``--mergekit-bin``; if absent, that side
 is skipped with a message.
 
-    .venv/bin/python benchmarks/upcycle_vs_mergekit.py --mergekit-bin /tmp/mk-venv/bin/mergekit-moe
+    .venv/bin/python benchmarks/upcycle_vs_mergekit.py --mergekit-bin /tmp/mk-venv/bin/mergekit-moe --repeats 3
 """
 
 from __future__ import annotations
@@ -82,19 +84,6 @@ with torch.no_grad():
 export_hf(model, out, fmt="llama", tokenizer_path=tok)
 """
 
-ONE_PROCESS = """
-import sys, json, shutil
-from nexus_moe.hf import export_hf, import_hf
-from nexus_moe.upcycle import upcycle
-a = json.loads(sys.argv[1])
-for src, dst in zip(a["hf"], a["nx"]):
-    import_hf(src, dst)
-upcycle("moe-linear", a["nx"][0], a["nx"][1:], a["moe"], domains=a["domains"])
-for d in a["nx"]:
-    shutil.rmtree(d)
-export_hf(a["moe"], a["out"], fmt="qwen2_moe")
-"""
-
 
 def make_tokenizer(path: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -137,6 +126,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1, help="alternating runs of each side")
+    p.add_argument(
+        "--three-step", action="store_true", help="also time import x n + upcycle + export"
+    )
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir in /tmp")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
@@ -157,7 +149,7 @@ def main() -> None:
     }
     work = args.workdir or Path(tempfile.mkdtemp(prefix="upcycle-vs-mergekit-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {"ours": [], "ours_api": [], "mergekit": []}
+    results: dict[str, list[dict]] = {"ours": [], "ours_3step": [], "mergekit": []}
     try:
         tok = work / "tokenizer.json"
         make_tokenizer(tok, args.vocab)
@@ -175,6 +167,19 @@ def main() -> None:
         baseline = run_measured([py, "-c", "import torch, nexus_moe.hf"])["peak_rss"]
 
         def ours() -> dict:
+            shutil.rmtree(work / "ours_out", ignore_errors=True)
+            cmd = [cli, "upcycle", "--method", "moe-linear", "--format", "qwen2_moe"]
+            cmd += ["--seed", str(work / "hf" / "seed"), "--out", str(work / "ours_out")]
+            for n in names[1:]:
+                cmd += ["--expert", str(work / "hf" / n)]
+            cmd += ["--domains", ",".join(names[1:])]
+            r = run_measured(cmd)
+            out = {"wall_s": r["wall_s"], "peak_rss": r["peak_rss"]}
+            out["output_bytes"] = dir_size(work / "ours_out")
+            shutil.rmtree(work / "ours_out", ignore_errors=True)
+            return out
+
+        def ours_three_step() -> dict:
             steps = {}
             for name in names:
                 shutil.rmtree(work / "nx" / name, ignore_errors=True)
@@ -214,23 +219,6 @@ def main() -> None:
                 "output_bytes": out_size,
             }
 
-        def ours_one_process() -> dict:
-            for d in ("nx", "nx_moe", "ours_out"):
-                shutil.rmtree(work / d, ignore_errors=True)
-            payload = {
-                "hf": [str(work / "hf" / n) for n in names],
-                "nx": [str(work / "nx" / n) for n in names],
-                "moe": str(work / "nx_moe"),
-                "out": str(work / "ours_out"),
-                "domains": names[1:],
-            }
-            r = run_measured([py, "-c", ONE_PROCESS, json.dumps(payload)])
-            out = {"wall_s": r["wall_s"], "peak_rss": r["peak_rss"]}
-            out["output_bytes"] = dir_size(work / "ours_out")
-            for d in ("nx", "nx_moe", "ours_out"):
-                shutil.rmtree(work / d, ignore_errors=True)
-            return out
-
         def mergekit() -> dict:
             conf = work / "mergekit.yaml"
             conf.write_text(
@@ -247,7 +235,8 @@ def main() -> None:
 
         for _ in range(args.repeats):  # alternate, so slow phases of the machine hit both
             results["ours"].append(ours())
-            results["ours_api"].append(ours_one_process())
+            if args.three_step:
+                results["ours_3step"].append(ours_three_step())
             if have_mergekit:
                 results["mergekit"].append(mergekit())
 
@@ -256,18 +245,18 @@ def main() -> None:
             f"{args.layers} layers, vocab {args.vocab}, float32; one input {one_input / MIB:.0f} MiB;"
             f" python+torch baseline RSS {baseline / MIB:.0f} MiB; load {os.getloadavg()[0]:.2f}"
         )
-        last = results["ours"][-1]
-        print(f"{'step (ours)':<26} | {'wall s':>7} | {'peak RSS MiB':>12}")
-        for k, v in last["steps"].items():
-            print(f"{k:<26} | {v['wall_s']:>7.1f} | {v['peak_rss'] / MIB:>12.0f}")
-        print()
-        head = f"{'pipeline':<40} | {'wall s':>7} | {'peak RSS MiB':>12} | {'output MiB':>10}"
+        if args.three_step:
+            last = results["ours_3step"][-1]
+            print(f"{'step (ours, three-step route)':<30} | {'wall s':>7} | {'peak RSS MiB':>12}")
+            for k, v in last["steps"].items():
+                print(f"{k:<30} | {v['wall_s']:>7.1f} | {v['peak_rss'] / MIB:>12.0f}")
+            print()
+        head = f"{'pipeline (median wall, max peak)':<40} | {'wall s':>7} | {'peak RSS MiB':>12} | {'output MiB':>10}"
         print(head)
         print("-" * len(head))
-        rows = [
-            (f"ours, CLI: import x{len(names)} + upcycle + export", results["ours"]),
-            ("ours, the same in one process (API)", results["ours_api"]),
-        ]
+        rows = [("ours: nexus-moe upcycle --format qwen2_moe", results["ours"])]
+        if args.three_step:
+            rows.append((f"ours: import x{len(names)} + upcycle + export", results["ours_3step"]))
         if have_mergekit:
             rows.append(("mergekit-moe (qwen, gate_mode random)", results["mergekit"]))
         med = {}
@@ -278,6 +267,8 @@ def main() -> None:
             print(
                 f"{label:<40} | {wall:>7.1f} | {peak / MIB:>12.0f} | {rs[-1]['output_bytes'] / MIB:>10.0f}"
             )
+        for label, rs in rows:
+            print(f"per repeat, {label}: " + " / ".join(f"{r['wall_s']:.1f}" for r in rs) + " s")
         if have_mergekit:
             mw, mp = med[rows[-1][0]]
             for label, _ in rows[:-1]:

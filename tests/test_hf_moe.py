@@ -5,6 +5,8 @@ what cannot be expressed."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -421,3 +423,89 @@ def test_export_from_checkpoint_writes_model_card(tmp_path):
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, back_model(ids).logits)
+
+
+# --------------------------------------------------------------------------------------------
+# upcycling straight from Hugging Face folders to a Hugging Face MoE
+
+
+def _dense_hf_inputs(tmp_path: Path, names: list[str]) -> list[Path]:
+    """Random dense Llama folders sharing one tokenizer (every tensor differs between them)."""
+    tok = _tokenizer_file(tmp_path / "tokenizer.json")
+    folders = []
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        model = Transformer(tiny_config(vocab_size=VOCAB))
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        folders.append(export_hf(model, tmp_path / "hf" / name, fmt="llama", tokenizer_path=tok))
+    return folders
+
+
+@pytest.mark.parametrize(
+    "method,fmt,via_cli",
+    [
+        ("moe-linear", "qwen2_moe", True),
+        ("nexus", "qwen2_moe", False),
+        ("btx", "mixtral", False),
+        ("btm", "llama", False),
+    ],
+)
+def test_direct_upcycle_equals_import_upcycle_export(tmp_path, method, fmt, via_cli):
+    """Dense HF folders -> upcycle --format fmt gives the folder that importing them, upcycling
+    the native checkpoints and exporting the result gives (same tensors, bit for bit)."""
+    from nexus_moe.embed import DomainEmbeddings
+    from nexus_moe.upcycle import upcycle
+
+    domains = ["legal", "code"]
+    hf = _dense_hf_inputs(tmp_path, ["seed", *domains])
+    emb = None
+    if method == "nexus":
+        vectors = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+        emb = DomainEmbeddings(domains, vectors, embedder="test", dim=8, num_chunks=4)
+    direct = tmp_path / "direct"
+    if via_cli:
+        cmd = [sys.executable, "-m", "nexus_moe.cli", "upcycle", "--method", method]
+        cmd += ["--seed", str(hf[0]), "--out", str(direct), "--format", fmt]
+        cmd += [arg for p in hf[1:] for arg in ("--expert", str(p))]
+        cmd += ["--domains", ",".join(domains)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    else:
+        upcycle(
+            method, hf[0], hf[1:], direct, domain_embeddings=emb, domains=domains, out_format=fmt
+        )
+
+    native = [import_hf(p, tmp_path / "native" / p.name) for p in hf]
+    moe = upcycle(method, native[0], native[1:], tmp_path / "moe", emb, domains=domains)
+    reference = export_hf(moe, tmp_path / "reference", fmt=fmt)
+
+    files = sorted(p.name for p in direct.iterdir())
+    assert files == sorted(p.name for p in reference.iterdir())
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (direct / name).read_bytes() == (reference / name).read_bytes(), name
+    got, want = load_file(direct / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    if fmt != "llama":
+        card = (direct / "README.md").read_text()
+        assert method in card and str(hf[1]) in card  # the card names the method and inputs
+
+
+def test_direct_upcycle_refuses_bad_hf_inputs(tmp_path):
+    from nexus_moe.upcycle import upcycle
+
+    hf = _dense_hf_inputs(tmp_path, ["seed", "a"])
+    with pytest.raises(NexusError, match="names no 'domain'.*--domains"):
+        upcycle("moe-linear", hf[0], hf[1:], tmp_path / "out", out_format="qwen2_moe")
+    moe_dir = export_hf(_moe_model(), tmp_path / "moe_hf", fmt="qwen2_moe")
+    with pytest.raises(NexusError, match="is an MoE; a dense model is needed"):
+        upcycle("moe-linear", hf[0], [moe_dir], tmp_path / "out", domains=["a"])
+    with pytest.raises(NexusError, match="AC model cannot be exported"):
+        upcycle(
+            "moe-linear", hf[0], hf[1:], tmp_path / "out", domains=["a"],
+            moe_overrides={"router": "ac", "ac_base": "linear"}, out_format="qwen2_moe",
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()

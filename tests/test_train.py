@@ -85,6 +85,7 @@ def test_resume_is_bit_exact(shards, tmp_path, moe):
         full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
     def losses(run_dir):
         records = map(json.loads, open(run_dir / "metrics.jsonl"))
         return [r["loss"] for r in records if "loss" in r]

@@ -301,10 +301,14 @@ def embed_domains_cmd(
 @app.command()
 def upcycle(
     method: Annotated[str, typer.Option(help="sparse-upcycle | btm | btx | moe-linear | nexus")],
-    seed: Annotated[Path, typer.Option(help="Dense seed checkpoint (or run directory).")],
+    seed: Annotated[
+        Path,
+        typer.Option(help="Dense seed: checkpoint, run directory or Hugging Face folder."),
+    ],
     out: Annotated[Path, typer.Option(help="Output MoE (or, for btm, dense) checkpoint.")],
     experts: Annotated[
-        list[Path] | None, typer.Option("--expert", help="Dense expert checkpoint; repeat.")
+        list[Path] | None,
+        typer.Option("--expert", help="Dense expert (checkpoint or Hugging Face folder); repeat."),
     ] = None,
     embeddings: Annotated[
         Path | None, typer.Option(help="Domain embeddings (nexus, or AC on nexus).")
@@ -319,11 +323,23 @@ def upcycle(
         str | None,
         typer.Option(
             help="Comma-separated domain of each expert checkpoint, in --expert order "
-            "(default: each checkpoint's metadata; needed for imported models)."
+            "(default: each checkpoint's metadata; needed for Hugging Face and imported models)."
         ),
     ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="native (our checkpoint) or a Hugging Face format written directly: auto, "
+            "qwen2_moe, mixtral (btm: llama, mistral, qwen2, qwen3).",
+        ),
+    ] = "native",
 ) -> None:
-    """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields."""
+    """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields.
+
+    Inputs may be Hugging Face dense folders, read in place; with --format qwen2_moe the result
+    is a Hugging Face folder, written in one pass without intermediate checkpoints.
+    """
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.pipeline import resolve_model_dir
     from nexus_moe.upcycle import upcycle as run_upcycle
@@ -339,6 +355,7 @@ def upcycle(
         btx_include_seed=btx_include_seed,
         seed=random_seed,
         domains=_split(domains),
+        out_format=fmt,
     )
     console.print(f"{method} model written to {result}")
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -1026,7 +1026,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Transfor
     if out_dir is not None and isinstance(
         _adapter(doc.get("model_type"), str(config_path)), DenseAdapter
     ):
-        return _import_streamed(doc, config_path, hf_dir, Path(out_dir))
+        return _import_streamed(hf_dir, Path(out_dir))
     with ExitStack() as stack:
         model, adapter, notes = _convert(doc, config_path, lambda: _TensorReader(hf_dir, stack))
     if out_dir is None:
@@ -1058,25 +1058,72 @@ def _import_metadata(
     return metadata, tokenizer
 
 
-def _import_streamed(doc: dict[str, Any], config_path: Path, hf_dir: Path, out_dir: Path) -> Path:
-    """:func:`import_hf` of a dense folder into ``out_dir`` without building the model.
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a Hugging Face model folder (a ``config.json`` that is not ours)."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        return False
+    doc = read_json(config_path)
+    return isinstance(doc, dict) and doc.get("format") != FORMAT
 
-    Everything is checked from the safetensors headers first (every tensor the config implies,
-    its shape, no leftovers, zero biases our model lacks), exactly as the in-memory import
-    checks it; then ``model.safetensors`` is written tensor by tensor, each read through a fresh
-    ``safe_open`` handle and converted to our parameter dtype, so peak memory is about one tensor.
+
+@dataclass
+class DenseHFFolder:
+    """A dense Hugging Face folder whose tensor table has been checked against its config.json.
+
+    ``tensors`` maps each tensor our model has to (shape, safetensors dtype name, file holding
+    it); the weights themselves are not read (see :meth:`read`).
     """
+
+    path: Path
+    cfg: ModelConfig
+    notes: list[str]
+    metadata: dict[str, Any]
+    tokenizer: Path | None
+    tensors: dict[str, tuple[tuple[int, ...], str, Path]]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype, through a fresh handle (memory-mapped)."""
+        file = self.tensors[name][2]
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise NexusError(
+                f"{file}: cannot read tensor '{name}' ({exc}); the file is corrupt or truncated "
+                "— download it again"
+            ) from exc
+
+
+def open_dense_hf(hf_dir: str | Path) -> DenseHFFolder:
+    """Check a dense Hugging Face folder from its config.json and safetensors headers alone.
+
+    Every tensor the config implies must be present with its shape, nothing unexplained may be
+    left over, and biases the format has but our model lacks must be zero, exactly as the
+    in-memory import checks it. Conversion notes are issued as warnings.
+    """
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise NexusError(f"{config_path}: not found; is {hf_dir} a Hugging Face model folder?")
+    doc = read_json(config_path)
+    if not isinstance(doc, dict):
+        raise NexusError(f"{config_path}: expected a JSON object")
     adapter = _adapter(doc.get("model_type"), str(config_path))
-    assert isinstance(adapter, DenseAdapter)
+    if not isinstance(adapter, DenseAdapter):
+        raise NexusError(
+            f"{config_path}: model_type '{adapter.model_type}' is an MoE; a dense model is "
+            f"needed here (one of: {', '.join(k for k, a in ADAPTERS.items() if isinstance(a, DenseAdapter))})"
+        )
     cfg, notes = adapter.config_from_hf(doc, config_path)
     for note in notes:
         warnings.warn(note, stacklevel=3)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in model_state_dict(model).items()}
+    expected = {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
     del model
     reader = _TensorReader(hf_dir)  # headers only
-    for name, (shape, _) in expected.items():
+    for name, shape in expected.items():
         reader.check(name, shape)
     for name, size in adapter._extra_zero_biases(cfg):
         if name in reader and reader.get(name, (size,)).any():
@@ -1093,25 +1140,50 @@ def _import_streamed(doc: dict[str, Any], config_path: Path, hf_dir: Path, out_d
             f"({len(leftover)} in all) that config.json does not account for; config.json "
             "does not match the weights"
         )
+    metadata, tokenizer = _import_metadata(doc, hf_dir, adapter.model_type, notes)
+    tensors = {
+        name: (shape, reader._dtypes[name], reader.file_of(name))
+        for name, shape in expected.items()
+    }
+    return DenseHFFolder(hf_dir, cfg, notes, metadata, tokenizer, tensors)
 
-    def pieces(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        yield reader.get(name, shape).to(dtype)
+
+def _import_streamed(hf_dir: Path, out_dir: Path) -> Path:
+    """:func:`import_hf` of a dense folder into ``out_dir`` without building the model.
+
+    Everything is checked from the safetensors headers first (:func:`open_dense_hf`); then
+    ``model.safetensors`` is written tensor by tensor, each read through a fresh ``safe_open``
+    handle and converted to our parameter dtype, so peak memory is about one tensor.
+    """
+    folder = open_dense_hf(hf_dir)
+    cfg = folder.cfg
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    dtypes = {k: v.dtype for k, v in model_state_dict(model).items()}
+    del model
+
+    def pieces(name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        yield folder.read(name).to(dtype)
 
     specs = [
-        TensorSpec(name, dtype, shape, functools.partial(pieces, name, shape, dtype))
-        for name, (shape, dtype) in expected.items()
+        TensorSpec(name, dtypes[name], shape, functools.partial(pieces, name, dtypes[name]))
+        for name, (shape, _, _) in folder.tensors.items()
     ]
-    metadata, tokenizer = _import_metadata(doc, hf_dir, adapter.model_type, notes)
     with atomic_dir(out_dir) as tmp:  # the layout of checkpoint.save_checkpoint
         write_json(
             tmp / CKPT_CONFIG_FILE,
-            {"format": FORMAT, "version": __version__, "model": to_dict(cfg), "metadata": metadata},
+            {
+                "format": FORMAT,
+                "version": __version__,
+                "model": to_dict(cfg),
+                "metadata": folder.metadata,
+            },
         )
         # Like safetensors' own writer: larger dtypes first, then by name.
         specs.sort(key=lambda spec: (-spec.dtype.itemsize, spec.name))
         write_safetensors(tmp / CKPT_WEIGHTS_FILE, specs, metadata={"format": "pt"})
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        if folder.tokenizer is not None:
+            shutil.copyfile(folder.tokenizer, tmp / TOKENIZER_FILE)
     return out_dir
 
 
@@ -1249,38 +1321,77 @@ def export_hf(
     ``README.md``. The folder appears atomically.
     """
     out_dir = Path(out_dir)
-    metadata: dict[str, Any] | None = None
-    model: Transformer | None = None
-    native: _NativeTensors | None = None
-    if isinstance(ckpt_or_model, Transformer):
-        model = ckpt_or_model
-        cfg = model.cfg
-    else:
+    if not isinstance(ckpt_or_model, Transformer):
         # A checkpoint directory is streamed: nothing but one tensor at a time is in memory.
         ckpt_dir = Path(ckpt_or_model)
         cfg, metadata = load_config(ckpt_dir)
-        native = _NativeTensors(ckpt_dir, cfg)
         if tokenizer_path is None and (ckpt_dir / TOKENIZER_FILE).is_file():
             tokenizer_path = ckpt_dir / TOKENIZER_FILE
+        return export_streamed(
+            _NativeTensors(ckpt_dir, cfg),
+            cfg,
+            out_dir,
+            fmt=fmt,
+            metadata=metadata,
+            tokenizer_path=tokenizer_path,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+        )
+    model = ckpt_or_model
+    cfg = model.cfg
     fmt = _auto_format(cfg) if fmt == "auto" else fmt
     adapter = _adapter(fmt, "export_hf(fmt=...)")
     adapter.check_exportable(cfg)
+    dtype = dtype or model.model.embed_tokens.weight.dtype
+    with torch.no_grad():
+        hf_state = {k: v.to(dtype).contiguous() for k, v in adapter.state_to_hf(model).items()}
+    plan = {
+        name: (tuple(t.shape), functools.partial(lambda t: [t], t)) for name, t in hf_state.items()
+    }
+    del hf_state  # the plan holds the tensors
+    return _write_hf(out_dir, adapter, cfg, plan, dtype, None, tokenizer_path, max_shard_size)
+
+
+def export_streamed(
+    source: TensorSource,
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    fmt: str = "auto",
+    metadata: dict[str, Any] | None = None,
+    tokenizer_path: str | Path | None = None,
+    max_shard_size: int = 2 * 1024**3,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """:func:`export_hf` of a model given as a :class:`TensorSource` (our tensor names), e.g. a
+    checkpoint directory or the output of an upcycling that is never written in our format.
+
+    Each Hugging Face tensor is produced from the source tensors it needs when it is written,
+    so peak memory is about one tensor. ``metadata`` (a checkpoint's) goes into the model card.
+    """
+    fmt = _auto_format(cfg) if fmt == "auto" else fmt
+    adapter = _adapter(fmt, "export_hf(fmt=...)")
+    adapter.check_exportable(cfg)
+    dtype = dtype or source.dtypes["model.embed_tokens.weight"]
+    plan = _hf_plan(adapter, cfg, source, dtype)
+    return _write_hf(
+        Path(out_dir), adapter, cfg, plan, dtype, metadata, tokenizer_path, max_shard_size
+    )
+
+
+def _write_hf(
+    out_dir: Path,
+    adapter: Adapter,
+    cfg: ModelConfig,
+    plan: _Plan,
+    dtype: torch.dtype,
+    metadata: dict[str, Any] | None,
+    tokenizer_path: str | Path | None,
+    max_shard_size: int,
+) -> Path:
+    """Write the Hugging Face folder of :func:`export_hf` from ``plan`` (name -> (shape,
+    producer)), atomically."""
     tokenizer_file = find_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     bos_token, eos_token = _special_tokens(tokenizer_file) if tokenizer_file else (None, None)
-
-    if model is not None:
-        dtype = dtype or model.model.embed_tokens.weight.dtype
-        with torch.no_grad():
-            hf_state = {k: v.to(dtype).contiguous() for k, v in adapter.state_to_hf(model).items()}
-        plan = {
-            name: (tuple(t.shape), functools.partial(lambda t: [t], t))
-            for name, t in hf_state.items()
-        }
-        del hf_state  # the plan holds the tensors
-    else:
-        assert native is not None
-        dtype = dtype or native.dtypes["model.embed_tokens.weight"]
-        plan = _hf_plan(adapter, cfg, native, dtype)
     # Shard from the shapes alone (meta tensors), in the order state_to_hf lists the tensors.
     split = split_torch_state_dict_into_shards(
         {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, _) in plan.items()},
@@ -1334,6 +1445,19 @@ def export_hf(
     return out_dir
 
 
+class TensorSource(Protocol):
+    """Our model's tensors by name, produced on demand (see :func:`export_streamed`).
+
+    ``shapes``/``dtypes``: every tensor of the model's state dict, in state-dict order;
+    ``get(name, index)``: the tensor (only its ``index``-th slice along dim 0 if given).
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor: ...
+
+
 class _NativeTensors:
     """The tensors of a native checkpoint's ``model.safetensors``, read one at a time.
 
@@ -1377,9 +1501,7 @@ class _NativeTensors:
 _Plan = dict[str, tuple[tuple[int, ...], Callable[[], Iterable[torch.Tensor]]]]
 
 
-def _hf_plan(
-    adapter: Adapter, cfg: ModelConfig, native: _NativeTensors, dtype: torch.dtype
-) -> _Plan:
+def _hf_plan(adapter: Adapter, cfg: ModelConfig, native: TensorSource, dtype: torch.dtype) -> _Plan:
     """Every HF tensor of ``adapter.state_to_hf`` (same names, order and values, in ``dtype``)
     as (shape, producer), each producer reading only what that tensor needs from ``native``."""
 
@@ -1438,7 +1560,7 @@ def _hf_plan(
 
 
 def _gate(
-    native: _NativeTensors, cfg: ModelConfig, prefix: str, dtype: torch.dtype
+    native: TensorSource, cfg: ModelConfig, prefix: str, dtype: torch.dtype
 ) -> Callable[[], list[torch.Tensor]]:
     """The HF gate of MoE block ``prefix``: the router's expert-embedding matrix E (for a Nexus
     router P(d), computed from that layer's small router tensors alone)."""

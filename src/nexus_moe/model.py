@@ -15,6 +15,7 @@ from torch import nn
 
 from nexus_moe.config import ModelConfig
 from nexus_moe.moe import MoELayer, RoutingInfo, SwiGLU
+from nexus_moe.routers.base import normal_init_
 
 
 class RMSNorm(nn.Module):
@@ -37,11 +38,14 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        # Computed on the CPU and moved: on the meta device the arithmetic would run through
+        # Python references that import torch._dynamo (~2 s of every shape-only model build).
+        inv_freq = self._inv_freq().to(torch.get_default_device())
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _inv_freq(self) -> torch.Tensor:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
-        return 1.0 / (self.theta**exponent)
+        positions = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device="cpu")
+        return 1.0 / (self.theta ** (positions.float() / self.head_dim))
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -163,7 +167,10 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # An uninitialised weight: Transformer.reset_parameters draws it (nn.Embedding's own
+        # N(0, 1) draw would be overwritten anyway, and on the meta device it costs a 2 s import).
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -203,7 +210,7 @@ class Transformer(nn.Module):
             elif "router" in name:
                 continue  # routers initialise themselves
             else:
-                param.normal_(0.0, std)
+                normal_init_(param, std)
 
     @torch.no_grad()
     def init_buffers(self) -> None:

@@ -20,6 +20,7 @@ memory stays near the largest single tensor plus the interpreter, not the sum of
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -104,6 +105,7 @@ def upcycle(
     moe_overrides: dict[str, Any] | None = None,
     btx_include_seed: bool = False,
     seed: int = 0,
+    out_format: str = "native",
 ) -> Path:
     """Assemble dense checkpoints into ``out_dir`` with ``method`` (SPEC §5); returns ``out_dir``.
 
@@ -119,12 +121,17 @@ def upcycle(
     * ``moe_overrides``: further :class:`MoEConfig` fields, e.g. ``{"router": "ac",
       "ac_base": "nexus", "top_k": 2}``; unknown keys and wrong types are errors.
     * ``seed``: seeds the random router initialisation (each router's ``reset_parameters``).
+    * ``out_format``: ``native`` writes our checkpoint; a Hugging Face format (``auto``,
+      ``qwen2_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes that folder
+      directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in one pass.
 
-    All inputs must be dense and share one architecture, dtype and tokenizer; everything is
-    checked before anything is written, and the output appears atomically.
+    Each input is a native checkpoint or a dense Hugging Face folder (Llama, Mistral, Qwen2,
+    Qwen3; read in place, no import step). All inputs must be dense and share one architecture,
+    dtype and tokenizer; everything is checked before anything is written, and the output appears
+    atomically.
     """
     method = _parse_method(method)
-    seed_dir, out_dir = Path(seed_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     expert_paths = [Path(p) for p in expert_dirs]
     if method == Method.sparse_upcycle and expert_paths:
         raise NexusError(
@@ -142,24 +149,25 @@ def upcycle(
     if btx_include_seed and method != Method.btx:
         raise NexusError(f"btx_include_seed applies to btx only, not {method.value}")
 
-    seed_cfg, dtypes, tokenizer = _check_inputs(seed_dir, expert_paths)
+    seed_in, expert_ins = _check_inputs(Path(seed_dir), expert_paths)
+    seed_cfg = seed_in.cfg
 
     # Where each kind of tensor comes from.
     if method == Method.sparse_upcycle:
         copies = 4 if num_experts is None else num_experts
         if copies < 1:
             raise NexusError(f"num_experts={copies}: sparse-upcycle needs at least one copy")
-        routed = [seed_dir] * copies
+        routed = [seed_in] * copies
         expert_domains = _check_domains([f"copy {i}" for i in range(copies)], domains or [])
-        base = [seed_dir]  # non-FFN weights: the seed's
+        base = [seed_in]  # non-FFN weights: the seed's
     else:
-        expert_domains = _resolve_domains(expert_paths, domains)
-        routed = list(expert_paths)
-        base = list(expert_paths)  # non-FFN weights: mean over the experts
+        expert_domains = _resolve_domains(expert_ins, domains)
+        routed = list(expert_ins)
+        base = list(expert_ins)  # non-FFN weights: mean over the experts
         if method == Method.btx and btx_include_seed:
-            routed.append(seed_dir)
+            routed.append(seed_in)
             expert_domains = _check_domains(
-                [str(p) for p in routed], [*expert_domains, SEED_DOMAIN]
+                [str(p.path) for p in routed], [*expert_domains, SEED_DOMAIN]
             )
 
     if method == Method.btm:
@@ -170,23 +178,34 @@ def upcycle(
         cfg = _moe_config(method, seed_cfg, len(routed), expert_domains, moe_overrides)
         vectors = _domain_vectors(cfg, expert_domains, domain_embeddings)
 
-    model_dtype = dtypes["model.embed_tokens.weight"]
-    specs = _plan(cfg, seed_dir, routed, base, dtypes, model_dtype, vectors, seed)
+    model_dtype = seed_in.dtypes["model.embed_tokens.weight"]
+    specs = _plan(cfg, seed_in, routed, base, model_dtype, vectors, seed)
     metadata = {
         "stage": "upcycle",
         "method": method.value,
-        "inputs": [str(seed_dir), *map(str, expert_paths)],
+        "inputs": [str(seed_in.path), *(str(p.path) for p in expert_ins)],
         "domains": expert_domains,
         "router_seed": seed,
     }
+    if out_format != "native":
+        from nexus_moe.hf import export_streamed
+
+        return export_streamed(
+            _PlannedTensors(cfg, specs),
+            cfg,
+            out_dir,
+            fmt=out_format,
+            metadata=metadata,
+            tokenizer_path=seed_in.tokenizer,
+        )
     with atomic_dir(out_dir) as tmp:
         write_json(
             tmp / CONFIG_FILE,
             {"format": FORMAT, "version": __version__, "model": to_dict(cfg), "metadata": metadata},
         )
         write_safetensors(tmp / WEIGHTS_FILE, specs, metadata={"format": "pt"})
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        if seed_in.tokenizer is not None:
+            shutil.copyfile(seed_in.tokenizer, tmp / TOKENIZER_FILE)
     return out_dir
 
 
@@ -202,45 +221,99 @@ def _parse_method(method: str | Method) -> Method:
 # input validation
 
 
-def _check_inputs(
-    seed_dir: Path, expert_dirs: list[Path]
-) -> tuple[ModelConfig, dict[str, torch.dtype], Path | None]:
-    """Seed config, per-tensor dtypes and tokenizer path, after checking every input agrees."""
-    seed_cfg, _ = load_config(seed_dir)
-    _require_dense(seed_dir, seed_cfg)
-    for path in expert_dirs:
-        cfg, _ = load_config(path)
-        _require_dense(path, cfg)
+@dataclass
+class _Input:
+    """One dense input: a native checkpoint or a Hugging Face folder, checked, weights unread.
+
+    ``tensors``: every tensor of the model, name -> (shape, dtype, file holding it).
+    """
+
+    path: Path
+    cfg: ModelConfig
+    metadata: dict[str, Any]
+    tokenizer: Path | None
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype, Path]]
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {name: dtype for name, (_, dtype, _) in self.tensors.items()}
+
+
+def _open_input(path: Path) -> _Input:
+    """Read and check one input's config and weight headers (both kinds of folder)."""
+    from nexus_moe.hf import is_hf_folder, open_dense_hf
+
+    if is_hf_folder(path):
+        folder = open_dense_hf(path)
+        tensors = {}
+        for name, (shape, dtype_name, file) in folder.tensors.items():
+            tensors[name] = (shape, _dtype_of(dtype_name, file, name), file)
+        return _Input(path, folder.cfg, {}, folder.tokenizer, tensors)
+    cfg, metadata = load_config(path)
+    _require_dense(path, cfg)
+    tokenizer = path / TOKENIZER_FILE
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_state_dict(Transformer(cfg)).items()}
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise NexusError(f"{file}: weights file not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:  # reads the header only
+            header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise NexusError(
+            f"{file}: cannot read weights ({exc}); the file is corrupt or truncated"
+        ) from exc
+    check_tensor_table(expected, {k: tuple(v[0]) for k, v in header.items()}, file)
+    tensors = {
+        name: (shape, _dtype_of(header[name][1], file, name), file)
+        for name, shape in expected.items()
+    }
+    return _Input(path, cfg, metadata, tokenizer if tokenizer.is_file() else None, tensors)
+
+
+def _dtype_of(dtype_name: str, file: Path, name: str) -> torch.dtype:
+    if dtype_name not in _DTYPES_BY_NAME:
+        raise NexusError(f"{file}: tensor '{name}' has unsupported dtype {dtype_name}")
+    return _DTYPES_BY_NAME[dtype_name]
+
+
+def _check_inputs(seed_dir: Path, expert_dirs: list[Path]) -> tuple[_Input, list[_Input]]:
+    """The seed and the experts, after checking that all agree (architecture, tensor dtypes,
+    tokenizer)."""
+    seed = _open_input(seed_dir)
+    experts = [_open_input(path) for path in expert_dirs]
+    for expert in experts:
         for name in ARCHITECTURE_FIELDS:
-            mine, theirs = getattr(cfg, name), getattr(seed_cfg, name)
+            mine, theirs = getattr(expert.cfg, name), getattr(seed.cfg, name)
             if mine != theirs:
                 raise NexusError(
-                    f"{path}: {name}={mine} but seed has {theirs}; all inputs must share one "
-                    "architecture"
+                    f"{expert.path}: {name}={mine} but seed has {theirs}; all inputs must share "
+                    "one architecture"
                 )
 
-    seed_tok = seed_dir / TOKENIZER_FILE
-    seed_hash = _sha256(seed_tok) if seed_tok.is_file() else None
-    for path in expert_dirs:
-        tok = path / TOKENIZER_FILE
-        digest = _sha256(tok) if tok.is_file() else None
+    seed_hash = _sha256(seed.tokenizer) if seed.tokenizer is not None else None
+    for expert in experts:
+        digest = _sha256(expert.tokenizer) if expert.tokenizer is not None else None
         if digest != seed_hash:
             if digest is None or seed_hash is None:
                 has = "has no" if digest is None else "has a"
                 seed_has = "one" if seed_hash is not None else "none"
-                raise NexusError(f"{path}: {has} {TOKENIZER_FILE} but seed has {seed_has}")
+                raise NexusError(f"{expert.path}: {has} {TOKENIZER_FILE} but seed has {seed_has}")
             raise NexusError(
-                f"{path}: {TOKENIZER_FILE} differs from the seed's (sha256 {digest[:12]} vs "
-                f"{seed_hash[:12]}); all inputs must share one tokenizer"
+                f"{expert.path}: {TOKENIZER_FILE} differs from the seed's (sha256 {digest[:12]} "
+                f"vs {seed_hash[:12]}); all inputs must share one tokenizer"
             )
 
-    # The weight files must hold exactly the tensors the config implies (names, shapes, dtypes).
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in model_state_dict(Transformer(seed_cfg)).items()}
-    dtypes = _check_weights(seed_dir, expected, None)
-    for path in expert_dirs:
-        _check_weights(path, expected, dtypes)
-    return seed_cfg, dtypes, seed_tok if seed_hash is not None else None
+    seed_dtypes = seed.dtypes
+    for expert in experts:
+        for name, dtype in expert.dtypes.items():
+            if dtype != seed_dtypes[name]:
+                raise NexusError(
+                    f"{expert.tensors[name][2]}: tensor '{name}' is {_DTYPE_NAMES[dtype]} but "
+                    f"seed has {_DTYPE_NAMES[seed_dtypes[name]]}; save all inputs in one dtype"
+                )
+    return seed, experts
 
 
 def _require_dense(path: Path, cfg: ModelConfig) -> None:
@@ -259,53 +332,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_weights(
-    ckpt_dir: Path,
-    expected: dict[str, tuple[int, ...]],
-    seed_dtypes: dict[str, torch.dtype] | None,
-) -> dict[str, torch.dtype]:
-    """Compare a weight file's header with ``expected`` shapes (and the seed's dtypes)."""
-    path = ckpt_dir / WEIGHTS_FILE
-    if not path.is_file():
-        raise NexusError(f"{path}: weights file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:  # reads the header only
-            header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise NexusError(
-            f"{path}: cannot read weights ({exc}); the file is corrupt or truncated"
-        ) from exc
-    check_tensor_table(expected, {k: tuple(v[0]) for k, v in header.items()}, path)
-    dtypes = {}
-    for name in sorted(expected):
-        dtype_name = header[name][1]
-        if dtype_name not in _DTYPES_BY_NAME:
-            raise NexusError(f"{path}: tensor '{name}' has unsupported dtype {dtype_name}")
-        dtypes[name] = _DTYPES_BY_NAME[dtype_name]
-        if seed_dtypes is not None and dtypes[name] != seed_dtypes[name]:
-            raise NexusError(
-                f"{ckpt_dir}: tensor '{name}' is {dtype_name} but seed has "
-                f"{_DTYPE_NAMES[seed_dtypes[name]]}; save all inputs in one dtype"
-            )
-    return dtypes
-
-
-def _resolve_domains(expert_dirs: list[Path], domains: list[str] | None) -> list[str]:
+def _resolve_domains(experts: list[_Input], domains: list[str] | None) -> list[str]:
     """Each expert's domain: ``domains`` if given, else its checkpoint metadata."""
-    where = [str(p) for p in expert_dirs]
+    where = [str(e.path) for e in experts]
     if domains is not None:
-        if len(domains) != len(expert_dirs):
+        if len(domains) != len(experts):
             raise NexusError(
-                f"got {len(domains)} domain names for {len(expert_dirs)} expert checkpoints"
+                f"got {len(domains)} domain names for {len(experts)} expert checkpoints"
             )
         return _check_domains(where, list(domains))
     found = []
-    for path in expert_dirs:
-        domain = load_config(path)[1].get("domain")
+    for expert in experts:
+        domain = expert.metadata.get("domain")
         if not isinstance(domain, str) or not domain:
             raise NexusError(
-                f"{path}: its metadata names no 'domain'; pass the domains explicitly "
-                "(one per expert checkpoint)"
+                f"{expert.path}: its metadata names no 'domain' (a Hugging Face folder has "
+                "none); pass the domains explicitly (one per expert checkpoint, e.g. "
+                "`--domains code,legal`)"
             )
         found.append(domain)
     return _check_domains(where, found)
@@ -408,6 +451,9 @@ class TensorSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
     pieces: Callable[[], Iterable[torch.Tensor]]
+    # For a stack along dim 0 read slice by slice: slice i alone (lets an exporter write
+    # per-expert tensors without reading the others).
+    slices: list[Callable[[], torch.Tensor]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -416,36 +462,58 @@ class TensorSpec:
 
 def _plan(
     cfg: ModelConfig,
-    seed_dir: Path,
-    routed: list[Path],
-    base: list[Path],
-    dtypes: dict[str, torch.dtype],
+    seed: _Input,
+    routed: list[_Input],
+    base: list[_Input],
     model_dtype: torch.dtype,
     vectors: torch.Tensor | None,
-    seed: int,
+    router_seed: int,
 ) -> list[TensorSpec]:
     """Map every tensor the output config implies to its source (SPEC §5 table)."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in model_state_dict(Transformer(cfg)).items()}
-    routers = _router_tensors(cfg, vectors, seed, model_dtype) if cfg.moe is not None else {}
-    specs = []
+    routers = _router_tensors(cfg, vectors, router_seed, model_dtype) if cfg.moe is not None else {}
+    dtypes = seed.dtypes
+    specs: list[TensorSpec] = []
     for name, shape in expected.items():
         if match := _EXPERTS_RE.match(name):
             dense = f"{match[1]}.{match[2]}.weight"
-            sources = [(path, dense) for path in routed]
-            specs.append(TensorSpec(name, dtypes[dense], shape, _stacked(sources)))
+            spec = TensorSpec(name, dtypes[dense], shape, _stacked(routed, dense))
+            spec.slices = [functools.partial(_read, e, dense) for e in routed]
         elif match := _SHARED_RE.match(name):
             dense = f"{match[1]}.{match[2]}"
-            specs.append(TensorSpec(name, dtypes[dense], shape, _copied(seed_dir, dense)))
+            spec = TensorSpec(name, dtypes[dense], shape, _copied(seed, dense))
         elif _ROUTER_RE.match(name):
             tensor = routers[name]
-            specs.append(TensorSpec(name, tensor.dtype, shape, lambda t=tensor: [t]))
+            spec = TensorSpec(name, tensor.dtype, shape, lambda t=tensor: [t])
         else:  # attention, norms, embeddings (and the FFN of dense blocks): mean of `base`
-            specs.append(TensorSpec(name, dtypes[name], shape, _averaged(base, name, dtypes[name])))
+            spec = TensorSpec(name, dtypes[name], shape, _averaged(base, name, dtypes[name]))
+        specs.append(spec)
     for spec in specs:
         assert spec.shape == expected[spec.name], spec.name
     # Like safetensors' own writer: larger dtypes first, so every tensor stays aligned.
     return sorted(specs, key=lambda s: (-s.dtype.itemsize, s.name))
+
+
+class _PlannedTensors:
+    """The tensors of a planned upcycle output, produced on demand (a ``hf.TensorSource``):
+    an expert slice reads just that expert's dense tensor."""
+
+    def __init__(self, cfg: ModelConfig, specs: list[TensorSpec]) -> None:
+        with torch.device("meta"):
+            order = list(model_state_dict(Transformer(cfg)))
+        by_name = {spec.name: spec for spec in specs}
+        self._specs = {name: by_name[name] for name in order}
+        self.shapes = {name: spec.shape for name, spec in self._specs.items()}
+        self.dtypes = {name: spec.dtype for name, spec in self._specs.items()}
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        spec = self._specs[name]
+        if index is not None and spec.slices is not None:
+            return spec.slices[index]()
+        pieces = [piece.reshape(-1) for piece in spec.pieces()]
+        tensor = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(spec.shape)
+        return tensor if index is None else tensor[index]
 
 
 def _router_tensors(
@@ -477,14 +545,14 @@ def _router_tensors(
     return out
 
 
-def _read(path: Path, name: str) -> torch.Tensor:
-    """One tensor of ``path/model.safetensors``.
+def _read(source: _Input, name: str) -> torch.Tensor:
+    """One tensor of an input.
 
     The returned tensor is backed by the file's memory map; the mapping (and the resident pages)
     go away with the tensor. The file is opened per tensor on purpose: a handle kept open keeps
     every page touched so far resident, which would add up to the sum of all inputs.
     """
-    file = path / WEIGHTS_FILE
+    file = source.tensors[name][2]
     try:
         with safe_open(str(file), framework="pt") as f:
             return f.get_tensor(name)
@@ -492,34 +560,36 @@ def _read(path: Path, name: str) -> torch.Tensor:
         raise NexusError(f"{file}: cannot read tensor '{name}' ({exc})") from exc
 
 
-def _copied(path: Path, name: str) -> Callable[[], Iterator[torch.Tensor]]:
+def _copied(source: _Input, name: str) -> Callable[[], Iterator[torch.Tensor]]:
     def pieces() -> Iterator[torch.Tensor]:
-        yield _read(path, name)
+        yield _read(source, name)
 
     return pieces
 
 
-def _stacked(sources: list[tuple[Path, str]]) -> Callable[[], Iterator[torch.Tensor]]:
+def _stacked(sources: list[_Input], name: str) -> Callable[[], Iterator[torch.Tensor]]:
     def pieces() -> Iterator[torch.Tensor]:
-        for path, name in sources:  # one expert slice at a time
-            yield _read(path, name)
+        for source in sources:  # one expert slice at a time
+            yield _read(source, name)
 
     return pieces
 
 
-def _averaged(paths: list[Path], name: str, dtype: torch.dtype) -> Callable[[], list[torch.Tensor]]:
+def _averaged(
+    sources: list[_Input], name: str, dtype: torch.dtype
+) -> Callable[[], list[torch.Tensor]]:
     def pieces() -> list[torch.Tensor]:
         # float32 accumulation in input order: sum(x_i) / n, then back to the input dtype.
         total: torch.Tensor | None = None
-        for path in paths:
-            tensor = _read(path, name)
+        for source in sources:
+            tensor = _read(source, name)
             if total is None:
                 total = tensor.to(torch.float32, copy=True)
             else:
                 total += tensor
             del tensor  # release the mapping before the next read
         assert total is not None
-        total /= len(paths)
+        total /= len(sources)
         return [total.to(dtype)]
 
     return pieces

@@ -39,3 +39,14 @@ class Router(nn.Module):
 
     def remove_expert(self, index: int) -> None:
         raise NotImplementedError
+
+
+@torch.no_grad()
+def normal_init_(
+    tensor: torch.Tensor, std: float, generator: torch.Generator | None = None
+) -> None:
+    """``tensor ~ N(0, std)`` in place; a no-op on the meta device (shapes only), where
+    ``normal_`` would run through a Python reference that imports ``torch._dynamo`` (~2 s of
+    every command that only checks a checkpoint's tensor table)."""
+    if not tensor.is_meta:
+        tensor.normal_(0.0, std, generator=generator)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nexus_moe.routers.base import Router
+from nexus_moe.routers.base import Router, normal_init_
 
 
 class LinearRouter(Router):
@@ -20,7 +20,7 @@ class LinearRouter(Router):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        self.weight.normal_(0.0, self.init_std, generator=generator)
+        normal_init_(self.weight, self.init_std, generator)
 
     def expert_embeddings(self) -> torch.Tensor:
         return self.weight

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nexus_moe.routers.base import Router
+from nexus_moe.routers.base import Router, normal_init_
 
 # E[silu(a)^2] for a ~ N(0, 1) (numerically, 1e7 samples); b ~ N(0, 1) contributes E[b^2] = 1.
 _SILU_SQUARE_MEAN = 0.3556
@@ -55,9 +55,9 @@ class NexusRouter(Router):
         unit vector (so each u component is ~N(0, 1)), and W2 is scaled so that e_i has
         per-component std ``init_std``: Var(e) = h' * E[silu(a)^2] * std_w2^2.
         """
-        self.w1.weight.normal_(0.0, 1.0, generator=generator)
+        normal_init_(self.w1.weight, 1.0, generator)
         std_w2 = self.init_std / math.sqrt(self.w2.weight.shape[1] * _SILU_SQUARE_MEAN)
-        self.w2.weight.normal_(0.0, std_w2, generator=generator)
+        normal_init_(self.w2.weight, std_w2, generator)
         self._cache = None
 
     def project(self, domain_embeddings: torch.Tensor) -> torch.Tensor:
