@@ -23,6 +23,9 @@ our export writes). Before timing, every HF backend's output and input gradient 
 ours (max abs diff <= ``--atol``; the script stops otherwise).
 
 Variants are timed interleaved (one repeat = each variant once, in turn) and medians reported.
+``--ref-moe FILE`` also times the ``MoELayer`` of another version of ``nexus_moe/moe.py`` (e.g.
+``git show HEAD~1:src/nexus_moe/moe.py > /tmp/moe_old.py``) with the same weights, for
+before/after comparisons in one run.
 
     .venv/bin/python benchmarks/moe_vs_hf.py --quick --threads 1
     .venv/bin/python benchmarks/moe_vs_hf.py --tokens 32768 --experts 8 --top-k 2 --threads 1
@@ -64,6 +67,24 @@ def build_ours(cell: dict[str, Any], args: argparse.Namespace) -> MoELayer:
             if "router" not in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return layer
+
+
+def build_ref(ours: MoELayer, path: str) -> nn.Module:
+    """``MoELayer`` from another copy of moe.py, holding ``ours``' weights."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moe_ref", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ref = module.MoELayer(
+        ours.cfg,
+        ours.router.weight.shape[1],
+        ours.shared_expert.gate_proj.weight.shape[0] if ours.shared_expert else 1,
+        ours.experts.gate_proj.shape[1],
+    )
+    ref.load_state_dict(ours.state_dict())
+    return ref
 
 
 def build_hf(ours: MoELayer, cell: dict[str, Any], args: argparse.Namespace, backend: str):
@@ -165,6 +186,8 @@ def run_cell(cell: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "dense": (build_dense(cell, args), "dense"),
         "ours": (ours, "ours"),
     }
+    if args.ref_moe:
+        variants["ref"] = (build_ref(ours, args.ref_moe), "ours")
     notes = []
     max_diff = 0.0
     for backend in args.backends:
@@ -228,6 +251,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"{'tokens':>6} | {'E':>2} | {'k':>1} | {'sh':>2} | {'pass':>7} | {'ours ms':>8} | "
         + " | ".join(f"{b:>13}" for b in backends)
         + f" | {'dense ms':>8} | {'ours/best HF':>12} | {'ours/dense':>10}"
+        + (f" | {'ref ms':>8} | {'ours/ref':>8}" if args.ref_moe else "")
     )
     print(head)
     print("-" * len(head))
@@ -245,6 +269,12 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 + " | ".join(cols)
                 + f" | {row['ms']['dense'][label]:>8.1f} | "
                 f"{s[label]['ours_vs_best_hf']:>11.2f}x | {s[label]['ours_vs_dense']:>9.2f}x"
+                + (
+                    f" | {row['ms']['ref'][label]:>8.1f} | "
+                    f"{row['ms']['ours'][label] / row['ms']['ref'][label]:>7.2f}x"
+                    if args.ref_moe
+                    else ""
+                )
             )
     # Targets: ours <= fastest HF backend everywhere; ours <= 1.25x dense at >= 8k tokens.
     hf_miss = [
@@ -306,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ref-moe", metavar="FILE", help="also time MoELayer from this moe.py")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.threads:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nexus_moe import moe
 from nexus_moe.config import MoEConfig
 from nexus_moe.moe import MoELayer
 from nexus_moe.routers import ACRouter, LinearRouter, NexusRouter, cluster_feature_weights
@@ -110,9 +111,22 @@ def naive_moe(layer, x, prev=None):
     return torch.stack(rows)
 
 
+BACKENDS = [
+    "loop",
+    pytest.param(
+        "grouped_mm",
+        marks=pytest.mark.skipif(moe._GROUPED_MM is None, reason="torch has no grouped_mm"),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("top_k,renorm", [(1, False), (2, False), (2, True), (3, True)])
-def test_grouped_dispatch_equals_naive_reference(top_k, renorm):
+def test_grouped_dispatch_equals_naive_reference(top_k, renorm, backend):
+    """Forward and every gradient of the one-node grouped experts (both backends; grouped_mm
+    is the CUDA fast path, checked here on the CPU kernel) equal plain per-token autograd."""
     layer = make_layer(num_experts=4, top_k=top_k, renormalize=renorm, router="linear")
+    layer.experts.backend = backend
     x = torch.randn(24, H, requires_grad=True)
     y, _ = layer(x)
     ref = naive_moe(layer, x)
@@ -124,8 +138,10 @@ def test_grouped_dispatch_equals_naive_reference(top_k, renorm):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_expert_without_tokens_still_gets_zero_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_without_tokens_still_gets_zero_gradient(backend):
     layer = make_layer(num_experts=4, top_k=1, router="linear")
+    layer.experts.backend = backend
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0] = 10.0  # everything goes to expert 0
@@ -133,8 +149,41 @@ def test_expert_without_tokens_still_gets_zero_gradient():
     y, info = layer(x)
     assert (info.top1 == 0).all()
     y.sum().backward()
-    assert layer.experts.gate_proj.grad is not None
-    assert layer.experts.gate_proj.grad[1:].abs().sum() == 0
+    for weight in (layer.experts.gate_proj, layer.experts.up_proj, layer.experts.down_proj):
+        assert weight.grad is not None
+        assert weight.grad[1:].abs().sum() == 0  # buffers are not left uninitialised
+        assert weight.grad[0].abs().sum() > 0
+
+
+def test_frozen_experts_get_no_gradient_and_input_gradient_is_unchanged():
+    layer = make_layer(num_experts=4, top_k=2, router="linear")
+    x = torch.randn(24, H, requires_grad=True)
+    g = torch.randn(24, H)
+    (want,) = torch.autograd.grad((layer(x)[0] * g).sum(), [x])
+    layer.experts.requires_grad_(False)
+    y, _ = layer(x)
+    (y * g).sum().backward()
+    assert all(p.grad is None for p in layer.experts.parameters())
+    assert layer.router.weight.grad is not None
+    torch.testing.assert_close(x.grad, want, atol=1e-6, rtol=1e-6)
+
+
+def test_bf16_autocast_casts_once_and_keeps_fp32_gradients():
+    """Under CPU bf16 autocast the experts compute in bf16 (like autocast per matmul) and the
+    float32 parameters receive float32 gradients close to the float32 ones."""
+    layer = make_layer(num_experts=4, top_k=2, router="linear")
+    x = torch.randn(32, H, requires_grad=True)
+    g = torch.randn(32, H)
+    y32, _ = layer(x)
+    want = torch.autograd.grad((y32 * g).sum(), [x, *layer.parameters()])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _ = layer(x)
+    assert y16.dtype == torch.bfloat16
+    got = torch.autograd.grad((y16.float() * g).sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y16.float(), y32, atol=0.05, rtol=0.05)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
 
 
 def test_ac_weights_average_one_and_empty_clusters_get_one():

@@ -7,6 +7,7 @@ dense checkpoints convert by renaming nothing. MoE blocks hold ``mlp.router``, `
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -177,11 +178,22 @@ class Decoder(nn.Module):
 
 @dataclass
 class ModelOutput:
-    """Logits plus what the MoE layers report (empty lists for a dense model)."""
+    """Logits plus what the MoE layers report (an empty list for a dense model)."""
 
     logits: torch.Tensor  # (B, T, V)
-    aux_loss: torch.Tensor  # weighted load-balancing + z-loss, averaged over MoE layers
     routing: list[RoutingInfo]
+    load_balance_weight: float = 0.0
+    z_loss_weight: float = 0.0
+
+    @functools.cached_property
+    def aux_loss(self) -> torch.Tensor:
+        """Weighted load-balancing + z-loss, averaged over MoE layers (float32 scalar; zero for a
+        dense model). Computed on first access, so inference does not pay for it."""
+        if not self.routing:
+            return self.logits.new_zeros((), dtype=torch.float32)
+        lb = torch.stack([r.load_balance_loss for r in self.routing]).mean()
+        z = torch.stack([r.z_loss for r in self.routing]).mean()
+        return self.load_balance_weight * lb + self.z_loss_weight * z
 
 
 class Transformer(nn.Module):
@@ -249,16 +261,10 @@ class Transformer(nn.Module):
                 routing.append(info)
                 prev_assignment = info.top1
         logits = self.lm_head(self.model.norm(x))
-        return ModelOutput(logits, self._aux_loss(routing, logits), routing)
-
-    def _aux_loss(self, routing: list[RoutingInfo], logits: torch.Tensor) -> torch.Tensor:
-        if not routing:
-            return logits.new_zeros((), dtype=torch.float32)
         moe = self.cfg.moe
-        assert moe is not None
-        lb = torch.stack([r.load_balance_loss for r in routing]).mean()
-        z = torch.stack([r.z_loss for r in routing]).mean()
-        return moe.load_balance_weight * lb + moe.z_loss_weight * z
+        if moe is None:
+            return ModelOutput(logits, routing)
+        return ModelOutput(logits, routing, moe.load_balance_weight, moe.z_loss_weight)
 
     @torch.no_grad()
     def generate(

@@ -9,11 +9,16 @@ by expert and each expert runs one matmul over its contiguous slice (no per-toke
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from nexus_moe.config import MoEConfig
 from nexus_moe.losses import load_balancing_loss, router_z_loss
@@ -34,7 +39,16 @@ class SwiGLU(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """``num_experts`` SwiGLU FFNs stored as stacked weights (E, out, in)."""
+    """``num_experts`` SwiGLU FFNs stored as stacked weights (E, out, in).
+
+    Forward and backward of all experts are one autograd node (:class:`_GroupedSwiGLU`): per
+    expert three matmuls forward and five backward over its contiguous slice of the sorted
+    tokens, written straight into preallocated outputs and stacked weight gradients. Compared
+    with leaving the per-expert ops to autograd this saves the ~10 graph nodes per expert, the
+    concatenation of outputs, the stack of per-expert weight gradients and half the saved
+    activations (it keeps gate and up projections, not also silu(gate) and the product).
+    Experts that receive no token are skipped; their weight gradient is zero.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -42,33 +56,224 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # "auto": grouped_mm (one kernel for all experts) on CUDA in bf16 where torch has it for
+        # the GPU, the per-expert loop elsewhere; "loop" / "grouped_mm" force one (tests and
+        # benchmarks; this torch also has a CPU grouped_mm kernel, slower than the loop).
+        self.backend = "auto"
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Run expert e on rows ``x_sorted[offset_e : offset_e + counts[e]]``.
+        """Run expert e on rows ``x_sorted[offset_e : offset_e + counts[e]]`` -> (N, H)."""
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        device_type = x_sorted.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:
+            # What autocast would do per matmul, done once: the stacked weights and the tokens
+            # in the autocast dtype; the experts then run with autocast off.
+            dtype = torch.get_autocast_dtype(device_type)
+            x_sorted = x_sorted.to(dtype)
+            weights = tuple(w.to(dtype) for w in weights)
+        grouped = self._use_grouped_mm(x_sorted)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_sorted, *weights))):
+            # Inference: no autograd node, nothing kept (each expert's intermediates are freed
+            # before the next expert runs); decoding calls this per token, so overhead counts.
+            return _experts_forward(x_sorted, *weights, counts, grouped, None)
+        with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
+            return _GroupedSwiGLU.apply(x_sorted, *weights, counts, grouped)
 
-        Experts with no tokens still run on an empty slice, so every expert parameter is part of
-        the graph and receives a (zero) gradient: data-parallel reduction needs no special case.
-        """
-        # unbind() gives per-expert views whose backward is one stack() per weight; indexing
-        # weight[e] instead costs, per expert, a zero-filled gradient of the whole (E, out, in)
-        # tensor, all summed afterwards (E^2 work: ~15% of the layer's time at 16 experts on CPU).
-        chunks = torch.split(x_sorted, counts)  # chunk e: (n_e, H)
-        weights = (self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
-        outputs = []
-        for chunk, gate, up, down in zip(chunks, *weights, strict=True):
-            hidden = F.silu(chunk @ gate.t()) * (chunk @ up.t())
-            outputs.append(hidden @ down.t())  # (n_e, H)
-        return torch.cat(outputs)
+    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
+        if self.backend == "loop":
+            return False
+        if self.backend == "grouped_mm":
+            if _GROUPED_MM is None:
+                raise RuntimeError("this torch has no grouped_mm; use backend='loop'")
+            return True
+        if _GROUPED_MM is None or not x.is_cuda or x.dtype != torch.bfloat16:
+            return False
+        # torch >= 2.9 runs grouped_mm on SM80+ (Ampere); older torch on Hopper (SM90) only.
+        major, minor = torch.cuda.get_device_capability(x.device)
+        return (major, minor) >= (8, 0) if hasattr(F, "grouped_mm") else major == 9
+
+
+# One kernel for all experts' matmuls: the public name since torch 2.10, private before.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """y[rows of e] = down_e(silu(gate_e(x)) * up_e(x)) for contiguous row groups, fwd + bwd.
+
+    Weights are stacked (E, out, in) like ``nn.Linear`` weights; ``counts`` are the group sizes.
+    Saved for backward: the input, the weights and each expert's gate and up projections;
+    silu(gate) and the product are recomputed (one elementwise op each).
+
+    The loop path keeps every temporary per expert on purpose: a buffer over all rows at once
+    (e.g. 16k x 512 floats = 32 MB) is above glibc's mmap threshold, so each step would get
+    fresh pages and pay a page fault per 4 KB on first touch (measured: silu over such a buffer
+    3x slower than over the same rows in per-expert pieces).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        gate_w: torch.Tensor,
+        up_w: torch.Tensor,
+        down_w: torch.Tensor,
+        counts: list[int],
+        grouped: bool,
+    ) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.counts, ctx.grouped = counts, grouped
+        saved: list[torch.Tensor] = []
+        out = _experts_forward(x, gate_w, up_w, down_w, counts, grouped, saved)
+        ctx.save_for_backward(x, gate_w, up_w, down_w, *saved)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, gate_w, up_w, down_w, *saved = ctx.saved_tensors
+        need_x, need_gate, need_up, need_down = ctx.needs_input_grad[:4]
+        grad_out = grad_out.contiguous()  # e.g. an expanded gradient of a sum
+        if ctx.grouped:
+            return _grouped_backward(
+                ctx.counts, grad_out, x, gate_w, up_w, down_w, *saved, ctx.needs_input_grad
+            )
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_gate_w = _zeros_unless_all_used(gate_w, ctx.counts) if need_gate else None
+        grad_up_w = _zeros_unless_all_used(up_w, ctx.counts) if need_up else None
+        grad_down_w = _zeros_unless_all_used(down_w, ctx.counts) if need_down else None
+        for i, (e, (start, end)) in enumerate(_groups(ctx.counts)):
+            gate, up = saved[2 * i], saved[2 * i + 1]
+            g_out, x_e = grad_out[start:end], x[start:end]
+            act = F.silu(gate)
+            if grad_down_w is not None:
+                torch.mm(g_out.t(), act * up, out=grad_down_w[e])
+            grad_hidden = g_out @ down_w[e]  # (n, I)
+            grad_up = grad_hidden * act
+            # silu'(g) * grad, fused, as autograd computes it for F.silu.
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
+            if grad_up_w is not None:
+                torch.mm(grad_up.t(), x_e, out=grad_up_w[e])
+            if grad_gate_w is not None:
+                torch.mm(grad_gate.t(), x_e, out=grad_gate_w[e])
+            if grad_x is not None:
+                torch.mm(grad_gate, gate_w[e], out=grad_x[start:end])
+                grad_x[start:end].addmm_(grad_up, up_w[e])
+        return grad_x, grad_gate_w, grad_up_w, grad_down_w, None, None
+
+
+def _experts_forward(
+    x: torch.Tensor,
+    gate_w: torch.Tensor,
+    up_w: torch.Tensor,
+    down_w: torch.Tensor,
+    counts: list[int],
+    grouped: bool,
+    saved: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """The experts' outputs (M, H) for rows grouped by ``counts``; appends what backward needs
+    (gate and up projections: one pair per non-empty expert, or one pair of (M, I) tensors when
+    ``grouped``) to ``saved`` unless it is None."""
+    if grouped:
+        offsets = _offsets(counts, x.device)
+        gate = _GROUPED_MM(x, gate_w.transpose(1, 2), offs=offsets)
+        up = _GROUPED_MM(x, up_w.transpose(1, 2), offs=offsets)
+        if saved is not None:
+            saved += [gate, up]
+        return _GROUPED_MM(F.silu(gate) * up, down_w.transpose(1, 2), offs=offsets)
+    out = x.new_empty(x.shape[0], down_w.shape[1])
+    for e, (start, end) in _groups(counts):
+        x_e = x[start:end]
+        gate = F.linear(x_e, gate_w[e])
+        up = F.linear(x_e, up_w[e])
+        torch.mm(F.silu(gate) * up, down_w[e].t(), out=out[start:end])
+        if saved is not None:
+            saved += [gate, up]
+    return out
+
+
+def _grouped_backward(
+    counts: list[int],
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    gate_w: torch.Tensor,
+    up_w: torch.Tensor,
+    down_w: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward of :class:`_GroupedSwiGLU` with one grouped_mm per matmul over all experts."""
+    need_x, need_gate, need_up, need_down = needs_input_grad[:4]
+    offsets = _offsets(counts, x.device)
+    act = F.silu(gate)
+    grad_hidden = _GROUPED_MM(grad_out, down_w, offs=offsets)
+    grad_up = grad_hidden * act
+    grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
+    # Weight gradients: per group, (out, rows) @ (rows, in) -> (E, out, in).
+    grad_down_w = _GROUPED_MM(grad_out.t(), act * up, offs=offsets) if need_down else None
+    grad_up_w = _GROUPED_MM(grad_up.t(), x, offs=offsets) if need_up else None
+    grad_gate_w = _GROUPED_MM(grad_gate.t(), x, offs=offsets) if need_gate else None
+    for e, n in enumerate(counts):  # token-less experts: zero, whatever the kernel left there
+        for grad in (grad_gate_w, grad_up_w, grad_down_w):
+            if grad is not None and not n:
+                grad[e].zero_()
+    grad_x = None
+    if need_x:
+        grad_x = _GROUPED_MM(grad_gate, gate_w, offs=offsets)
+        grad_x += _GROUPED_MM(grad_up, up_w, offs=offsets)
+    return grad_x, grad_gate_w, grad_up_w, grad_down_w, None, None
+
+
+def _groups(counts: list[int]) -> Iterator[tuple[int, tuple[int, int]]]:
+    """(expert, (start, end)) of every expert with at least one row."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, (start, start + n)
+        start += n
+
+
+def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    """Cumulative group ends, the ``offs`` of ``grouped_mm`` (int32)."""
+    return torch.tensor(counts, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def _zeros_unless_all_used(weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """A gradient buffer for ``weight`` whose slices of token-less experts are zero."""
+    if all(counts):
+        return torch.empty_like(weight)
+    grad = torch.empty_like(weight)
+    for e, n in enumerate(counts):
+        if not n:
+            grad[e].zero_()
+    return grad
 
 
 @dataclass
 class RoutingInfo:
-    """What one MoE layer reports besides its output."""
+    """What one MoE layer reports besides its output.
+
+    The auxiliary losses are computed on first access (training reads them every step;
+    inference and evaluation never do, and skip their ~10 small ops per layer and step).
+    """
 
     router_logits: torch.Tensor  # (N, E) float32
     top1: torch.Tensor  # (N,) top-1 routed expert per token
-    load_balance_loss: torch.Tensor  # scalar
-    z_loss: torch.Tensor  # scalar
+    probs: torch.Tensor  # (N, E) float32 router probabilities
+    z_loss_enabled: bool = True
+
+    @functools.cached_property
+    def load_balance_loss(self) -> torch.Tensor:
+        """Switch load-balancing loss (scalar; 1 when balanced)."""
+        return load_balancing_loss(self.probs, self.top1)
+
+    @functools.cached_property
+    def z_loss(self) -> torch.Tensor:
+        """Router z-loss (scalar; 0 when ``z_loss_weight`` is 0)."""
+        if not self.z_loss_enabled:
+            return self.router_logits.new_zeros(())
+        return router_z_loss(self.router_logits)
 
 
 class MoELayer(nn.Module):
@@ -115,28 +320,27 @@ class MoELayer(nn.Module):
         counts = counts_t.tolist()
         # index_select rather than x[idx]: its backward is a scatter-add, not an accumulating
         # index_put (slower on CPU).
-        x_sorted = x_flat.index_select(0, order // self.top_k)
+        x_sorted = x_flat.index_select(0, order // self.top_k if self.top_k > 1 else order)
         expert_out = self.experts(x_sorted, counts)  # (N*k, H), sorted
-        # Undo the sort: row j of `unsorted` belongs to pair j = token * k + slot.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        unsorted = expert_out.index_select(0, inverse).view(num_tokens, self.top_k, -1)
-        # Gate-weighted sum over the k slots, (N, k, H) * (N, k, 1) -> (N, H), accumulated in
-        # float32 (as a matmul would) and rounded once. An einsum here becomes a batched matmul
-        # of N tiny (1, k) @ (k, H) products, which is slower on CPU.
-        slot_weights = gates.to(unsorted.dtype).unsqueeze(-1)  # (N, k, 1), bf16 under autocast
-        y = (unsorted.float() * slot_weights).sum(dim=1).to(unsorted.dtype)
+        # Undo the sort: row order[j] of `unsorted` is sorted row j (pair = token * k + slot).
+        # Backward: a gather of the gradient rows by `order`.
+        unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
+        if self.top_k == 1:
+            # One slot: the float32 product rounded once, as below, in two ops instead of six
+            # (decoding runs this per token and layer).
+            y = unsorted * gates.to(unsorted.dtype)
+        else:
+            # Gate-weighted sum over the k slots, (N, k, H) * (N, k, 1) -> (N, H), accumulated
+            # in float32 (as a matmul would) and rounded once. An einsum here becomes a batched
+            # matmul of N tiny (1, k) @ (k, H) products, which is slower on CPU.
+            unsorted = unsorted.view(num_tokens, self.top_k, -1)
+            slot_weights = gates.to(unsorted.dtype).unsqueeze(-1)  # (N, k, 1)
+            y = (unsorted.float() * slot_weights).sum(dim=1).to(unsorted.dtype)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x_flat)
 
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += counts_t.to(self.tokens_per_expert.dtype)
-        top1 = top_idx[:, 0]
-        info = RoutingInfo(
-            router_logits=logits,
-            top1=top1,
-            load_balance_loss=load_balancing_loss(probs, top1),
-            z_loss=router_z_loss(logits) if self.cfg.z_loss_weight > 0 else logits.new_zeros(()),
-        )
+        info = RoutingInfo(logits, top_idx[:, 0], probs, self.cfg.z_loss_weight > 0)
         return y.view(shape), info
