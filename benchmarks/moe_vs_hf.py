@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,7 @@ def build_ref(ours: MoELayer, path: str) -> nn.Module:
     spec = importlib.util.spec_from_file_location("moe_ref", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["moe_ref"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     ref = module.MoELayer(
         ours.cfg,

@@ -251,7 +251,7 @@ def main() -> None:
             for k, v in last["steps"].items():
                 print(f"{k:<30} | {v['wall_s']:>7.1f} | {v['peak_rss'] / MIB:>12.0f}")
             print()
-        head = f"{'pipeline (median wall, max peak)':<40} | {'wall s':>7} | {'peak RSS MiB':>12} | {'output MiB':>10}"
+        head = f"{'pipeline (median wall, max peak)':<44} | {'wall s':>7} | {'peak RSS MiB':>12} | {'output MiB':>10}"
         print(head)
         print("-" * len(head))
         rows = [("ours: nexus-moe upcycle --format qwen2_moe", results["ours"])]
@@ -265,7 +265,7 @@ def main() -> None:
             peak = max(r["peak_rss"] for r in rs)
             med[label] = (wall, peak)
             print(
-                f"{label:<40} | {wall:>7.1f} | {peak / MIB:>12.0f} | {rs[-1]['output_bytes'] / MIB:>10.0f}"
+                f"{label:<44} | {wall:>7.1f} | {peak / MIB:>12.0f} | {rs[-1]['output_bytes'] / MIB:>10.0f}"
             )
         for label, rs in rows:
             print(f"per repeat, {label}: " + " / ".join(f"{r['wall_s']:.1f}" for r in rs) + " s")

@@ -509,3 +509,11 @@ def test_direct_upcycle_refuses_bad_hf_inputs(tmp_path):
             moe_overrides={"router": "ac", "ac_base": "linear"}, out_format="qwen2_moe",
         )  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_direct_upcycle_names_an_unknown_format(tmp_path):
+    from nexus_moe.upcycle import upcycle
+
+    hf = _dense_hf_inputs(tmp_path, ["seed", "a"])
+    with pytest.raises(NexusError, match="output format 'qwen2moe' is unknown.*qwen2_moe"):
+        upcycle("moe-linear", hf[0], hf[1:], tmp_path / "o", domains=["a"], out_format="qwen2moe")

@@ -148,6 +148,14 @@ def upcycle(
 
     if btx_include_seed and method != Method.btx:
         raise NexusError(f"btx_include_seed applies to btx only, not {method.value}")
+    if out_format != "native":
+        from nexus_moe.hf import ADAPTERS
+
+        if out_format not in ("auto", *ADAPTERS):
+            raise NexusError(
+                f"output format '{out_format}' is unknown; choose native, auto or one of: "
+                f"{', '.join(sorted(ADAPTERS))}"
+            )
 
     seed_in, expert_ins = _check_inputs(Path(seed_dir), expert_paths)
     seed_cfg = seed_in.cfg
