@@ -8,10 +8,13 @@ MoE / dense is that overhead. Target (issue): MoE within 1.3x of dense.
 
 Variants are timed interleaved (dense, MoE, dense, MoE, ...) in the same process and medians
 reported, so background load affects all of them alike. ``--profile`` adds a torch.profiler
-table of one MoE forward+backward.
+table of one MoE forward+backward. ``--experts-backend loop grouped_mm`` times the two kernels
+of ``GroupedExperts`` side by side (``auto``: what the layer picks by itself); on a GPU:
 
     .venv/bin/python benchmarks/moe_layer.py
     .venv/bin/python benchmarks/moe_layer.py --router linear nexus ac --json moe.json
+    python benchmarks/moe_layer.py --device cuda --dtype bf16 --tokens 32768 --experts 16 \
+        --top-k 2 --experts-backend loop grouped_mm auto
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from nexus_moe.moe import MoELayer, SwiGLU
 from nexus_moe.routers import NexusRouter
 
 
-def build_moe(args: argparse.Namespace, router: str) -> MoELayer:
+def build_moe(args: argparse.Namespace, router: str, backend: str = "auto") -> MoELayer:
     cfg = MoEConfig(
         num_experts=args.experts,
         top_k=args.top_k,
@@ -49,7 +52,8 @@ def build_moe(args: argparse.Namespace, router: str) -> MoELayer:
         for m in layer.modules():
             if isinstance(m, NexusRouter):  # domain embeddings are filled in by upcycling
                 m.domain_embeddings.copy_(torch.randn_like(m.domain_embeddings))
-    return layer.train()
+    layer.experts.backend = backend
+    return layer.to(args.device).train()
 
 
 def build_dense(args: argparse.Namespace) -> SwiGLU:
@@ -58,22 +62,23 @@ def build_dense(args: argparse.Namespace) -> SwiGLU:
     with torch.no_grad():
         for p in dense.parameters():
             p.normal_(0.0, 0.02)
-    return dense.train()
+    return dense.to(args.device).train()
 
 
 def make_steps(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     """One closure per variant: forward + backward with fresh (set_to_none) gradients."""
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.tokens, args.hidden, generator=gen).requires_grad_()
-    grad_out = torch.randn(args.tokens, args.hidden, generator=gen)
-    prev = torch.randint(0, args.experts, (args.tokens,), generator=gen)  # for the AC router
+    device = torch.device(args.device)
+    x = torch.randn(args.tokens, args.hidden, generator=gen).to(device).requires_grad_()
+    grad_out = torch.randn(args.tokens, args.hidden, generator=gen).to(device)
+    prev = torch.randint(0, args.experts, (args.tokens,), generator=gen).to(device)  # AC router
     autocast = args.dtype == "bf16"
 
     def step(module: torch.nn.Module, is_moe: bool) -> Callable[[], None]:
         def run() -> None:
             module.zero_grad(set_to_none=True)
             x.grad = None
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 if is_moe:
                     y, info = module(x, prev)
                     loss = (y.float() * grad_out).sum() + info.load_balance_loss
@@ -86,26 +91,37 @@ def make_steps(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     width = (args.top_k + int(args.shared)) * args.ffn
     steps = {f"dense SwiGLU (width {width})": step(build_dense(args), False)}
     for router in args.router:
-        steps[f"MoE {router} router"] = step(build_moe(args, router), True)
+        for backend in args.experts_backend:
+            name = f"MoE {router} router"
+            if args.experts_backend != ["auto"]:
+                name += f" [{backend}]"
+            steps[name] = step(build_moe(args, router, backend), True)
     return steps
 
 
 def measure(
-    steps: dict[str, Callable[[], None]], warmup: int, repeats: int
+    steps: dict[str, Callable[[], None]], warmup: int, repeats: int, device: str = "cpu"
 ) -> dict[str, tuple[list[float], list[float]]]:
     """Per variant: (wall-clock seconds, process CPU seconds) of each repeat.
 
     CPU time is all threads of this process together; on a machine shared with other jobs it is
     less disturbed by them than wall-clock time (exactly so with ``--threads 1``).
     """
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
+            sync()
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
+            sync()
             times[name][0].append(time.perf_counter() - wall)
             times[name][1].append(time.process_time() - cpu)
     return times
@@ -131,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    times = measure(make_steps(args), args.warmup, args.repeats)
+    times = measure(make_steps(args), args.warmup, args.repeats, args.device)
     dense_wall, dense_cpu = (statistics.median(t) * 1e3 for t in next(iter(times.values())))
     rows = []
     for name, (wall, cpu) in times.items():
@@ -164,6 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "cpu_count": os.cpu_count(),
             "loadavg_1m": os.getloadavg()[0],
             "python": platform.python_version(),
@@ -181,7 +198,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"{result['expert_flops_fwd_bwd'] / 1e9:.1f} GFLOP fwd+bwd in the FFN matmuls"
     )
     print(
-        f"torch {mach['torch']}, {mach['threads']} threads, {mach['cpu_capability']}, "
+        f"torch {mach['torch']}, {mach['device']}, {mach['threads']} threads, "
+        f"{mach['cpu_capability']}, "
         f"load {mach['loadavg_1m']:.2f}; medians of {result['repeats']} interleaved repeats"
     )
     width = max(len(r["variant"]) for r in result["rows"])
@@ -219,6 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--router", nargs="+", choices=["linear", "nexus", "ac"], default=["linear"])
     p.add_argument("--domain-dim", type=int, default=384, help="Nexus domain embedding size")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--experts-backend",
+        nargs="+",
+        choices=["auto", "loop", "grouped_mm"],
+        default=["auto"],
+        help="GroupedExperts kernel(s) to time",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
