@@ -325,26 +325,26 @@ class MoELayer(nn.Module):
         # index_put (slower on CPU).
         x_sorted = x_flat.index_select(0, order // self.top_k if self.top_k > 1 else order)
         expert_out = self.experts(x_sorted, counts)  # (N*k, H), sorted
-        # Undo the sort: row order[j] of `unsorted` is sorted row j (pair = token * k + slot).
-        # A gather through the inverse permutation is 1.4-3x faster on CPU than the scatter
-        # index_copy_ from 128 rows up; below that (decoding) the scatter's fewer ops win.
-        if order.numel() < _SCATTER_UNSORT_BELOW:
-            unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
-        else:
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            unsorted = expert_out.index_select(0, inverse)
         if self.top_k == 1:
-            # One slot: the float32 product rounded once, as below, in two ops instead of six
-            # (decoding runs this per token and layer).
+            # Undo the sort: row order[j] of `unsorted` is sorted row j. A gather through the
+            # inverse permutation is 1.4-3x faster on CPU than the scatter index_copy_ from 128
+            # rows up; below that (decoding) the scatter's fewer ops win.
+            if order.numel() < _SCATTER_UNSORT_BELOW:
+                unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
+            else:
+                inverse = torch.empty_like(order)
+                inverse[order] = torch.arange(order.numel(), device=order.device)
+                unsorted = expert_out.index_select(0, inverse)
+            # The float32 product rounded once (exact for bf16 inputs), as below.
             y = unsorted * gates.to(unsorted.dtype)
         else:
-            # Gate-weighted sum over the k slots, (N, k, H) * (N, k, 1) -> (N, H), accumulated
-            # in float32 (as a matmul would) and rounded once. An einsum here becomes a batched
-            # matmul of N tiny (1, k) @ (k, H) products, which is slower on CPU.
-            unsorted = unsorted.view(num_tokens, self.top_k, -1)
-            slot_weights = gates.to(unsorted.dtype).unsqueeze(-1)  # (N, k, 1)
-            y = (unsorted.float() * slot_weights).sum(dim=1).to(unsorted.dtype)
+            # Scale each sorted row by its gate and add it into its token's row: the k slots
+            # accumulate in float32 and are rounded once. (Cheaper on CPU than unsorting,
+            # multiplying (N, k, H) and summing over k: 5 vs 9 ms at 8k tokens, top-2.)
+            gate_sorted = gates.reshape(-1).index_select(0, order).to(expert_out.dtype)
+            scaled = expert_out.float() * gate_sorted.float().unsqueeze(-1)
+            y = expert_out.new_zeros(num_tokens, expert_out.shape[1], dtype=torch.float32)
+            y = y.index_add_(0, order // self.top_k, scaled).to(expert_out.dtype)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x_flat)
 
