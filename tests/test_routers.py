@@ -266,3 +266,28 @@ def test_nexus_expert_embeddings_start_at_linear_router_scale():
     assert 0.015 < std < 0.025, std
     linear = LinearRouter(256, 64, init_std=0.02)
     assert abs(linear.expert_embeddings().std().item() - std) < 0.005
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("kw", ROUTERS, ids=lambda k: "-".join(k.values()))
+def test_inference_path_equals_training_path(kw, top_k):
+    """Without autograd the layer runs expert by expert (no N*k-row buffers); its output is the
+    autograd path's, bit for bit up to the order of the k-slot float32 sum."""
+    layer = make_layer(num_experts=4, top_k=top_k, **kw).eval()
+    layer.expert_mask = torch.tensor([True, False, True, True])  # one expert gets no token
+    x = torch.randn(2, 50, H)
+    prev = torch.randint(0, 4, (100,))
+    x_grad = x.clone().requires_grad_()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            want, info_want = layer(x_grad, prev)
+            assert not layer.experts.runs_inference_path(x_grad)
+            with torch.no_grad():
+                assert layer.experts.runs_inference_path(x)
+                got, info_got = layer(x, prev)
+        assert got.dtype == want.dtype
+        assert torch.equal(info_got.top1, info_want.top1)
+        if top_k < 3:
+            assert torch.equal(got, want.detach())
+        else:
+            torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)

@@ -1113,7 +1113,7 @@ def open_dense_hf(hf_dir: str | Path) -> DenseHFFolder:
     if not isinstance(adapter, DenseAdapter):
         raise NexusError(
             f"{config_path}: model_type '{adapter.model_type}' is an MoE; a dense model is "
-            f"needed here (one of: {', '.join(k for k, a in ADAPTERS.items() if isinstance(a, DenseAdapter))})"
+            f"needed here (one of: {', '.join(sorted(DENSE_ADAPTERS))})"
         )
     cfg, notes = adapter.config_from_hf(doc, config_path)
     for note in notes:

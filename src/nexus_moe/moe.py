@@ -80,6 +80,48 @@ class GroupedExperts(nn.Module):
         with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
             return _GroupedSwiGLU.apply(x_sorted, *weights, counts, grouped)
 
+    def runs_inference_path(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`inference_combined` applies: no autograd and the per-expert loop."""
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        return not needs_grad and not self._use_grouped_mm(x)
+
+    def inference_combined(
+        self,
+        x: torch.Tensor,
+        token_of_pair: torch.Tensor,
+        counts: list[int],
+        gates: torch.Tensor,
+        order: torch.Tensor,
+    ) -> torch.Tensor:
+        """Without autograd: (N, H) = sum over each token's k experts of gate * expert(token).
+
+        Expert by expert: gather its tokens, run it, scale by the gates, add into float32
+        token rows. Nothing of size N*k x H is built (the training path's sorted inputs and
+        outputs): at 32k tokens top-2 those are 64 MB buffers, which the allocator maps fresh
+        each call and which cost a page fault per 4 KB on first touch (~10% of the layer's
+        forward time on CPU). ``token_of_pair``/``order``: per sorted pair, its token and its
+        position in the (N, k) gate matrix. Same rounding as the training path: the product
+        with the gate in float32 (gate in the compute dtype), the k slots summed in float32.
+        """
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        device_type = x.device.type
+        dtype = x.dtype
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            weights = tuple(w.to(dtype) for w in weights)
+        gate_w, up_w, down_w = weights
+        pair_gates = gates.reshape(-1).index_select(0, order).to(dtype).float().unsqueeze(-1)
+        y = torch.zeros(x.shape[0], down_w.shape[1], dtype=torch.float32, device=x.device)
+        for e, (start, end) in _groups(counts):
+            rows = token_of_pair[start:end]
+            x_e = x.index_select(0, rows).to(dtype)
+            hidden = F.silu(F.linear(x_e, gate_w[e])) * F.linear(x_e, up_w[e])
+            out = F.linear(hidden, down_w[e]).float()
+            y.index_add_(0, rows, out.mul_(pair_gates[start:end]))
+        return y.to(dtype)
+
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.backend == "loop":
             return False
@@ -321,30 +363,34 @@ class MoELayer(nn.Module):
         order = torch.argsort(flat_expert, stable=True)  # pair positions sorted by expert
         counts_t = torch.bincount(flat_expert, minlength=self.num_experts)
         counts = counts_t.tolist()
-        # index_select rather than x[idx]: its backward is a scatter-add, not an accumulating
-        # index_put (slower on CPU).
-        x_sorted = x_flat.index_select(0, order // self.top_k if self.top_k > 1 else order)
-        expert_out = self.experts(x_sorted, counts)  # (N*k, H), sorted
-        if self.top_k == 1:
-            # Undo the sort: row order[j] of `unsorted` is sorted row j. A gather through the
-            # inverse permutation is 1.4-3x faster on CPU than the scatter index_copy_ from 128
-            # rows up; below that (decoding) the scatter's fewer ops win.
-            if order.numel() < _SCATTER_UNSORT_BELOW:
-                unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
-            else:
-                inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(order.numel(), device=order.device)
-                unsorted = expert_out.index_select(0, inverse)
-            # The float32 product rounded once (exact for bf16 inputs), as below.
-            y = unsorted * gates.to(unsorted.dtype)
+        token_of_pair = order // self.top_k if self.top_k > 1 else order  # sorted pairs
+        if self.experts.runs_inference_path(x_flat):
+            y = self.experts.inference_combined(x_flat, token_of_pair, counts, gates, order)
         else:
-            # Scale each sorted row by its gate and add it into its token's row: the k slots
-            # accumulate in float32 and are rounded once. (Cheaper on CPU than unsorting,
-            # multiplying (N, k, H) and summing over k: 5 vs 9 ms at 8k tokens, top-2.)
-            gate_sorted = gates.reshape(-1).index_select(0, order).to(expert_out.dtype)
-            scaled = expert_out.float() * gate_sorted.float().unsqueeze(-1)
-            y = expert_out.new_zeros(num_tokens, expert_out.shape[1], dtype=torch.float32)
-            y = y.index_add_(0, order // self.top_k, scaled).to(expert_out.dtype)
+            # index_select rather than x[idx]: its backward is a scatter-add, not an accumulating
+            # index_put (slower on CPU).
+            x_sorted = x_flat.index_select(0, token_of_pair)
+            expert_out = self.experts(x_sorted, counts)  # (N*k, H), sorted
+            if self.top_k == 1:
+                # Undo the sort: row order[j] of `unsorted` is sorted row j. A gather through
+                # the inverse permutation is 1.4-3x faster on CPU than the scatter index_copy_
+                # from 128 rows up; below that the scatter's fewer ops win.
+                if order.numel() < _SCATTER_UNSORT_BELOW:
+                    unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
+                else:
+                    inverse = torch.empty_like(order)
+                    inverse[order] = torch.arange(order.numel(), device=order.device)
+                    unsorted = expert_out.index_select(0, inverse)
+                # The float32 product rounded once (exact for bf16 inputs), as below.
+                y = unsorted * gates.to(unsorted.dtype)
+            else:
+                # Scale each sorted row by its gate and add it into its token's row: the k
+                # slots accumulate in float32 and are rounded once. (Cheaper on CPU than
+                # unsorting, multiplying (N, k, H) and summing over k: 5 vs 9 ms at 8k, top-2.)
+                gate_sorted = gates.reshape(-1).index_select(0, order).to(expert_out.dtype)
+                scaled = expert_out.float() * gate_sorted.float().unsqueeze(-1)
+                y = expert_out.new_zeros(num_tokens, expert_out.shape[1], dtype=torch.float32)
+                y = y.index_add_(0, token_of_pair, scaled).to(expert_out.dtype)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x_flat)
 
