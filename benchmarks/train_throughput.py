@@ -106,6 +106,12 @@ def time_call(fn, *args) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    args.allocator_used = "glibc default"
+    if args.allocator == "tuned":
+        from nexus_moe.train import tune_cpu_allocator
+
+        applied = tune_cpu_allocator()
+        args.allocator_used = "tuned (as the CLI)" if applied else "default (tuning n/a)"
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,7 +261,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     print(
         f"torch {mach['torch']}, {mach['threads']} threads, {mach['cpu_capability']}, "
-        f"load {mach.get('loadavg_1m', float('nan')):.2f}"
+        f"load {mach.get('loadavg_1m', float('nan')):.2f}; allocator {result['allocator']}"
     )
     header = f"{'dtype':<6} | {'step ms':>8} | {'tokens/s':>9} | {'achieved GFLOP/s':>16} | {'matmul peak GFLOP/s':>19} | {'n':>4} | {'layout':>6} | {'ratio':>6}"
     print(header)
@@ -289,10 +295,17 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds one peak matmul may take before its size is halved",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: nexus_moe.train.tune_cpu_allocator(), as the CLI's train/branch/run do",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     args = p.parse_args(argv)
     result = run(args)
+    result["allocator"] = args.allocator_used
     print_table(result)
     if args.json:
         with open(args.json, "w") as f:

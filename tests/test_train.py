@@ -1,6 +1,10 @@
 """Trainer: exact resume, NaN guard, checkpoint integrity (SPEC §8, §12)."""
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -160,3 +164,31 @@ def test_resume_refuses_changed_config(shards, tmp_path):
     make_trainer(shards, tmp_path / "run").train(stop_at_step=2)
     with pytest.raises(NexusError, match="training config differs"):
         make_trainer(shards, tmp_path / "run", lr=1e-4).train()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc allocator tuning")
+@pytest.mark.parametrize(
+    "env,applied",
+    [
+        ({}, True),
+        ({"NEXUS_MOE_MALLOC_TUNING": "0"}, False),
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, False),
+    ],
+)
+def test_cpu_allocator_tuning_respects_opt_outs(env, applied):
+    """In a fresh process (mallopt is process-wide): applied on glibc unless opted out."""
+    code = "from nexus_moe.train import tune_cpu_allocator; print(tune_cpu_allocator())"
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NEXUS_MOE_MALLOC_TUNING", "MALLOC_MMAP_THRESHOLD_")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(applied)

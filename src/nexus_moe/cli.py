@@ -149,6 +149,7 @@ def train(
     device: DeviceOpt = "auto",
 ) -> None:
     """Pretrain a dense seed (--model-config, --tokenizer) or continue a checkpoint (--init)."""
+    _tune_allocator()
     from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
     from nexus_moe.config import ModelConfig, from_dict
     from nexus_moe.corpus import load_manifest
@@ -198,6 +199,7 @@ def branch(
     ] = 0,
 ) -> None:
     """Train one dense expert per domain by continued training of the seed."""
+    _tune_allocator()
     import torch
 
     from nexus_moe.corpus import load_manifest
@@ -241,6 +243,7 @@ def evaluate(
     device: DeviceOpt = "auto",
 ) -> None:
     """Per-domain validation loss, perplexity and bits-per-byte for each checkpoint."""
+    _tune_allocator()
     from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
     from nexus_moe.corpus import load_manifest
     from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
@@ -420,6 +423,7 @@ def analyse(
     device: DeviceOpt = "auto",
 ) -> None:
     """Routing matrices (domain x expert), routing accuracy and expert load, with heatmaps."""
+    _tune_allocator()
     from nexus_moe.analyse import analyse as run_analysis
     from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
     from nexus_moe.corpus import load_manifest
@@ -488,9 +492,18 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/tiny.yaml.")],
 ) -> None:
     """Run every stage of a recipe in order, skipping stages already done."""
+    _tune_allocator()
     from nexus_moe.study import run_recipe
 
     run_recipe(recipe, console=console)
+
+
+def _tune_allocator() -> None:
+    """Training and evaluation commands: keep large freed blocks for reuse (see
+    :func:`nexus_moe.train.tune_cpu_allocator`)."""
+    from nexus_moe.train import tune_cpu_allocator
+
+    tune_cpu_allocator()
 
 
 def main() -> None:

@@ -15,8 +15,11 @@ See ``docs/scaling.md``.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,37 @@ from nexus_moe.model import Transformer
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_ALLOCATOR_THRESHOLD = 1 << 30  # 1 GiB
+
+
+def tune_cpu_allocator() -> bool:
+    """Let glibc reuse large freed blocks instead of mapping fresh pages for each one.
+
+    glibc serves allocations above its mmap threshold (adaptive, at most 32 MB) with a fresh
+    mapping and unmaps it on free, so every training step's large activations and gradients
+    arrive as new pages that fault on first touch. Raising the mmap and trim thresholds to
+    1 GiB keeps such blocks in the heap for reuse: +19-22% dense training tokens/s on CPU
+    (BENCHMARKS.md). Freed memory then stays with the process (RSS stays near its peak), which
+    suits a training or evaluation process; the CLI calls this for those commands only.
+
+    Skipped (returns False) off glibc, when the user set ``MALLOC_MMAP_THRESHOLD_`` themselves,
+    or with ``NEXUS_MOE_MALLOC_TUNING=0``.
+    """
+    if os.environ.get("NEXUS_MOE_MALLOC_TUNING", "1") == "0":
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mmap_ok = libc.mallopt(_M_MMAP_THRESHOLD, _ALLOCATOR_THRESHOLD) == 1
+    trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, _ALLOCATOR_THRESHOLD) == 1
+    return mmap_ok and trim_ok
 
 
 @dataclass
