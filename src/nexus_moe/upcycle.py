@@ -11,6 +11,10 @@
 ``moe_overrides`` may change any other MoE setting (``top_k``, ``router``, ``ac_base``, ...); the
 method fixes only where each tensor comes from.
 
+Inputs are native checkpoints or dense Hugging Face folders (read in place); the output is a
+native checkpoint or, with ``out_format``, a Hugging Face folder written in the same single pass
+(:func:`nexus_moe.hf.export_streamed` over the planned tensors).
+
 Memory: the output is streamed. Input tensors are read one at a time through ``safe_open`` (and
 released before the next is read), averages accumulate in float32 one tensor at a time, and the
 output ``model.safetensors`` is written tensor by tensor, expert slice by expert slice, so peak
