@@ -32,7 +32,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import SIZES, make_step  # noqa: E402
+from train_throughput import (  # noqa: E402
+    SIZES,
+    add_allocator_option,
+    apply_allocator_option,
+    make_step,
+)
 
 from nexus_moe.config import ModelConfig, MoEConfig  # noqa: E402
 from nexus_moe.model import Transformer  # noqa: E402
@@ -92,11 +97,7 @@ def build(cfg: ModelConfig, seed: int) -> Transformer:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    tuned = False
-    if args.allocator == "tuned":
-        from nexus_moe.train import tune_cpu_allocator
-
-        tuned = tune_cpu_allocator()
+    allocator = apply_allocator_option(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     dense_cfg, moe_cfg = configs(args)
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     return {
-        "allocator_tuned": tuned,
+        "allocator": allocator,
         "size": args.size,
         "experts": args.experts,
         "top_k": args.top_k,
@@ -176,7 +177,7 @@ def print_table(r: dict[str, Any]) -> None:
         f"active training FLOPs/token: dense {f['dense'] / 1e6:.1f}M, MoE {f['moe'] / 1e6:.1f}M "
         f"-> FLOP ratio {r['flop_ratio']:.2f}; torch {torch.__version__}, {r['threads']} threads, "
         f"load {r['loadavg_1m']:.2f}; medians of interleaved repeats ({r['clock']} time); "
-        f"allocator {'tuned (as the CLI)' if r.get('allocator_tuned') else 'glibc default'}"
+        f"allocator {r['allocator']}"
     )
     head = (
         f"{'dtype':<5} | {'reps':>4} | {'dense ms':>9} | {'MoE ms':>9} | {'dense tok/s':>11} | "
@@ -213,12 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bf16-repeats", type=int, default=3)
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument(
-        "--allocator",
-        choices=["tuned", "default"],
-        default="tuned",
-        help="tuned: nexus_moe.train.tune_cpu_allocator(), as the CLI's train/branch/run do",
-    )
+    add_allocator_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)

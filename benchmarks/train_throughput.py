@@ -99,6 +99,25 @@ def square_operands(n: int, dtype: torch.dtype, layout: str) -> tuple[torch.Tens
     return a, (b.t() if layout == "NT" else b)
 
 
+def add_allocator_option(p: argparse.ArgumentParser) -> None:
+    """``--allocator tuned|default`` (shared with the other training benchmarks)."""
+    p.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: nexus_moe.train.tune_cpu_allocator(), as the CLI's train/branch/run do",
+    )
+
+
+def apply_allocator_option(args: argparse.Namespace) -> str:
+    """Apply ``--allocator`` (process-wide, so once per process); what is in effect."""
+    if args.allocator != "tuned":
+        return "glibc default"
+    from nexus_moe.train import tune_cpu_allocator
+
+    return "tuned (as the CLI)" if tune_cpu_allocator() else "default (tuning n/a)"
+
+
 def time_call(fn, *args) -> float:
     start = time.perf_counter()
     fn(*args)
@@ -106,12 +125,7 @@ def time_call(fn, *args) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    args.allocator_used = "glibc default"
-    if args.allocator == "tuned":
-        from nexus_moe.train import tune_cpu_allocator
-
-        applied = tune_cpu_allocator()
-        args.allocator_used = "tuned (as the CLI)" if applied else "default (tuning n/a)"
+    args.allocator_used = apply_allocator_option(args)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,12 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds one peak matmul may take before its size is halved",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument(
-        "--allocator",
-        choices=["tuned", "default"],
-        default="tuned",
-        help="tuned: nexus_moe.train.tune_cpu_allocator(), as the CLI's train/branch/run do",
-    )
+    add_allocator_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     args = p.parse_args(argv)

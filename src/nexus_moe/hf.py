@@ -1015,12 +1015,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Transfor
         return import_gguf(hf_dir, out_dir)
     if not hf_dir.is_dir():
         raise NexusError(f"{hf_dir}: Hugging Face model folder not found")
-    config_path = hf_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise NexusError(f"{config_path}: not found; is {hf_dir} a Hugging Face model folder?")
-    doc = read_json(config_path)
-    if not isinstance(doc, dict):
-        raise NexusError(f"{config_path}: expected a JSON object")
+    config_path, doc = _read_hf_config(hf_dir)
     if doc.get("format") == "nexus-moe":
         raise NexusError(f"{hf_dir}: already a nexus-moe checkpoint; nothing to import")
     if out_dir is not None and isinstance(
@@ -1103,12 +1098,7 @@ def open_dense_hf(hf_dir: str | Path) -> DenseHFFolder:
     in-memory import checks it. Conversion notes are issued as warnings.
     """
     hf_dir = Path(hf_dir)
-    config_path = hf_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise NexusError(f"{config_path}: not found; is {hf_dir} a Hugging Face model folder?")
-    doc = read_json(config_path)
-    if not isinstance(doc, dict):
-        raise NexusError(f"{config_path}: expected a JSON object")
+    config_path, doc = _read_hf_config(hf_dir)
     adapter = _adapter(doc.get("model_type"), str(config_path))
     if not isinstance(adapter, DenseAdapter):
         raise NexusError(
@@ -1146,6 +1136,17 @@ def open_dense_hf(hf_dir: str | Path) -> DenseHFFolder:
         for name, shape in expected.items()
     }
     return DenseHFFolder(hf_dir, cfg, notes, metadata, tokenizer, tensors)
+
+
+def _read_hf_config(hf_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """A Hugging Face folder's config.json path and contents (a JSON object)."""
+    config_path = hf_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise NexusError(f"{config_path}: not found; is {hf_dir} a Hugging Face model folder?")
+    doc = read_json(config_path)
+    if not isinstance(doc, dict):
+        raise NexusError(f"{config_path}: expected a JSON object")
+    return config_path, doc
 
 
 def _import_streamed(hf_dir: Path, out_dir: Path) -> Path:
