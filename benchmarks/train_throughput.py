@@ -125,7 +125,7 @@ def time_call(fn, *args) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    args.allocator_used = apply_allocator_option(args)
+    allocator = apply_allocator_option(args)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     return {
+        "allocator": allocator,
         "benchmark": "train_throughput",
         "size": args.size,
         "model": {
@@ -314,7 +315,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     args = p.parse_args(argv)
     result = run(args)
-    result["allocator"] = args.allocator_used
     print_table(result)
     if args.json:
         with open(args.json, "w") as f:

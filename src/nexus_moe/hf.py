@@ -956,6 +956,16 @@ class _TensorReader:
             n for n in self._where if n not in self._used and not n.endswith(_IGNORED_SUFFIXES)
         )
 
+    def check_all_used(self) -> None:
+        """Raise NexusError naming the first tensor that nothing read or checked."""
+        leftover = self.unused()
+        if leftover:
+            raise NexusError(
+                f"{self.file_of(leftover[0])}: unexpected tensor '{leftover[0]}' "
+                f"({len(leftover)} in all) that config.json does not account for; config.json "
+                "does not match the weights"
+            )
+
 
 class _StateDictReader(_TensorReader):
     """The same access to tensors already in memory (a model transformers loaded from GGUF)."""
@@ -1123,13 +1133,7 @@ def open_dense_hf(hf_dir: str | Path) -> DenseHFFolder:
             )
     if cfg.tie_embeddings:
         reader.mark_used("lm_head.weight")  # transformers ties it to the embedding anyway
-    leftover = reader.unused()
-    if leftover:
-        raise NexusError(
-            f"{reader.file_of(leftover[0])}: unexpected tensor '{leftover[0]}' "
-            f"({len(leftover)} in all) that config.json does not account for; config.json "
-            "does not match the weights"
-        )
+    reader.check_all_used()
     metadata, tokenizer = _import_metadata(doc, hf_dir, adapter.model_type, notes)
     tensors = {
         name: (shape, reader._dtypes[name], reader.file_of(name))
@@ -1281,13 +1285,7 @@ def _convert(
         model.lm_head.weight = model.model.embed_tokens.weight
     reader = open_reader()
     adapter.load_into(model, reader)
-    leftover = reader.unused()
-    if leftover:
-        raise NexusError(
-            f"{reader.file_of(leftover[0])}: unexpected tensor '{leftover[0]}' "
-            f"({len(leftover)} in all) that config.json does not account for; config.json "
-            "does not match the weights"
-        )
+    reader.check_all_used()
     return model.eval(), adapter, notes
 
 
