@@ -5,7 +5,7 @@ weights), then runs ``upcycle`` in a fresh subprocess and reads that process's p
 (``VmHWM`` from /proc, which counts the memory-mapped input pages too). A second subprocess that
 only imports the package gives the interpreter + torch baseline.
 
-    .venv/bin/python benchmarks/upcycle_memory.py                    # nexus, 4 experts, ~500 MB
+    .venv/bin/python benchmarks/upcycle_memory.py                    # nexus-paper, 4 experts, ~500 MB
     .venv/bin/python benchmarks/upcycle_memory.py --method moe-linear --workdir /big/disk
 
 ``ru_maxrss`` of children is not used: with vfork-based spawning Linux folds the parent's
@@ -94,7 +94,9 @@ def child(payload: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="nexus", choices=["nexus", "moe-linear", "btx"])
+    parser.add_argument(
+        "--method", default="nexus-paper", choices=["nexus-paper", "moe-linear", "btx"]
+    )
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)

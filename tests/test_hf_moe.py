@@ -447,7 +447,7 @@ def _dense_hf_inputs(tmp_path: Path, names: list[str]) -> list[Path]:
     "method,fmt,via_cli",
     [
         ("moe-linear", "qwen2_moe", True),
-        ("nexus", "qwen2_moe", False),
+        ("nexus-paper", "qwen2_moe", False),
         ("btx", "mixtral", False),
         ("btm", "llama", False),
     ],
@@ -461,7 +461,7 @@ def test_direct_upcycle_equals_import_upcycle_export(tmp_path, method, fmt, via_
     domains = ["legal", "code"]
     hf = _dense_hf_inputs(tmp_path, ["seed", *domains])
     emb = None
-    if method == "nexus":
+    if method == "nexus-paper":
         vectors = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
         emb = DomainEmbeddings(domains, vectors, embedder="test", dim=8, num_chunks=4)
     direct = tmp_path / "direct"

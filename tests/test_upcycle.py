@@ -178,7 +178,7 @@ def test_identical_experts_equal_the_dense_model(tmp_path, tokenizer, router):
         assert diff <= 1e-5, (train, diff)
 
 
-@pytest.mark.parametrize("method", ["moe-linear", "nexus"])
+@pytest.mark.parametrize("method", ["moe-linear", "nexus-paper"])
 def test_shared_expert_layout(tmp_path, inputs, method):
     seed, experts = inputs
     emb = embeddings([*DOMAINS, "unused"])
@@ -187,7 +187,7 @@ def test_shared_expert_layout(tmp_path, inputs, method):
     moe = cfg.moe
     assert moe is not None
     assert (moe.num_experts, moe.top_k, moe.shared_expert, moe.renormalize) == (3, 1, True, False)
-    assert moe.router == ("nexus" if method == "nexus" else "linear")
+    assert moe.router == ("nexus" if method == "nexus-paper" else "linear")
     assert moe.domains == DOMAINS and meta["domains"] == DOMAINS
     assert meta["inputs"] == [str(seed), *map(str, experts)]
 
@@ -205,7 +205,7 @@ def test_shared_expert_layout(tmp_path, inputs, method):
             assert stacked.shape == (3, *seed_state[dense].shape)
             for e, part in enumerate(parts):
                 assert torch.equal(stacked[e], part[dense])
-        if method == "nexus":
+        if method == "nexus-paper":
             assert torch.equal(state[f"{prefix}.router.domain_embeddings"], emb.get(DOMAINS))
             assert state[f"{prefix}.router.w1.weight"].shape == (2 * moe.nexus_hidden_size, 16)
         else:
@@ -213,7 +213,7 @@ def test_shared_expert_layout(tmp_path, inputs, method):
     for name in seed_state:
         if ".mlp." not in name:  # attention, norms, embeddings: float32 mean of the experts
             assert torch.equal(state[name], float32_mean([p[name] for p in parts])), name
-    if method == "nexus":
+    if method == "nexus-paper":
         assert (moe.embedder, moe.domain_embedding_dim) == ("test-embedder", 16)
 
 
@@ -221,7 +221,7 @@ def test_ac_on_nexus_layout(tmp_path, inputs):
     seed, experts = inputs
     emb = embeddings(DOMAINS)
     overrides = {"router": "ac", "ac_base": "nexus", "load_balance_weight": 0.01}
-    out = upcycle("nexus", seed, experts, tmp_path / "moe", emb, moe_overrides=overrides)
+    out = upcycle("nexus-paper", seed, experts, tmp_path / "moe", emb, moe_overrides=overrides)
     cfg, _ = load_config(out)
     assert cfg.moe is not None and cfg.moe.load_balance_weight == 0.01
     state = read_safetensors(out / "model.safetensors")
@@ -280,7 +280,7 @@ def naive_nexus_state(seed: Path, experts: list[Path]) -> dict[str, torch.Tensor
 def test_streamed_output_equals_naive_construction(tmp_path, inputs):
     seed, experts = inputs
     emb = embeddings(DOMAINS)
-    out = upcycle("nexus", seed, experts, tmp_path / "moe", domain_embeddings=emb)
+    out = upcycle("nexus-paper", seed, experts, tmp_path / "moe", domain_embeddings=emb)
     naive = naive_nexus_state(seed, experts)
     on_disk = read_safetensors(out / "model.safetensors")
     model, _ = load_checkpoint(out)
@@ -326,7 +326,7 @@ def test_bf16_inputs(tmp_path, tokenizer):
         make_dense(tmp_path / d, tokenizer, i + 1, d, dtype=torch.bfloat16)
         for i, d in enumerate(DOMAINS[:2])
     ]
-    out = upcycle("nexus", seed, experts, tmp_path / "moe", embeddings(DOMAINS[:2]))
+    out = upcycle("nexus-paper", seed, experts, tmp_path / "moe", embeddings(DOMAINS[:2]))
     state = read_safetensors(out / "model.safetensors")
     parts = [read_safetensors(e / "model.safetensors") for e in experts]
     assert state["model.layers.0.mlp.experts.up_proj"].dtype == torch.bfloat16
@@ -368,9 +368,9 @@ def test_mismatched_inputs_are_refused(tmp_path, inputs, tokenizer):
     refused(r"already_moe: is an MoE checkpoint", "btx", seed, [experts[0], moe], out)
     refused(r"already_moe: is an MoE checkpoint", "btx", moe, experts, out)
 
-    refused(r"no domain embedding for domain 'bio'", "nexus", seed, experts, out,
+    refused(r"no domain embedding for domain 'bio'", "nexus-paper", seed, experts, out,
             domain_embeddings=embeddings(["legal", "code"]))  # fmt: skip
-    refused(r"needs domain embeddings", "nexus", seed, experts, out)
+    refused(r"needs domain embeddings", "nexus-paper", seed, experts, out)
     refused(r"needs at least one dense expert", "btx", seed, [], out)
     refused(r"domain 'legal' is already used", "btx", seed, experts[:2], out,
             domains=["legal", "legal"])  # fmt: skip
@@ -393,7 +393,7 @@ def test_failed_upcycle_keeps_existing_output(tmp_path, inputs):
     out = upcycle("btm", seed, experts, tmp_path / "out")
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(NexusError):
-        upcycle("nexus", seed, experts, out)  # no embeddings
+        upcycle("nexus-paper", seed, experts, out)  # no embeddings
     assert (out / "model.safetensors").read_bytes() == before
 
 

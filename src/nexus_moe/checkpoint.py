@@ -5,6 +5,8 @@ Layout of a checkpoint directory::
     config.json          {"format": "nexus-moe", "model": ModelConfig, "metadata": {...}}
     model.safetensors    weights (tied lm_head stored once, as the embedding)
     tokenizer.json       the tokenizer the model was trained with (when known)
+    routing_stats.safetensors   MoE only, optional: the domain statistics its router rows were
+                         calibrated from (``nexus_moe.calibrate``), used to place new experts
 
 Everything is written to a temporary directory and renamed into place, so an interrupted save
 never leaves a half-written checkpoint. Nothing is unpickled on load.
@@ -21,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nexus_moe import __version__
+from nexus_moe.calibrate import STATS_FILE, stats_from_tensors, stats_to_tensors
 from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, read_json, write_json
@@ -66,6 +69,9 @@ def save_checkpoint(
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer_path is not None:
             shutil.copyfile(find_tokenizer(tokenizer_path), tmp / TOKENIZER_FILE)
+        stats = [layer.domain_stats for layer in model.moe_layers()]
+        if stats and all(s is not None for s in stats):
+            save_file(stats_to_tensors(stats), str(tmp / STATS_FILE))
         for name, content in (extra_files or {}).items():
             _write_extra(tmp / name, content)
     return out_dir
@@ -163,4 +169,27 @@ def load_checkpoint(
         model.lm_head.weight = model.model.embed_tokens.weight
     state = read_safetensors(ckpt_dir / WEIGHTS_FILE, device=device)
     load_state_into(model, state, ckpt_dir / WEIGHTS_FILE)
+    load_routing_stats(model, ckpt_dir)
     return model, metadata
+
+
+def load_routing_stats(model: Transformer, ckpt_dir: Path) -> None:
+    """Attach ``ckpt_dir``'s routing statistics (if any) to the model's MoE layers."""
+    layers = model.moe_layers()
+    path = ckpt_dir / STATS_FILE
+    if not layers or not path.is_file():
+        return
+    try:
+        stats = stats_from_tensors(read_safetensors(path), len(layers))
+    except KeyError as exc:
+        raise NexusError(
+            f"{path}: incomplete routing statistics (no {exc}); delete the file to use the "
+            "checkpoint without them"
+        ) from None
+    for layer, layer_stats in zip(layers, stats, strict=True):
+        if layer_stats.centroids.shape != (layer.num_experts, model.cfg.hidden_size):
+            raise NexusError(
+                f"{path}: statistics for {layer_stats.centroids.shape[0]} experts, the model "
+                f"has {layer.num_experts}; delete the file to use the checkpoint without them"
+            )
+        layer.domain_stats = layer_stats

@@ -197,6 +197,15 @@ def branch(
             "(0: every visible GPU when the device is auto/cuda; 1: one after another)."
         ),
     ] = 0,
+    ffn_only: Annotated[
+        bool,
+        typer.Option(
+            "--ffn-only",
+            help="Train only the FFNs (attention, norms and embeddings stay the seed's), so the "
+            "experts compose exactly in an MoE and can be added later without merging weights "
+            "(FlexOlmo's recipe; docs/design.md, plug-in experts).",
+        ),
+    ] = False,
 ) -> None:
     """Train one dense expert per domain by continued training of the seed."""
     _tune_allocator()
@@ -207,6 +216,12 @@ def branch(
     from nexus_moe.pipeline import branch_expert, resolve_device
 
     cfg = _train_config(config, set_, "branch_train")
+    if ffn_only:
+        from dataclasses import replace
+
+        from nexus_moe.train import FFN_PARAMETERS
+
+        cfg = replace(cfg, train_only=list(FFN_PARAMETERS))
     names = _split(domains) or list(load_manifest(corpus)["domains"])
     if parallel_devices == 0:
         parallel_devices = torch.cuda.device_count() if device in ("auto", "cuda") else 1
@@ -214,6 +229,7 @@ def branch(
     if len(groups) > 1:  # the experts are independent: one process per GPU, no communication
         options = [arg for path in [config] if path for arg in ("--config", str(path))]
         options += [arg for item in set_ or [] for arg in ("--set", item)]
+        options += ["--ffn-only"] if ffn_only else []
         commands = [
             [sys.executable, "-m", "nexus_moe.cli", "branch", "--seed", str(seed)]
             + ["--corpus", str(corpus), "--out", str(out), "--domains", ",".join(group)]
@@ -303,7 +319,9 @@ def embed_domains_cmd(
 
 @app.command()
 def upcycle(
-    method: Annotated[str, typer.Option(help="sparse-upcycle | btm | btx | moe-linear | nexus")],
+    method: Annotated[
+        str, typer.Option(help="sparse-upcycle | btm | btx | moe-linear | nexus | nexus-paper")
+    ],
     seed: Annotated[
         Path,
         typer.Option(help="Dense seed: checkpoint, run directory or Hugging Face folder."),
@@ -337,6 +355,25 @@ def upcycle(
             "qwen2_moe, mixtral (btm: llama, mistral, qwen2, qwen3).",
         ),
     ] = "native",
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="Corpus the experts were branched on: each expert's router row is placed from "
+            "its domain's training text, so the MoE routes by domain before any training "
+            "(needed by nexus; optional for btx / moe-linear / nexus-paper).",
+        ),
+    ] = None,
+    calibrate: Annotated[
+        bool | None,
+        typer.Option(
+            "--calibrate/--no-calibrate",
+            help="Calibrate the router from --corpus (default: nexus always, others when "
+            "--corpus is given); --no-calibrate keeps the random initialisation.",
+        ),
+    ] = None,
+    calibration_tokens: Annotated[
+        int, typer.Option(help="Training tokens per domain used to calibrate the router.")
+    ] = 8192,
 ) -> None:
     """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields.
 
@@ -347,6 +384,7 @@ def upcycle(
     from nexus_moe.pipeline import resolve_model_dir
     from nexus_moe.upcycle import upcycle as run_upcycle
 
+    seed_dir = resolve_model_dir(seed)
     result = run_upcycle(
         method,
         resolve_model_dir(seed),
@@ -359,8 +397,21 @@ def upcycle(
         seed=random_seed,
         domains=_split(domains),
         out_format=fmt,
+        calibration_shards=_calibration_shards(corpus, seed_dir),
+        calibration_tokens=calibration_tokens,
+        calibrate_router=calibrate,
     )
     console.print(f"{method} model written to {result}")
+
+
+def _calibration_shards(corpus: Path | None, model_dir: Path):
+    """Token shards of ``corpus`` under ``model_dir``'s tokenizer (None without a corpus)."""
+    if corpus is None:
+        return None
+    from nexus_moe.checkpoint import find_tokenizer
+    from nexus_moe.pipeline import tokens_for
+
+    return tokens_for(corpus, find_tokenizer(model_dir))
 
 
 @app.command("extend")
@@ -378,20 +429,42 @@ def extend_cmd(
         bool, typer.Option(help="Linear router: re-initialise it (the paper's baseline).")
     ] = False,
     random_seed: int = 0,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="Corpus holding the new domain: its router row is placed from the domain's "
+            "training text (MoEs upcycled with a calibrated router), so the MoE routes the "
+            "domain to the new expert before any finetuning.",
+        ),
+    ] = None,
+    calibration_tokens: Annotated[
+        int, typer.Option(help="Training tokens of the new domain used to place its row.")
+    ] = 8192,
+    merge_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="lambda of the merge of non-expert weights (default: 0 for an expert branched "
+            "with --ffn-only, else 1/(n+1)).",
+        ),
+    ] = None,
 ) -> None:
     """Append a new domain expert to an MoE (SPEC §7); then finetune with `train --init`."""
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir
 
+    moe_dir = resolve_model_dir(moe)
     result = extend(
-        resolve_model_dir(moe),
+        moe_dir,
         resolve_model_dir(expert),
         out,
         domain=domain,
         domain_embeddings=DomainEmbeddings.load(embeddings) if embeddings else None,
         reset_linear_router=reset_router,
+        merge_lambda=merge_weight,
         seed=random_seed,
+        calibration_shards=_calibration_shards(corpus, moe_dir),
+        calibration_tokens=calibration_tokens,
     )
     console.print(f"extended MoE written to {result}")
 

@@ -50,6 +50,11 @@ class MoEConfig:
     ac_eps: float = 1e-4  # AC: w = 1 / (MAD + eps)
     ac_tau: float = 10.0  # AC: weights clipped at tau * mean(w)
     ac_momentum: float = 0.9  # AC: EMA of the weights kept for evaluation
+    # Route on context: the router scores (1 - c) x_t + c * mean(x_1..x_t), the causal mean of
+    # the layer's inputs in the sequence so far (0: per token, as the Hugging Face formats do).
+    # A domain is a property of the document, and the running mean separates domains far better
+    # than a single token (docs/design.md, plug-in experts); such a router cannot be exported.
+    router_context: float = 0.0
     domains: list[str] = field(default_factory=list)  # domain of each routed expert (may be empty)
     embedder: str | None = None  # sentence-transformers model the domain embeddings came from
 
@@ -62,6 +67,8 @@ class MoEConfig:
             raise NexusError(
                 f"moe.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}"
             )
+        if not 0.0 <= self.router_context <= 1.0:
+            raise NexusError(f"moe.router_context={self.router_context} must be in [0, 1]")
         if self.domains and len(self.domains) != self.num_experts:
             raise NexusError(
                 f"moe.domains has {len(self.domains)} names but num_experts={self.num_experts}"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from nexus_moe import calibrate
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     load_checkpoint,
@@ -28,9 +29,11 @@ from nexus_moe.checkpoint import (
     save_checkpoint,
 )
 from nexus_moe.config import ModelConfig, MoEConfig, RouterType
+from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
 from nexus_moe.moe import MoELayer
+from nexus_moe.train import FFN_PARAMETERS
 from nexus_moe.upcycle import ARCHITECTURE_FIELDS
 
 UNDO_FILE = "undo.safetensors"
@@ -84,8 +87,14 @@ def extend_model(
     reset_linear_router: bool = False,
     merge_lambda: float | None = None,
     seed: int = 0,
+    calibration_windows: torch.Tensor | None = None,
 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
-    """Add ``expert`` to ``moe`` in place; returns (moe, undo record of the merged weights)."""
+    """Add ``expert`` to ``moe`` in place; returns (moe, undo record of the merged weights).
+
+    ``calibration_windows`` (rows, seq_len) of the new domain's training tokens place the new
+    router row from the domain's hidden states (the MoE must carry routing statistics, see
+    ``nexus_moe.calibrate``); without them the router's own rule applies.
+    """
     cfg = moe.cfg
     assert cfg.moe is not None
     n = cfg.moe.num_experts
@@ -97,15 +106,26 @@ def extend_model(
             f"the Nexus router needs the embedding of domain '{domain}': run `nexus-moe "
             "embed-domains` for it with the MoE's embedder"
         )
+    layers = moe.moe_layers()
+    stats = [layer.domain_stats for layer in layers]
+    if calibration_windows is not None and any(s is None for s in stats):
+        raise NexusError(
+            "this MoE carries no routing statistics (it was not upcycled with a calibrated "
+            "router), so the new expert's row cannot be calibrated; extend without --corpus"
+        )
 
     moe_state, expert_state = moe.state_dict(), expert.state_dict()
     undo = {}
-    for name in _merged_names(moe):
-        old = moe_state[name]
-        undo[name] = old.clone()
-        merged = (1.0 - lam) * old.float() + lam * expert_state[name].float()
-        old.copy_(merged.to(old.dtype))
+    if lam != 0.0:
+        for name in _merged_names(moe):
+            old = moe_state[name]
+            undo[name] = old.clone()
+            merged = (1.0 - lam) * old.float() + lam * expert_state[name].float()
+            old.copy_(merged.to(old.dtype))
 
+    domains = list(cfg.moe.domains) or [f"expert{j}" for j in range(n)]
+    grown_cfg = _grown_config(cfg.moe, n + 1, domains + [domain])
+    current_rows = [layer.router.expert_embeddings().detach().float().clone() for layer in layers]
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # a new linear-router row is random: make it reproducible
     try:
@@ -113,39 +133,32 @@ def extend_model(
             if not isinstance(block.mlp, MoELayer):
                 continue
             ffn = expert.model.layers[i].mlp
-            _append_expert(
-                block.mlp, ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight
-            )
             embedding = domain_embedding if cfg.moe.uses_nexus else None
-            block.mlp.router.add_expert(embedding, reset=reset_linear_router)
+            block.mlp.add_expert(
+                ffn.gate_proj.weight,
+                ffn.up_proj.weight,
+                ffn.down_proj.weight,
+                grown_cfg,
+                domain_embedding=embedding,
+                reset_router=reset_linear_router,
+            )
     finally:
         torch.random.set_rng_state(generator_state)
-
-    domains = list(cfg.moe.domains) or [f"expert{j}" for j in range(n)]
-    _set_moe_config(moe, n + 1, domains + [domain])
+    moe.cfg.moe = grown_cfg
+    if calibration_windows is not None:
+        # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
+        # MoE computes when it routes them there.
+        inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
+        for layer, layer_stats, x, rows in zip(layers, stats, inputs, current_rows, strict=True):
+            row, layer.domain_stats = calibrate.new_expert_row(layer_stats, x, rows)
+            layer.router.set_row(n, row)
     return moe, undo
 
 
-def _append_expert(layer: MoELayer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
-    experts = layer.experts
-    for name, new in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-        old = getattr(experts, name)
-        stacked = torch.cat([old.detach(), new.detach().to(old.dtype)[None]])
-        setattr(experts, name, torch.nn.Parameter(stacked))
-    experts.num_experts += 1
-    layer.num_experts += 1
-    layer.tokens_per_expert = torch.zeros(layer.num_experts, device=gate.device)
-
-
-def _set_moe_config(model: Transformer, num_experts: int, domains: list[str]) -> None:
-    assert model.cfg.moe is not None
-    fields = {**vars(model.cfg.moe), "num_experts": num_experts, "domains": domains}
+def _grown_config(moe: MoEConfig, num_experts: int, domains: list[str]) -> MoEConfig:
+    fields = {**vars(moe), "num_experts": num_experts, "domains": domains}
     fields["top_k"] = min(fields["top_k"], num_experts)
-    new_moe = MoEConfig(**fields)
-    model.cfg.moe = new_moe
-    for layer in model.moe_layers():
-        layer.cfg = new_moe
-        layer.top_k = new_moe.top_k
+    return MoEConfig(**fields)
 
 
 @torch.no_grad()
@@ -155,17 +168,14 @@ def remove_from_model(model: Transformer, index: int) -> Transformer:
     assert cfg is not None
     if cfg.num_experts <= 1:
         raise NexusError("cannot remove the last routed expert of an MoE")
-    keep = [j for j in range(cfg.num_experts) if j != index]
-    for layer in model.moe_layers():
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            old = getattr(layer.experts, name)
-            setattr(layer.experts, name, torch.nn.Parameter(old.detach()[keep].clone()))
-        layer.experts.num_experts -= 1
-        layer.num_experts -= 1
-        layer.router.remove_expert(index)
-        layer.tokens_per_expert = torch.zeros(layer.num_experts)
     domains = [d for j, d in enumerate(cfg.domains) if j != index] if cfg.domains else []
-    _set_moe_config(model, cfg.num_experts - 1, domains)
+    shrunk = _grown_config(cfg, cfg.num_experts - 1, domains)
+    for layer in model.moe_layers():
+        stats = layer.domain_stats
+        layer.remove_expert(
+            index, shrunk, None if stats is None else calibrate.drop_expert(stats, index)
+        )
+    model.cfg.moe = shrunk
     return model
 
 
@@ -178,12 +188,20 @@ def extend(
     reset_linear_router: bool = False,
     merge_lambda: float | None = None,
     seed: int = 0,
+    calibration_shards: TokenShards | None = None,
+    calibration_tokens: int = calibrate.DEFAULT_TOKENS_PER_DOMAIN,
 ) -> Path:
     """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (SPEC §7).
 
     ``domain`` defaults to the expert's metadata ``domain``. ``domain_embeddings`` (a
     :class:`~nexus_moe.embed.DomainEmbeddings` holding that domain, made with the MoE's embedder)
-    is required for Nexus routers.
+    is required for Nexus routers. ``merge_lambda`` defaults to 0 for an expert branched with
+    only its FFNs trained (its other weights are the seed's: merging them would only pull the
+    MoE back towards the seed) and to 1/(n+1) otherwise. With ``calibration_shards`` (token
+    shards holding the new domain, made with the MoE's tokenizer; see ``pipeline.tokens_for``)
+    and an MoE with a calibrated router, the
+    new expert's router row is placed from ``calibration_tokens`` tokens of the domain's
+    training text, so the MoE routes the domain to it before any finetuning.
     """
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)
@@ -210,8 +228,17 @@ def extend(
         embedding = domain_embeddings.get([domain])[0]
     if moe.cfg.moe.router == RouterType.nexus and reset_linear_router:
         raise NexusError("--reset-router applies to linear routers only")
+    if merge_lambda is None and expert_meta.get("train_only") == list(FFN_PARAMETERS):
+        merge_lambda = 0.0
+    windows = None
+    if calibration_shards is not None:
+        if reset_linear_router:
+            raise NexusError("--reset-router re-initialises every row; it cannot be calibrated")
+        windows = calibrate.domain_windows(
+            calibration_shards, domain, moe.cfg.max_seq_len, calibration_tokens
+        )
     moe, undo = extend_model(
-        moe, expert, domain, embedding, reset_linear_router, merge_lambda, seed
+        moe, expert, domain, embedding, reset_linear_router, merge_lambda, seed, windows
     )
     merged_now = {k: v for k, v in moe.state_dict().items() if k in undo}
     metadata = {
@@ -225,7 +252,7 @@ def extend(
         moe,
         moe_dir / TOKENIZER_FILE if (moe_dir / TOKENIZER_FILE).is_file() else None,
         metadata=metadata,
-        extra_files={UNDO_FILE: undo},
+        extra_files={UNDO_FILE: undo} if undo else None,
     )
     return out_dir
 

@@ -75,6 +75,8 @@ class KVCache:
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
+    # MoE layers that route on context: layer -> (sum (B, H) of its inputs so far, count).
+    moe_context: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -158,7 +160,13 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            out, info = self.mlp(h, prev_assignment)
+            prefix = None
+            if cache is not None and self.mlp.cfg.router_context > 0:
+                # Running sum of this layer's inputs over the tokens already decoded.
+                prefix = cache.moe_context.get(layer)
+                total = h.float().sum(dim=1) + (prefix[0] if prefix else 0.0)
+                cache.moe_context[layer] = (total, (prefix[1] if prefix else 0) + h.shape[1])
+            out, info = self.mlp(h, prev_assignment, prefix)
             return x + out, info
         return x + self.mlp(h), None
 

@@ -343,15 +343,90 @@ class MoELayer(nn.Module):
         # Optional (E,) bool: False experts get no tokens (logit -inf), e.g. to check that adding
         # an expert leaves the routing of the others unchanged.
         self.expert_mask: torch.Tensor | None = None
+        # The domain statistics the router rows were calibrated from (nexus_moe.calibrate);
+        # saved next to the weights, used to place the row of an expert added later.
+        self.domain_stats: Any = None
+
+    @torch.no_grad()
+    def add_expert(
+        self,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        cfg: MoEConfig,
+        domain_embedding: torch.Tensor | None = None,
+        reset_router: bool = False,
+        row: torch.Tensor | None = None,
+        domain_stats: Any = None,
+    ) -> None:
+        """Append a routed expert with these SwiGLU weights ((I, H), (I, H), (H, I)); its router
+        entry from ``domain_embedding`` / ``row`` (see Router.add_expert). ``cfg`` is the grown
+        config (one more expert), shared with the other layers; ``domain_stats`` the grown
+        statistics (None drops them: they would describe the wrong experts)."""
+        experts = self.experts
+        for name, new in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
+            old = getattr(experts, name)
+            stacked = torch.cat([old.detach(), new.detach().to(old)[None]])
+            setattr(experts, name, nn.Parameter(stacked))
+        experts.num_experts += 1
+        self.router.add_expert(domain_embedding, reset=reset_router, row=row)
+        self._set_config(cfg)
+        self.domain_stats = domain_stats
+
+    @torch.no_grad()
+    def remove_expert(self, index: int, cfg: MoEConfig, domain_stats: Any = None) -> None:
+        """Drop routed expert ``index`` (its FFN and router entry); ``cfg``: the shrunk config,
+        ``domain_stats``: the statistics without that expert (None drops them)."""
+        keep = [j for j in range(self.num_experts) if j != index]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            old = getattr(self.experts, name)
+            setattr(self.experts, name, nn.Parameter(old.detach()[keep].clone()))
+        self.experts.num_experts -= 1
+        self.router.remove_expert(index)
+        self._set_config(cfg)
+        self.domain_stats = domain_stats
+
+    def _set_config(self, cfg: MoEConfig) -> None:
+        if (
+            cfg.num_experts != self.experts.num_experts
+            or cfg.num_experts != self.router.num_experts
+        ):
+            raise ValueError("MoE config, experts and router disagree on the number of experts")
+        self.cfg, self.num_experts, self.top_k = cfg, cfg.num_experts, cfg.top_k
+        device = self.experts.gate_proj.device
+        self.tokens_per_expert = torch.zeros(cfg.num_experts, device=device)
+        self.expert_mask = None
+
+    def routing_input(
+        self, x: torch.Tensor, prefix: tuple[torch.Tensor, int] | None = None
+    ) -> torch.Tensor:
+        """What the router scores: ``x`` (B, T, H) itself, or with ``cfg.router_context`` = c
+        > 0, ``(1 - c) x_t + c mean(x_1..x_t)`` (float32). ``prefix``: the sum (B, H) and count
+        of the inputs before this chunk (incremental decoding)."""
+        context = self.cfg.router_context
+        if context == 0.0:
+            return x
+        running = x.float().cumsum(dim=1)  # (B, T, H)
+        counts = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)
+        if prefix is not None:
+            running = running + prefix[0][:, None, :]
+            counts = counts + prefix[1]
+        mean = running / counts[None, :, None]
+        return (1.0 - context) * x.float() + context * mean
 
     def forward(
-        self, x: torch.Tensor, prev_assignment: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        prev_assignment: torch.Tensor | None = None,
+        context_prefix: tuple[torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor, RoutingInfo]:
-        """``x`` (B, T, H) -> (y (B, T, H), routing info). ``prev_assignment``: see ACRouter."""
+        """``x`` (B, T, H) -> (y (B, T, H), routing info). ``prev_assignment``: see ACRouter;
+        ``context_prefix``: see :meth:`routing_input`."""
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])  # (N, H)
         num_tokens = x_flat.shape[0]
-        logits = self.router(x_flat, prev_assignment).float()  # (N, E)
+        route_in = self.routing_input(x, context_prefix).reshape(-1, shape[-1])
+        logits = self.router(route_in, prev_assignment).float()  # (N, E)
         if self.expert_mask is not None:
             logits = logits.masked_fill(~self.expert_mask, float("-inf"))
         probs = torch.softmax(logits, dim=-1)  # float32, SPEC §3

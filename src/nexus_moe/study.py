@@ -200,9 +200,10 @@ class Study:
         seed_dir: Path,
         experts: dict[str, Path],
         embeddings: Path,
+        corpus_dir: Path,
     ) -> Path:
         from nexus_moe.embed import DomainEmbeddings
-        from nexus_moe.upcycle import upcycle
+        from nexus_moe.upcycle import Method, upcycle
 
         out = self.workdir / f"s{seed}" / "moe" / variant.name / "upcycled"
         # Shared overrides apply to MoE variants; btm is a dense merge and takes none.
@@ -230,6 +231,11 @@ class Study:
                 num_experts=len(experts) if sparse else None,
                 moe_overrides=overrides or None,
                 seed=seed,
+                calibration_shards=(
+                    tokens_for(corpus_dir, seed_dir / TOKENIZER_FILE)
+                    if Method(variant.method).calibrates_by_default
+                    else None
+                ),
             ),
         )
         return out
@@ -264,8 +270,15 @@ class Study:
         return out / "model"
 
     def stage_extend(
-        self, trained: Path, new_expert: Path, domain: str, embeddings: Path, out: Path
+        self,
+        trained: Path,
+        new_expert: Path,
+        domain: str,
+        embeddings: Path,
+        out: Path,
+        corpus_dir: Path,
     ) -> Path:
+        from nexus_moe.calibrate import STATS_FILE
         from nexus_moe.embed import DomainEmbeddings
         from nexus_moe.extend import extend
 
@@ -288,6 +301,11 @@ class Study:
                 domain=domain,
                 domain_embeddings=DomainEmbeddings.load(embeddings),
                 reset_linear_router=reset and uses_linear,
+                calibration_shards=(
+                    tokens_for(corpus_dir, trained / TOKENIZER_FILE)
+                    if (trained / STATS_FILE).is_file()
+                    else None
+                ),
             )
 
         self._stage(f"extend:{out.parent.name}", out, key, build)
@@ -358,7 +376,9 @@ class Study:
             for seed in seeds:
                 trained = {}
                 for v in variants:
-                    upcycled = self.stage_upcycle(v, seed, seed_model, experts, embeddings)
+                    upcycled = self.stage_upcycle(
+                        v, seed, seed_model, experts, embeddings, corpus_dir
+                    )
                     cfg = replace(r.moe.train, seed=seed)
                     trained[v.name] = (
                         self.stage_train(
@@ -413,7 +433,9 @@ class Study:
         """Extend MoE ``name`` with the held-out ``domain``, finetune at each budget, score."""
         r = self.recipe
         base = self.workdir / f"s{seed}" / "extend" / f"{name}-{domain}"
-        extended = self.stage_extend(trained, new_expert, domain, embeddings, base / "extended")
+        extended = self.stage_extend(
+            trained, new_expert, domain, embeddings, base / "extended", corpus_dir
+        )
         all_domains = domains + [domain]
         share = r.extend.new_domain_share
         weights = {domain: share, **{d: (1 - share) / len(domains) for d in domains}}

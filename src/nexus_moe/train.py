@@ -78,6 +78,10 @@ def tune_cpu_allocator() -> bool:
     return mmap_ok and trim_ok
 
 
+# `train_only` patterns that select the feed-forward weights (dense FFN or MoE experts).
+FFN_PARAMETERS = ("mlp.",)
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run (seed pretraining, branching, MoE training)."""
@@ -102,6 +106,10 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints; 0: only at the end
     log_every: int = 10
     freeze: list[str] = field(default_factory=list)  # parameter-name substrings kept frozen
+    # Parameter-name substrings that are trained; every other parameter stays frozen (empty:
+    # train everything not in `freeze`). Branching with ["mlp."] trains only the FFNs, so the
+    # experts share the seed's attention, norms and embeddings and compose exactly in an MoE.
+    train_only: list[str] = field(default_factory=list)
     # Under torchrun: "ddp" (full replica per rank) or "fsdp" (FSDP2: weights, gradients and
     # optimizer state sharded across ranks, for models that do not fit one device with DDP).
     parallelism: str = "ddp"
@@ -219,7 +227,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)
         for name, param in self.model.named_parameters():
-            if any(pattern in name for pattern in cfg.freeze):
+            frozen = any(pattern in name for pattern in cfg.freeze)
+            if cfg.train_only and not any(pattern in name for pattern in cfg.train_only):
+                frozen = True
+            if frozen:
                 param.requires_grad_(False)
         # The optimizer is built after wrapping: FSDP swaps the parameters for sharded ones.
         self.wrapped = dist_utils.wrap_model(self.model, cfg.parallelism)
@@ -267,6 +278,8 @@ class Trainer:
             return None
         if dist_utils.is_sharded(self.model):
             model = model_from_state(self.model.cfg, model_state)
+            for full, local in zip(model.moe_layers(), self.model.moe_layers(), strict=True):
+                full.domain_stats = local.domain_stats
         else:
             model = self.model
         return model, optimizer_tensors(optim_state)
@@ -461,6 +474,7 @@ class Trainer:
                     "steps": self.step,
                     "tokens": self.tokens_seen,
                     "eval": scores,
+                    **({"train_only": list(self.cfg.train_only)} if self.cfg.train_only else {}),
                 },
             )
         dist_utils.barrier()

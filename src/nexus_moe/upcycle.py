@@ -39,18 +39,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from nexus_moe import __version__
+from nexus_moe import __version__, calibrate
 from nexus_moe.checkpoint import (
     CONFIG_FILE,
     FORMAT,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     check_tensor_table,
+    load_checkpoint,
     load_config,
     model_state_dict,
 )
 from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
+from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, write_json
 from nexus_moe.model import Transformer
@@ -68,6 +71,16 @@ class Method(enum.StrEnum):
     btx = "btx"
     moe_linear = "moe-linear"
     nexus = "nexus"
+    nexus_paper = "nexus-paper"
+
+    @property
+    def calibrates_by_default(self) -> bool:
+        """Whether the method places its router rows from the domains' text (needs a corpus)."""
+        return self == Method.nexus
+
+    @property
+    def is_dense_merge(self) -> bool:
+        return self == Method.btm
 
 
 # ModelConfig fields that must agree between all inputs. max_seq_len and init_std do not change
@@ -110,6 +123,9 @@ def upcycle(
     btx_include_seed: bool = False,
     seed: int = 0,
     out_format: str = "native",
+    calibration_shards: TokenShards | None = None,
+    calibration_tokens: int = calibrate.DEFAULT_TOKENS_PER_DOMAIN,
+    calibrate_router: bool | None = None,
 ) -> Path:
     """Assemble dense checkpoints into ``out_dir`` with ``method`` (SPEC §5); returns ``out_dir``.
 
@@ -125,6 +141,13 @@ def upcycle(
     * ``moe_overrides``: further :class:`MoEConfig` fields, e.g. ``{"router": "ac",
       "ac_base": "nexus", "top_k": 2}``; unknown keys and wrong types are errors.
     * ``seed``: seeds the random router initialisation (each router's ``reset_parameters``).
+    * ``calibration_shards`` / ``calibration_tokens`` / ``calibrate_router``: place the router
+      rows from each expert's domain (``calibration_tokens`` tokens of its training split in
+      ``calibration_shards``, tokenised with the seed's tokenizer) so the MoE routes by domain
+      before any training (``nexus_moe.calibrate``). ``calibrate_router`` defaults to True for
+      ``nexus`` (which then needs the shards) and to "when shards are given" for the others;
+      ``nexus-paper`` is the paper's configuration (top-1 + shared seed expert, random
+      projection) and is never calibrated by default.
     * ``out_format``: ``native`` writes our checkpoint; a Hugging Face format (``auto``,
       ``qwen2_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes that folder
       directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in one pass.
@@ -160,6 +183,24 @@ def upcycle(
                 f"output format '{out_format}' is unknown; choose native, auto or one of: "
                 f"{', '.join(sorted(ADAPTERS))}"
             )
+
+    if calibrate_router is None:
+        calibrate_router = method.calibrates_by_default or calibration_shards is not None
+    if calibrate_router and method in (Method.btm, Method.sparse_upcycle):
+        raise NexusError(
+            f"{method.value} has no domain experts to calibrate a router for; drop --corpus"
+        )
+    if calibrate_router and calibration_shards is None:
+        raise NexusError(
+            f"{method.value} places its router rows from each domain's training text: pass "
+            "--corpus (the corpus the experts were branched on), or --no-calibrate / "
+            "--method nexus-paper for the paper's random router initialisation"
+        )
+    if calibrate_router and out_format != "native":
+        raise NexusError(
+            "a calibrated router is computed from the assembled model: upcycle to the native "
+            "format, then `nexus-moe export` it (or pass --no-calibrate)"
+        )
 
     seed_in, expert_ins = _check_inputs(Path(seed_dir), expert_paths)
     seed_cfg = seed_in.cfg
@@ -218,7 +259,22 @@ def upcycle(
         write_safetensors(tmp / WEIGHTS_FILE, specs, metadata={"format": "pt"})
         if seed_in.tokenizer is not None:
             shutil.copyfile(seed_in.tokenizer, tmp / TOKENIZER_FILE)
+        if calibrate_router:
+            assert calibration_shards is not None
+            _calibrate_in_place(tmp, calibration_shards, calibration_tokens)
     return out_dir
+
+
+def _calibrate_in_place(ckpt_dir: Path, shards: TokenShards, num_tokens: int) -> None:
+    """Calibrate the router rows of the (not yet published) checkpoint in ``ckpt_dir``.
+
+    This holds the whole MoE in memory, unlike the streamed assembly before it.
+    """
+    model, _ = load_checkpoint(ckpt_dir)
+    calibrate.calibrate_model(model, shards, num_tokens)
+    save_file(model_state_dict(model), str(ckpt_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    stats = [layer.domain_stats for layer in model.moe_layers()]
+    save_file(calibrate.stats_to_tensors(stats), str(ckpt_dir / calibrate.STATS_FILE))
 
 
 def _parse_method(method: str | Method) -> Method:
@@ -399,7 +455,17 @@ def _moe_config(
         Method.sparse_upcycle: dict(top_k=2, shared_expert=False, renormalize=True, router=linear),
         Method.btx: dict(top_k=2, shared_expert=False, renormalize=True, router=linear),
         Method.moe_linear: dict(top_k=1, shared_expert=True, renormalize=False, router=linear),
-        Method.nexus: dict(top_k=1, shared_expert=True, renormalize=False, router=nexus),
+        # The paper's Nexus: top-1 routed expert plus the seed FFN as an always-on shared one.
+        Method.nexus_paper: dict(top_k=1, shared_expert=True, renormalize=False, router=nexus),
+        # Plug-in Nexus: no shared expert and renormalised top-2, so a token routed to its
+        # domain's expert with gate ~1 gets that dense expert's FFN exactly (with a calibrated
+        # router, the MoE starts at the dense experts' quality); two active experts per token,
+        # the compute of the paper's top-1 + shared.
+        # It routes on context (the causal mean of the layer's inputs, mixed in by half): far
+        # more of each domain's tokens reach its expert than per-token routing can send.
+        Method.nexus: dict(
+            top_k=2, shared_expert=False, renormalize=True, router=nexus, router_context=0.5
+        ),
     }
     settings = dict(defaults[method])
     settings["top_k"] = min(settings["top_k"], num_routed)
@@ -592,15 +658,24 @@ def _averaged(
 ) -> Callable[[], list[torch.Tensor]]:
     def pieces() -> list[torch.Tensor]:
         # float32 accumulation in input order: sum(x_i) / n, then back to the input dtype.
+        # Inputs that all hold the same tensor (experts branched with only their FFNs trained
+        # share the seed's other weights) give that tensor bit for bit, not a rounded mean.
+        first: torch.Tensor | None = None
         total: torch.Tensor | None = None
+        identical = True
         for source in sources:
             tensor = _read(source, name)
-            if total is None:
+            if first is None:
+                first = tensor.clone()
                 total = tensor.to(torch.float32, copy=True)
             else:
+                identical = identical and torch.equal(tensor, first)
+                assert total is not None
                 total += tensor
             del tensor  # release the mapping before the next read
-        assert total is not None
+        assert first is not None and total is not None
+        if identical:
+            return [first.to(dtype)]
         total /= len(sources)
         return [total.to(dtype)]
 

@@ -80,9 +80,20 @@ class ACRouter(Router):
         experts = F.normalize(self.expert_embeddings().float(), dim=-1)  # e_k / ||e_k||
         return scaled @ experts.t()
 
+    def set_rows(self, rows: torch.Tensor) -> None:
+        self.base.set_rows(rows)  # AC scores with e_k / ||e_k||: only the directions count
+
+    def set_row(self, index: int, row: torch.Tensor) -> None:
+        self.base.set_row(index, row)
+
     @torch.no_grad()
-    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
-        self.base.add_expert(domain_embedding, reset=reset)
+    def add_expert(
+        self,
+        domain_embedding: torch.Tensor | None = None,
+        reset: bool = False,
+        row: torch.Tensor | None = None,
+    ) -> None:
+        self.base.add_expert(domain_embedding, reset=reset, row=row)
         self.num_experts += 1
         ones = torch.ones_like(self.running_weights[:1])
         self.running_weights = torch.cat([self.running_weights, ones])

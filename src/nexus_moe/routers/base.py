@@ -33,8 +33,24 @@ class Router(nn.Module):
         """(Re-)initialise the learned parameters, drawing from ``generator`` when given."""
         raise NotImplementedError
 
+    def set_rows(self, rows: torch.Tensor) -> None:
+        """Make ``rows`` (num_experts, hidden) the expert embeddings, e.g. rows calibrated from
+        each domain's hidden states (``nexus_moe.calibrate``)."""
+        raise NotImplementedError
+
+    def set_row(self, index: int, row: torch.Tensor) -> None:
+        """Make ``row`` (hidden,) the embedding of expert ``index`` (the others are unchanged)."""
+        raise NotImplementedError
+
     # Growing and shrinking (SPEC §7). Subclasses implement these for their own parameters.
-    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
+    def add_expert(
+        self,
+        domain_embedding: torch.Tensor | None = None,
+        reset: bool = False,
+        row: torch.Tensor | None = None,
+    ) -> None:
+        """Append an expert: ``row`` (hidden,) places its embedding (calibrated), else the
+        router's own rule applies (random row, or the Nexus projection of its domain)."""
         raise NotImplementedError
 
     def remove_expert(self, index: int) -> None:

@@ -7,6 +7,13 @@ Each MoE layer owns a small SwiGLU hypernetwork P. For routed expert i with doma
 
 Only W1 and W2 are learned; d_i is a buffer. A new expert needs only its d_i: its embedding comes
 out of the trained projection, so it is routed to without any new router parameter.
+
+Each expert also has a fixed *anchor* a_i (a buffer, zero in the paper's configuration), and
+``e_i = a_i + P(d_i)``. Calibrated upcycling (``nexus_moe.calibrate``) sets the anchors to rows
+that separate the domains' hidden states and starts P at zero, so the router routes by domain
+before any training and the projection learns what the domain embeddings add on top; a new
+expert gets its anchor from its domain's hidden states and its P(d_new) from the trained
+projection.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class NexusRouter(Router):
         self.w1 = nn.Linear(embed_dim, 2 * projection_size, bias=False)  # m -> 2h'
         self.w2 = nn.Linear(projection_size, hidden_size, bias=False)  # h' -> hidden
         self.register_buffer("domain_embeddings", domain_embeddings.detach().float().clone())
+        self.register_buffer("expert_anchors", torch.zeros(num_experts, hidden_size))
         self._cache: tuple[tuple, torch.Tensor] | None = None
         self.reset_parameters()
 
@@ -68,22 +76,53 @@ class NexusRouter(Router):
         a, b = self.w1(d.to(self.w1.weight.dtype)).chunk(2, dim=-1)  # (n, h') each
         return self.w2(F.silu(a) * b)  # (n, hidden)
 
+    def _embeddings(self) -> torch.Tensor:
+        projected = self.project(self.domain_embeddings)
+        return self.expert_anchors.to(projected.dtype) + projected  # (E, hidden)
+
     def expert_embeddings(self) -> torch.Tensor:
         # Inference: E depends only on parameters, so reuse it until any of them changes.
         if self.training or torch.is_grad_enabled():
             self._cache = None
-            return self.project(self.domain_embeddings)
+            return self._embeddings()
         key = tuple(
             (t.data_ptr(), t._version, t.dtype, t.shape)
-            for t in (self.w1.weight, self.w2.weight, self.domain_embeddings)
+            for t in (self.w1.weight, self.w2.weight, self.domain_embeddings, self.expert_anchors)
         )
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.project(self.domain_embeddings))
+            self._cache = (key, self._embeddings())
         return self._cache[1]
 
     @torch.no_grad()
-    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
-        """Append the new domain's embedding; no new parameters (``reset`` is not applicable)."""
+    def set_rows(self, rows: torch.Tensor) -> None:
+        """Anchors := ``rows`` and P := 0 (W2 zeroed), so E = rows until training moves P.
+
+        W1 keeps its random init: with W2 = 0 the projection's output is zero but W2's gradient
+        is not (it is silu(a) * b), as with the zero-initialised half of a LoRA adapter.
+        """
+        if rows.shape != self.expert_anchors.shape:
+            raise ValueError(
+                f"rows of shape {tuple(rows.shape)}, router has {tuple(self.expert_anchors.shape)}"
+            )
+        self.expert_anchors.copy_(rows.float())
+        self.w2.weight.zero_()
+        self._cache = None
+
+    @torch.no_grad()
+    def set_row(self, index: int, row: torch.Tensor) -> None:
+        """Anchor of expert ``index`` := ``row``; its embedding is ``row + P(d_index)``."""
+        self.expert_anchors[index].copy_(row.float())
+        self._cache = None
+
+    @torch.no_grad()
+    def add_expert(
+        self,
+        domain_embedding: torch.Tensor | None = None,
+        reset: bool = False,
+        row: torch.Tensor | None = None,
+    ) -> None:
+        """Append the new domain's embedding (no new parameters; ``reset`` does not apply) and
+        its anchor: ``row`` when given (calibrated), else zero (the paper's rule, E = P(d))."""
         if domain_embedding is None:
             raise ValueError("the Nexus router needs the new domain's embedding")
         d = domain_embedding.detach().float().reshape(1, -1).to(self.domain_embeddings.device)
@@ -92,7 +131,11 @@ class NexusRouter(Router):
                 f"domain embedding has dimension {d.shape[1]}, router expects "
                 f"{self.domain_embeddings.shape[1]}"
             )
+        anchor = torch.zeros_like(self.expert_anchors[:1])
+        if row is not None:
+            anchor.copy_(row.reshape(1, -1))
         self.domain_embeddings = torch.cat([self.domain_embeddings, d])
+        self.expert_anchors = torch.cat([self.expert_anchors, anchor])
         self.num_experts += 1
         self._cache = None
 
@@ -100,5 +143,6 @@ class NexusRouter(Router):
     def remove_expert(self, index: int) -> None:
         keep = [i for i in range(self.num_experts) if i != index]
         self.domain_embeddings = self.domain_embeddings[keep].clone()
+        self.expert_anchors = self.expert_anchors[keep].clone()
         self.num_experts -= 1
         self._cache = None

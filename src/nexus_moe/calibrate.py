@@ -1,0 +1,294 @@
+"""Routers that know the domains before any training step (docs/design.md, plug-in experts).
+
+A router trained from random rows needs MoE training before it sends a domain's tokens to that
+domain's expert. But the domain of every expert is known when the MoE is assembled, and a few
+thousand tokens of each domain's text show where its tokens sit at each MoE layer's input. This
+module measures that and turns it into router rows:
+
+1. **Statistics.** For every routed expert i (domain i), run the MoE with all tokens forced to
+   expert i (the expert mask) over ``tokens_per_domain`` tokens of domain i's *training* text, and
+   collect each MoE layer's input x: the per-domain mean ``c_i`` and the within-domain covariance
+   pooled over domains ``S``. With experts branched with only their FFNs trained, this is exactly
+   what each dense expert computes on its own domain.
+2. **Rows.** Linear discriminant directions without a bias (router logits are ``x . e_i``, and
+   the Hugging Face MoE formats have no router bias): ``r_i = normalise(W (c_i - g))`` with
+   ``W = (S + ridge * mean(diag S) I)^-1`` and ``g`` the mean of the centroids; normalising the
+   rows makes the missing bias term equal for every expert. ``e_i = tau * r_i`` with ``tau`` the
+   temperature that maximises the log-likelihood of the true domain on the calibration tokens.
+3. **Growing.** A new expert's row is the discriminant direction of its domain's centroid under
+   the stored ``W`` and ``g`` of each layer, so the rows of the earlier experts are unchanged,
+   at ``NEW_ROW_SCALE`` times their mean norm.
+
+The statistics are kept with the checkpoint (``routing_stats.safetensors``), so ``extend`` can
+place a new expert's row from the new domain's text alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nexus_moe.data import TokenShards
+from nexus_moe.errors import NexusError
+from nexus_moe.model import Transformer
+from nexus_moe.moe import MoELayer
+
+# File in a checkpoint directory that holds the statistics (see :func:`stats_to_tensors`).
+STATS_FILE = "routing_stats.safetensors"
+DEFAULT_TOKENS_PER_DOMAIN = 8192
+CALIBRATION_SEQ_LEN = 128  # window length of the calibration text (capped by max_seq_len)
+DEFAULT_RIDGE = 0.05  # shrinkage of the pooled covariance towards its mean variance
+_TAU_GRID = torch.logspace(-1, 2.5, 36)  # candidate temperatures for the rows (unit vectors)
+_KEEP_FOR_TAU = 1024  # tokens per domain and layer kept to fit the temperature
+# Norm of a new expert's row relative to the mean norm of the current rows. Measured on the
+# held-out math domain of the study (docs/design.md, plug-in experts): 1.0 lets the new expert
+# take borderline tokens of the earlier domains (+1.3% on their perplexity), 0.85 keeps them
+# within 1% while it still gets ~3/4 of its own domain's tokens.
+NEW_ROW_SCALE = 0.85
+
+
+@dataclass
+class LayerStats:
+    """Domain statistics of one MoE layer's input (float64 accumulators)."""
+
+    centroids: torch.Tensor  # (E, H) mean input of each expert's domain
+    covariance: torch.Tensor  # (H, H) within-domain covariance pooled over domains
+    counts: torch.Tensor  # (E,) tokens each centroid was computed from
+    center: torch.Tensor  # (H,) g: mean of the centroids the rows were made with
+    temperature: float  # tau of the rows
+
+
+@torch.no_grad()
+def sample_windows(tokens: np.ndarray, seq_len: int, num_tokens: int) -> torch.Tensor:
+    """(rows, seq_len) int64 windows spread evenly over ``tokens`` (about ``num_tokens``)."""
+    rows = max(1, num_tokens // seq_len)
+    last = len(tokens) - seq_len
+    if last < 0:
+        return torch.from_numpy(np.asarray(tokens, dtype=np.int64)[None, :])
+    starts = np.linspace(0, last, rows).astype(np.int64) if rows > 1 else np.zeros(1, np.int64)
+    return torch.from_numpy(
+        np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts])
+    )
+
+
+def domain_windows(
+    shards: TokenShards, domain: str, max_seq_len: int, num_tokens: int
+) -> torch.Tensor:
+    """Calibration windows of ``domain``'s training split; NexusError if the domain is absent."""
+    if domain not in shards.domains:
+        raise NexusError(
+            f"{shards.data_dir}: no domain '{domain}' in the corpus (it has "
+            f"{', '.join(shards.domains)}); build a corpus that includes it"
+        )
+    seq_len = min(max_seq_len, CALIBRATION_SEQ_LEN)
+    return sample_windows(shards.tokens(domain, "train"), seq_len, num_tokens)
+
+
+@torch.no_grad()
+def moe_inputs(
+    model: Transformer,
+    windows: torch.Tensor,
+    expert: int | None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> list[torch.Tensor]:
+    """What each MoE layer's router scores for ``windows`` (its input, or with context routing
+    the input mixed with its running mean), tokens forced to ``expert`` (None: as routed).
+
+    Returns one (tokens, H) float32 tensor per MoE layer.
+    """
+    layers = model.moe_layers()
+    captured: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def capture(i: int, module: MoELayer, args: tuple) -> None:
+        route_in = module.routing_input(args[0])  # what the router scores (B, T, H)
+        captured[i].append(route_in.reshape(-1, route_in.shape[-1]))
+
+    hooks = [
+        layer.register_forward_pre_hook(functools.partial(capture, i))
+        for i, layer in enumerate(layers)
+    ]
+    masks = [layer.expert_mask for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers:
+            if expert is not None:
+                mask = torch.zeros(layer.num_experts, dtype=torch.bool, device=device)
+                mask[expert] = True
+                layer.expert_mask = mask
+        for start in range(0, windows.shape[0], batch_size):
+            model(windows[start : start + batch_size].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, mask in zip(layers, masks, strict=True):
+            layer.expert_mask = mask
+        model.train(was_training)
+    return [torch.cat(xs).float().cpu() for xs in captured]
+
+
+def _covariance(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    centred = x.double() - mean
+    return centred.t() @ centred / max(x.shape[0], 1)
+
+
+def whitening(covariance: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """``(S + ridge * mean(diag S) I)^-1`` (float64)."""
+    size = covariance.shape[0]
+    shrink = ridge * covariance.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.inv(covariance + shrink * torch.eye(size, dtype=covariance.dtype))
+
+
+def directions(
+    centroids: torch.Tensor, center: torch.Tensor, covariance: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """Unit router rows ``normalise(W (c_i - g))`` (E, H), float64."""
+    w = whitening(covariance, ridge)
+    return F.normalize((centroids.double() - center) @ w, dim=-1)  # W is symmetric
+
+
+def fit_temperature(rows: torch.Tensor, samples: list[torch.Tensor]) -> float:
+    """The tau in ``_TAU_GRID`` that maximises the mean log-probability of each sample's own
+    expert (``samples[i]``: inputs of expert i's domain) under ``softmax(tau * x . r)``."""
+    x = torch.cat(samples).double()
+    labels = torch.cat([torch.full((len(s),), i) for i, s in enumerate(samples)])
+    scores = x @ rows.t()
+    best, best_ll = float(_TAU_GRID[0]), -math.inf
+    for tau in _TAU_GRID.tolist():
+        ll = torch.log_softmax(tau * scores, dim=-1)[torch.arange(len(labels)), labels].mean()
+        if ll.item() > best_ll:
+            best, best_ll = tau, ll.item()
+    return best
+
+
+@torch.no_grad()
+def domain_statistics(
+    model: Transformer,
+    windows_per_expert: list[torch.Tensor],
+    ridge: float = DEFAULT_RIDGE,
+    device: str | torch.device = "cpu",
+) -> list[LayerStats]:
+    """Statistics of every MoE layer, expert i's domain given by ``windows_per_expert[i]``."""
+    num_layers = len(model.moe_layers())
+    inputs = [moe_inputs(model, w, i, device=device) for i, w in enumerate(windows_per_expert)]
+    out = []
+    for layer in range(num_layers):
+        xs = [per_expert[layer] for per_expert in inputs]  # E x (N_i, H)
+        centroids = torch.stack([x.double().mean(0) for x in xs])
+        counts = torch.tensor([float(len(x)) for x in xs], dtype=torch.float64)
+        covariance = sum(_covariance(x, c) * len(x) for x, c in zip(xs, centroids, strict=True))
+        covariance = covariance / counts.sum()
+        center = centroids.mean(0)
+        rows = directions(centroids, center, covariance, ridge)
+        temperature = fit_temperature(rows, [x[:_KEEP_FOR_TAU] for x in xs])
+        out.append(LayerStats(centroids, covariance, counts, center, temperature))
+    return out
+
+
+def router_rows(stats: LayerStats, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """(E, H) float32 router rows ``tau * r_i`` of every expert in ``stats``."""
+    rows = directions(stats.centroids, stats.center, stats.covariance, ridge)
+    return (stats.temperature * rows).float()
+
+
+def new_expert_row(
+    stats: LayerStats,
+    new_inputs: torch.Tensor,
+    current_rows: torch.Tensor,
+    ridge: float = DEFAULT_RIDGE,
+    scale: float = NEW_ROW_SCALE,
+) -> tuple[torch.Tensor, LayerStats]:
+    """The row of a new expert whose domain gives ``new_inputs`` (N, H) at this layer.
+
+    The earlier rows (``current_rows``, as trained) are untouched. The new row is the
+    discriminant direction of the new centroid under the stored W and g, with ``scale`` times
+    the mean norm of the current rows (below 1: a new expert should win its domain's tokens
+    without winning the borderline tokens of the earlier domains). Returns the row (H,) float32
+    and the statistics grown by the new domain (the pooled covariance keeps the earlier
+    domains', which the earlier rows were made with).
+    """
+    centroid = new_inputs.double().mean(0)
+    direction = directions(centroid[None], stats.center, stats.covariance, ridge)[0].float()
+    row = scale * current_rows.float().norm(dim=-1).mean() * direction
+    grown = LayerStats(
+        torch.cat([stats.centroids, centroid[None]]),
+        stats.covariance,
+        torch.cat([stats.counts, torch.tensor([float(len(new_inputs))], dtype=torch.float64)]),
+        stats.center,
+        stats.temperature,
+    )
+    return row, grown
+
+
+def drop_expert(stats: LayerStats, index: int) -> LayerStats:
+    """Statistics without expert ``index`` (the pooled covariance is kept as it was)."""
+    keep = [i for i in range(stats.centroids.shape[0]) if i != index]
+    return LayerStats(
+        stats.centroids[keep].clone(),
+        stats.covariance,
+        stats.counts[keep].clone(),
+        stats.center,
+        stats.temperature,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# storage with a checkpoint
+
+
+def stats_to_tensors(stats: list[LayerStats]) -> dict[str, torch.Tensor]:
+    """Flat float32 tensors for safetensors, one group per MoE layer (in model order)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, s in enumerate(stats):
+        out[f"moe_layer.{i}.centroids"] = s.centroids.float()
+        out[f"moe_layer.{i}.covariance"] = s.covariance.float()
+        out[f"moe_layer.{i}.counts"] = s.counts.float()
+        out[f"moe_layer.{i}.center"] = s.center.float()
+        out[f"moe_layer.{i}.temperature"] = torch.tensor([s.temperature], dtype=torch.float32)
+    return out
+
+
+def stats_from_tensors(tensors: dict[str, torch.Tensor], num_layers: int) -> list[LayerStats]:
+    """Inverse of :func:`stats_to_tensors`; KeyError when a layer's group is incomplete."""
+    return [
+        LayerStats(
+            tensors[f"moe_layer.{i}.centroids"].double(),
+            tensors[f"moe_layer.{i}.covariance"].double(),
+            tensors[f"moe_layer.{i}.counts"].double(),
+            tensors[f"moe_layer.{i}.center"].double(),
+            float(tensors[f"moe_layer.{i}.temperature"][0]),
+        )
+        for i in range(num_layers)
+    ]
+
+
+@torch.no_grad()
+def calibrate_model(
+    model: Transformer,
+    shards: TokenShards,
+    num_tokens: int = DEFAULT_TOKENS_PER_DOMAIN,
+    ridge: float = DEFAULT_RIDGE,
+    device: str | torch.device = "cpu",
+) -> list[LayerStats]:
+    """Set every MoE layer's router rows from its experts' domains (``model.cfg.moe.domains``)
+    and attach the statistics to the layers; returns them."""
+    moe = model.cfg.moe
+    if moe is None or not model.moe_layers():
+        raise NexusError("router calibration needs an MoE model")
+    if len(moe.domains) != moe.num_experts:
+        raise NexusError(
+            "router calibration needs the domain of every routed expert (moe.domains); "
+            "name them with --domains"
+        )
+    windows = [domain_windows(shards, d, model.cfg.max_seq_len, num_tokens) for d in moe.domains]
+    stats = domain_statistics(model, windows, ridge, device=device)
+    for layer, layer_stats in zip(model.moe_layers(), stats, strict=True):
+        layer.router.set_rows(router_rows(layer_stats, ridge).to(device))
+        layer.domain_stats = layer_stats
+    return stats
