@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from nexus_moe import __version__
 from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import atomic_dir, read_json, write_json
+from nexus_moe.io_utils import atomic_dir, file_sha256, read_json, write_json
 from nexus_moe.model import Transformer
 
 CONFIG_FILE = "config.json"
@@ -54,6 +54,7 @@ def save_checkpoint(
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
+        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(
             tmp / CONFIG_FILE,
             {
@@ -61,9 +62,9 @@ def save_checkpoint(
                 "version": __version__,
                 "model": to_dict(model.cfg),
                 "metadata": metadata or {},
+                "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
             },
         )
-        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer_path is not None:
             shutil.copyfile(find_tokenizer(tokenizer_path), tmp / TOKENIZER_FILE)
         for name, content in (extra_files or {}).items():
@@ -82,6 +83,29 @@ def _write_extra(path: Path, content: Any) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(path))
     else:
         write_json(path, content)
+
+
+def weights_hash(ckpt_dir: str | Path) -> str:
+    """sha256 of a checkpoint's weights: recorded in config.json when saved, else computed."""
+    ckpt_dir = Path(ckpt_dir)
+    doc = read_json(ckpt_dir / CONFIG_FILE)
+    recorded = doc.get("weights_sha256") if isinstance(doc, dict) else None
+    if isinstance(recorded, str):
+        return recorded
+    if not (ckpt_dir / WEIGHTS_FILE).is_file():
+        raise NexusError(f"{ckpt_dir / WEIGHTS_FILE}: weights file not found")
+    return file_sha256(ckpt_dir / WEIGHTS_FILE)
+
+
+def checkpoint_tokenizer(ckpt_dir: str | Path) -> Path:
+    """``ckpt_dir/tokenizer.json``; NexusError naming it when the checkpoint has none."""
+    path = Path(ckpt_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise NexusError(
+            f"{path}: the checkpoint has no tokenizer.json; copy the tokenizer the model was "
+            "trained with into the checkpoint folder"
+        )
+    return path
 
 
 def find_tokenizer(path: str | Path) -> Path:
@@ -142,10 +166,22 @@ def check_tensor_table(
             )
 
 
+def check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """NexusError naming the first tensor holding NaN or infinite values (one pass, no copies)."""
+    for name in sorted(state):
+        tensor = state[name]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NexusError(
+                f"{source}: tensor '{name}' holds NaN or infinite values; the file is corrupt — "
+                "restore it from a copy or re-run the stage that wrote it"
+            )
+
+
 def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
     """Copy ``state`` into ``model``, naming the first missing/unexpected/misshapen tensor."""
     expected = {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
     check_tensor_table(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_finite(state, source)
     model.load_state_dict(state, strict=False)
 
 
