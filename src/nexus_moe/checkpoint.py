@@ -97,6 +97,24 @@ def weights_hash(ckpt_dir: str | Path) -> str:
     return file_sha256(ckpt_dir / WEIGHTS_FILE)
 
 
+def seed_hash(model_dir: str | Path) -> str | None:
+    """The weights hash of a native dense checkpoint used as a seed (None for other folders).
+
+    Recorded as ``seed_sha256`` in the metadata of experts branched from it and of MoEs built
+    from it, so that ``extend`` can tell an expert branched from another seed.
+    """
+    model_dir = Path(model_dir)
+    try:
+        doc = read_json(model_dir / CONFIG_FILE)
+    except NexusError:
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return None
+    if not (model_dir / WEIGHTS_FILE).is_file():
+        return None
+    return weights_hash(model_dir)
+
+
 def checkpoint_tokenizer(ckpt_dir: str | Path) -> Path:
     """``ckpt_dir/tokenizer.json``; NexusError naming it when the checkpoint has none."""
     path = Path(ckpt_dir) / TOKENIZER_FILE

@@ -39,6 +39,11 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override one setting: key=value (YAML value).")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option(help="Tokens per scored window (default: 256, or the model's max_seq_len)."),
+]
+DEFAULT_EVAL_SEQ_LEN = 256
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -69,11 +74,24 @@ def _claim(command: str, overwrite: bool, **params: Any) -> None:
     set_output_policy(command, key, overwrite)
 
 
-def _check_out(out: Path, inputs: list[Path | None] | None = None) -> None:
-    """A bad --out (a file, a foreign folder, an input) is reported before any work."""
-    from nexus_moe.io_utils import check_output_dir
+def _check_out(out: Path, inputs: list[Path | None] | None = None, space: bool = True) -> None:
+    """A bad --out (a file, a foreign folder, an input, too little free space) is reported
+    before any work; the space needed is estimated as the size of the input weights."""
+    from nexus_moe.io_utils import check_free_space, check_output_dir
 
-    check_output_dir(out, [p for p in inputs or [] if p is not None])
+    given = [p for p in inputs or [] if p is not None]
+    check_output_dir(out, given)
+    if space:
+        check_free_space(out, sum(_weights_size(p) for p in given))
+
+
+def _weights_size(path: Path) -> int:
+    """Bytes of the weight files in ``path`` (a file, a checkpoint or a Hugging Face folder)."""
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())
 
 
 def _check_out_file(out: Path, option: str = "--out") -> None:
@@ -194,7 +212,7 @@ def corpus_build(
         val_fraction=val_fraction,
         seed=seed,
     )
-    _check_out(out, [from_dir, cache])
+    _check_out(out, [from_dir, cache], space=False)
 
     optional = {"max_mb_per_domain": max_mb, "val_fraction": val_fraction}
     manifest = build_corpus(
@@ -278,7 +296,7 @@ def train(
     if init is not None:
         ckpt = resolve_model_dir(init)
         for folder in (out / "model", out / "checkpoint"):
-            _check_out(folder, [ckpt, corpus])
+            _check_out(folder, [ckpt, corpus], space=False)
         tok = checkpoint_tokenizer(ckpt)
         model, meta = load_checkpoint(ckpt)
         dev = init_from_env() if device == "auto" else resolve_device(device)
@@ -297,7 +315,7 @@ def train(
     else:
         assert model_config is not None and tokenizer is not None
         for folder in (out / "model", out / "checkpoint"):
-            _check_out(folder, [corpus])
+            _check_out(folder, [corpus], space=False)
         mcfg = from_dict(ModelConfig, _settings(model_config, None, "model"), "model")
         dev = init_from_env() if device == "auto" else resolve_device(device)
         final = pretrain_seed(
@@ -349,7 +367,7 @@ def branch(
     _claim("branch", overwrite)  # resuming an expert's checkpoint is decided by the trainer
     for name in names:
         for folder in (out / name / "model", out / name / "checkpoint"):
-            _check_out(folder, [seed_dir, corpus])
+            _check_out(folder, [seed_dir, corpus], space=False)
     if parallel_devices == 0:
         parallel_devices = torch.cuda.device_count() if device in ("auto", "cuda") else 1
     groups = assign_to_devices(names, max(parallel_devices, 1))
@@ -388,7 +406,7 @@ def evaluate(
     corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
     domains: DomainsOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
-    seq_len: int = 256,
+    seq_len: SeqLenOpt = None,
     batch_size: int = 16,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write scores here.")] = None,
     device: DeviceOpt = "auto",
@@ -401,7 +419,11 @@ def evaluate(
     from nexus_moe.io_utils import write_json
     from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
-    cfg = EvalConfig(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens or None)
+    cfg = EvalConfig(
+        seq_len=seq_len or DEFAULT_EVAL_SEQ_LEN,
+        batch_size=batch_size,
+        max_tokens=max_tokens or None,
+    )
     if json_out is not None:
         _check_out_file(json_out, "--json")
     names = _split(domains) or list(load_manifest(corpus)["domains"])
@@ -411,6 +433,8 @@ def evaluate(
         ckpt = resolve_model_dir(path)
         tok = checkpoint_tokenizer(ckpt)
         model, _ = load_checkpoint(ckpt, device=str(dev))
+        if seq_len is None:
+            cfg.seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.cfg.max_seq_len)
         shards = tokens_for(corpus, tok)
         check_vocab(model, shards, tok)
         results[str(path)] = scores_to_dict(evaluate_domains(model, shards, names, cfg, device=dev))
@@ -622,7 +646,7 @@ def analyse(
     out: Annotated[Path, typer.Option(help="Directory for heatmaps and JSON.")] = Path("analysis"),
     domains: DomainsOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
-    seq_len: int = 256,
+    seq_len: SeqLenOpt = None,
     name: Annotated[str, typer.Option(help="Label used in file names and titles.")] = "model",
     device: DeviceOpt = "auto",
 ) -> None:
@@ -634,7 +658,7 @@ def analyse(
     from nexus_moe.evaluate import EvalConfig
     from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
-    cfg = EvalConfig(seq_len=seq_len, max_tokens=max_tokens or None)
+    cfg = EvalConfig(seq_len=seq_len or DEFAULT_EVAL_SEQ_LEN, max_tokens=max_tokens or None)
     if out.exists() and not out.is_dir():
         raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
     from nexus_moe.io_utils import check_writable_file
@@ -646,6 +670,8 @@ def analyse(
     model, _ = load_checkpoint(ckpt, device=str(dev))
     if model.cfg.moe is None:
         raise NexusError(f"{ckpt}: a dense model has no routing to analyse")
+    if seq_len is None:
+        cfg.seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.cfg.max_seq_len)
     names = _split(domains) or list(load_manifest(corpus)["domains"])
     shards = tokens_for(corpus, tok)
     check_vocab(model, shards, tok)
@@ -673,7 +699,16 @@ def import_cmd(
     _check_out(out, [source])
 
     if source.suffix == ".gguf":
-        hf.import_gguf(source, out)
+        import struct
+
+        try:
+            hf.import_gguf(source, out)
+        except (struct.error, EOFError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+            # transformers' GGUF reader fails this way on a file cut short after a valid magic
+            raise NexusError(
+                f"{source}: the GGUF file is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                "download it again"
+            ) from exc
     else:
         hf.import_hf(source, out)
     console.print(f"checkpoint written to {out}")
@@ -736,13 +771,13 @@ def main() -> None:
     except OSError as exc:
         if exc.errno not in _FS_ERRNOS:
             raise
-        where = exc.filename or "output"
         advice = (
-            "free some space or write elsewhere"
+            "free some space or write elsewhere; nothing half-written was left in place"
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
             else "choose a folder you can write to"
         )
-        _fail(f"{where}: {exc.strerror or exc}; {advice}")
+        where = f"{exc.filename}: " if exc.filename else "writing the output failed: "
+        _fail(f"{where}{exc.strerror or exc}; {advice}")
     except MemoryError:
         _fail("out of memory; use a smaller model, batch_size or seq_len")
 

@@ -402,7 +402,12 @@ def branch_expert(
         [domain],
         cfg,
         out_dir,
-        metadata={"stage": "branch", "domain": domain, "seed": str(seed_dir)},
+        metadata={
+            "stage": "branch",
+            "domain": domain,
+            "seed": str(seed_dir),
+            "seed_sha256": weights_hash(seed_dir),
+        },
         eval_domains=eval_domains or [domain],
         device=device,
         init=weights_hash(seed_dir),

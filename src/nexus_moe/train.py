@@ -427,7 +427,14 @@ class Trainer:
                 tmp.write_text("".join(line + "\n" for line in keep))
 
     def preflight(self) -> None:
-        """Check the output folders and free space before any step runs (rank 0)."""
+        """Check the validation data, output folders and free space before any step runs."""
+        for domain in self.eval_domains:  # evaluated at the end: an empty split would fail then
+            if self.shards.num_tokens(domain, "validation") < 2:
+                raise NexusError(
+                    f"{self.shards.data_dir}: domain {domain!r} has an empty validation split, "
+                    "so the run could not be evaluated; rebuild the corpus with more text or a "
+                    "larger val_fraction, or leave the domain out"
+                )
         if self.rank != 0:
             return
         if self.out_dir.exists() and not self.out_dir.is_dir():

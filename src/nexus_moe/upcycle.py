@@ -49,6 +49,7 @@ from nexus_moe.checkpoint import (
     check_tensor_table,
     load_config,
     model_state_dict,
+    seed_hash,
 )
 from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.errors import NexusError
@@ -198,6 +199,7 @@ def upcycle(
         "inputs": [str(seed_in.path), *(str(p.path) for p in expert_ins)],
         "domains": expert_domains,
         "router_seed": seed,
+        "seed_sha256": seed_hash(seed_in.path),  # extend checks new experts against it
     }
     if out_format != "native":
         from nexus_moe.hf import export_streamed
@@ -433,7 +435,7 @@ def _domain_vectors(
     if embeddings is None:
         raise NexusError(
             f"the {moe.router.value} router needs domain embeddings; compute them with "
-            "`nexus-moe embed` and pass them in"
+            "`nexus-moe embed-domains` and pass them with --embeddings"
         )
     if not domains:
         raise NexusError(
