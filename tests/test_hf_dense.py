@@ -15,6 +15,7 @@ from conftest import tiny_bpe_file, tiny_config
 from nexus_moe.checkpoint import load_checkpoint, model_state_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.hf import export_hf, import_hf
+from nexus_moe.io_utils import OUTPUT_MARKER
 from nexus_moe.model import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -212,7 +213,7 @@ def test_legacy_rope_theta_key(tmp_path):
 def test_export_round_trip(tmp_path, fmt, overrides):
     ours = _tiny_ours(**overrides)
     hf_dir = export_hf(ours, tmp_path / "hf", fmt=fmt)
-    assert sorted(p.name for p in hf_dir.iterdir()) == [
+    assert sorted(p.name for p in hf_dir.iterdir() if p.name != OUTPUT_MARKER) == [
         "config.json",
         "generation_config.json",
         "model.safetensors",

@@ -141,19 +141,6 @@ def load_recipe(path: str | Path) -> Recipe:
 def _check_recipe(path: Path, recipe: Recipe) -> None:
     """Checks across sections, made at load so that no stage runs on a doomed recipe."""
     check_device_name(recipe.device, f"{path}: device")
-    limit = recipe.model.max_seq_len
-    sections = {
-        "seed_train": recipe.seed_train,
-        "branch_train": recipe.branch_train,
-        "moe.train": recipe.moe.train,
-        "extend.train": recipe.extend.train,
-        "evaluate": recipe.evaluate,
-    }
-    for name, section in sections.items():
-        if section.seq_len > limit:
-            raise NexusError(
-                f"{path}: {name}.seq_len={section.seq_len} exceeds model.max_seq_len={limit}"
-            )
     from nexus_moe.upcycle import Method
 
     methods = {m.value for m in Method}
@@ -173,6 +160,22 @@ def _check_recipe(path: Path, recipe: Recipe) -> None:
                 from_dict(MoEConfig, checked, "moe")
             except NexusError as exc:
                 raise NexusError(f"{path}: moe.variants '{variant.name}': {exc}") from None
+    limit = recipe.model.max_seq_len
+    sections = {
+        "seed_train": recipe.seed_train,
+        "branch_train": recipe.branch_train,
+        "evaluate": recipe.evaluate,
+    }
+    trained = [v for v in recipe.moe.variants if v.train]
+    if trained:  # sections of stages that will not run keep their defaults harmlessly
+        sections["moe.train"] = recipe.moe.train
+        if any(recipe.extend.budgets) and recipe.extend.variants:
+            sections["extend.train"] = recipe.extend.train
+    for name, section in sections.items():
+        if section.seq_len > limit:
+            raise NexusError(
+                f"{path}: {name}.seq_len={section.seq_len} exceeds model.max_seq_len={limit}"
+            )
 
 
 _SET_BY_UPCYCLE = ("num_experts", "top_k", "domains")
