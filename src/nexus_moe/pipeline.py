@@ -271,11 +271,12 @@ def tokens_for(
     return TokenShards(out)
 
 
-def corpus_fingerprint(corpus_dir: Path) -> str:
-    """Hash of the corpus manifest and of every domain file present (name, size, mtime).
+def corpus_fingerprint(corpus_dir: Path, mtimes: bool = True) -> str:
+    """Hash of the corpus manifest and of every domain file present (name, size and mtime).
 
     Keys the token cache, so that a domain folder restored, added or edited after the cache was
-    built gives a new cache instead of a stale one.
+    built gives a new cache instead of a stale one. Without ``mtimes`` (deciding whether a
+    training run may be resumed) a copy of the same corpus elsewhere has the same fingerprint.
     """
     corpus_dir = Path(corpus_dir)
     manifest = corpus_dir / "manifest.json"
@@ -285,7 +286,8 @@ def corpus_fingerprint(corpus_dir: Path) -> str:
             if domain.is_dir() and not domain.name.startswith((".", "tokens-")):
                 for f in sorted(domain.glob("*.jsonl")):
                     st = f.stat()
-                    files.append([f"{domain.name}/{f.name}", st.st_size, st.st_mtime_ns])
+                    entry = [f"{domain.name}/{f.name}", st.st_size]
+                    files.append(entry + [st.st_mtime_ns] if mtimes else entry)
     return fingerprint(file_hash(manifest) if manifest.is_file() else "nomanifest", files)
 
 
@@ -296,7 +298,7 @@ def train_inputs(
     return {
         "init": init,
         "tokenizer": file_hash(tokenizer_path),
-        "corpus": corpus_fingerprint(corpus_dir),
+        "corpus": corpus_fingerprint(corpus_dir, mtimes=False),
         "domains": list(domains),
     }
 
