@@ -356,18 +356,17 @@ def branch(
 
     from nexus_moe.corpus import load_manifest
     from nexus_moe.distributed import assign_to_devices, run_per_device
-    from nexus_moe.pipeline import branch_expert, resolve_device, resolve_model_dir
+    from nexus_moe.pipeline import branch_expert, resolve_device
 
     _check_device(device)
     cfg = _train_config(config, set_, "branch_train")
     if out.exists() and not out.is_dir():
         raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
     names = _split(domains) or list(load_manifest(corpus)["domains"])
-    seed_dir = resolve_model_dir(seed)
     _claim("branch", overwrite)  # resuming an expert's checkpoint is decided by the trainer
     for name in names:
         for folder in (out / name / "model", out / name / "checkpoint"):
-            _check_out(folder, [seed_dir, corpus], space=False)
+            _check_out(folder, [seed, corpus], space=False)
     if parallel_devices == 0:
         parallel_devices = torch.cuda.device_count() if device in ("auto", "cuda") else 1
     groups = assign_to_devices(names, max(parallel_devices, 1))
