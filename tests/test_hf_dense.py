@@ -289,13 +289,18 @@ def test_export_from_checkpoint_with_tokenizer(tmp_path):
     assert hf.generation_config.eos_token_id == 0
 
 
-def test_export_replaces_existing_folder_atomically(tmp_path):
+def test_export_replaces_its_own_folder_atomically_and_never_a_users(tmp_path):
     target = tmp_path / "hf"
-    target.mkdir()
-    (target / "stale.txt").write_text("old")
-    export_hf(_tiny_ours(), target)
-    assert not (target / "stale.txt").exists()
-    assert (target / "model.safetensors").is_file()
+    export_hf(_tiny_ours(), target, fmt="qwen2")
+    export_hf(_tiny_ours(), target)  # our own earlier export: replaced as a whole
+    assert json.loads((target / "config.json").read_text())["model_type"] == "llama"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "stale.txt").write_text("old")
+    with pytest.raises(NexusError, match="stale.txt"):
+        export_hf(_tiny_ours(), mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["stale.txt"]
 
 
 # --------------------------------------------------------------------------------------------

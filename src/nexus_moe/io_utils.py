@@ -78,6 +78,13 @@ def is_own_output(folder: str | os.PathLike) -> bool:
     return _read_marker(Path(folder)) is not None
 
 
+def holds_only_own_files(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` was written by nexus-moe and holds nothing else."""
+    folder = Path(folder)
+    marker = _read_marker(folder)
+    return marker is not None and not _foreign_entries(folder, marker)
+
+
 def _foreign_entries(folder: Path, marker: dict[str, Any] | None) -> list[str]:
     """Entries of ``folder`` that nexus-moe did not write (sorted)."""
     listed = set(marker["files"]) if marker else set()

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,13 @@ from nexus_moe.config import ModelConfig, to_dict
 from nexus_moe.data import DomainSampler, TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
-from nexus_moe.io_utils import atomic_path, check_free_space, check_output_dir, read_json
+from nexus_moe.io_utils import (
+    atomic_path,
+    check_free_space,
+    check_output_dir,
+    holds_only_own_files,
+    read_json,
+)
 from nexus_moe.losses import language_model_loss
 from nexus_moe.model import Transformer
 
@@ -400,10 +407,15 @@ class Trainer:
         return self.out_dir / "metrics.jsonl"
 
     def _clear_metrics(self) -> None:
-        """A run restarted afresh: the rows of the set-aside run go."""
-        if self.rank == 0 and self.metrics_path.is_file():
+        """A run restarted afresh: the rows and the final model of the set-aside run go (the
+        model is not left to pass for this run's result if it is interrupted)."""
+        if self.rank != 0:
+            return
+        if self.metrics_path.is_file():
             with atomic_path(self.metrics_path) as tmp:
                 tmp.write_text("")
+        if self.final_dir.is_dir() and holds_only_own_files(self.final_dir):
+            shutil.rmtree(self.final_dir)
 
     def _trim_metrics(self) -> None:
         """After a resume at ``self.step``, drop rows logged after that checkpoint was written
