@@ -849,7 +849,8 @@ def test_leftover_temporaries_of_an_interrupted_write_are_removed(w, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.mine.tmp", "hf"]
 
 
-def test_resume_after_a_kill_logs_each_step_once(w, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill_at", [1, 3])  # 1: before any checkpoint was written
+def test_resume_after_a_kill_logs_each_step_once(w, tmp_path, monkeypatch, kill_at):
     from nexus_moe.train import Trainer
 
     save = Trainer.save
@@ -857,14 +858,14 @@ def test_resume_after_a_kill_logs_each_step_once(w, tmp_path, monkeypatch):
     class Killed(BaseException):
         pass
 
-    def killed_at_step_3(self):
-        if self.step == 3:
-            raise Killed  # killed after step 3 was logged, before its checkpoint
+    def killed(self):
+        if self.step == kill_at:
+            raise Killed  # killed after the step was logged, before its checkpoint
         save(self)
 
     out = tmp_path / "run"
     args = ["train", "--init", w / "seed", *_common(w), "--out", out, "--set", "checkpoint_every=1"]
-    monkeypatch.setattr(Trainer, "save", killed_at_step_3)
+    monkeypatch.setattr(Trainer, "save", killed)
     with pytest.raises(Killed):
         run(*args)
     monkeypatch.setattr(Trainer, "save", save)

@@ -347,6 +347,7 @@ class Trainer:
         """Resume from ``out_dir/checkpoint`` when it exists; True if resumed."""
         ckpt = self.checkpoint_dir
         if not (ckpt / STATE_FILE).is_file():
+            self._trim_metrics()  # rows of a start killed before its first checkpoint
             return False
         state = read_json(ckpt / STATE_FILE)
         saved_inputs = state.get("inputs")
