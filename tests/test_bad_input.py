@@ -300,6 +300,18 @@ def test_other_output_of_ours_needs_overwrite(w, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_checkpoint_from_before_markers_counts_as_ours(w, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(w / "experts" / "alpha" / "model", old)
+    (old / ".nexus-moe.json").unlink()  # as written by an earlier version
+    fails(*_upcycle(w, old), names="--overwrite", keep=[old])
+    (old / "notes.md").write_text("mine\n")
+    fails(*_upcycle(w, old, "--overwrite"), names="notes.md", keep=[old])
+    (old / "notes.md").unlink()
+    ok(*_upcycle(w, old, "--overwrite"))
+    assert json.loads((old / "config.json").read_text())["model"]["moe"] is not None
+
+
 def test_train_keeps_foreign_files_in_its_run_folder(w, tmp_path):
     out = _foreign(tmp_path / "run")
     before = snapshot(out)

@@ -65,12 +65,37 @@ def current_policy() -> OutputPolicy:
     return _POLICY.get() or OutputPolicy()
 
 
+# A checkpoint written before output folders carried a marker holds only these files.
+_LEGACY_CHECKPOINT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "optimizer.safetensors",
+    "trainer_state.json",
+    "rng.safetensors",
+    "undo.safetensors",
+}
+
+
 def _read_marker(folder: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads((folder / OUTPUT_MARKER).read_text())
     except (OSError, ValueError):
-        return None
+        return _legacy_marker(folder)
     return doc if isinstance(doc, dict) and isinstance(doc.get("files"), list) else None
+
+
+def _legacy_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker a nexus-moe checkpoint from before markers would have had, else None."""
+    try:
+        doc = json.loads((folder / "config.json").read_text())
+        names = {p.name for p in folder.iterdir()}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != "nexus-moe":
+        return None
+    files = sorted(names & _LEGACY_CHECKPOINT_FILES)
+    return {"command": None, "key": None, "files": files, "legacy": True}
 
 
 def is_own_output(folder: str | os.PathLike) -> bool:
