@@ -464,11 +464,10 @@ def embed_domains_cmd(
 ) -> None:
     """Compute one embedding per domain: the mean sentence embedding of sampled chunks (SPEC §6)."""
     from nexus_moe.corpus import load_manifest
-    from nexus_moe.embed import DomainEmbeddings, embed_domains
-    from nexus_moe.io_utils import check_writable_file
+    from nexus_moe.embed import EMBEDDINGS_FILENAME, DomainEmbeddings, embed_domains
 
-    check_writable_file(out if out.suffix == ".safetensors" else out / "x", "--out")
-
+    # checked before the embedder runs; a folder gets the file of DomainEmbeddings.save
+    _check_out_file(out if out.suffix == ".safetensors" else out / EMBEDDINGS_FILENAME)
     names = _split(domains) or list(load_manifest(corpus)["domains"])
     result = embed_domains(
         corpus, names, embedder=embedder, num_chunks=num_chunks, chunk_chars=chunk_chars, seed=seed
@@ -660,9 +659,7 @@ def analyse(
     cfg = EvalConfig(seq_len=seq_len or DEFAULT_EVAL_SEQ_LEN, max_tokens=max_tokens or None)
     if out.exists() and not out.is_dir():
         raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
-    from nexus_moe.io_utils import check_writable_file
-
-    check_writable_file(out / f"routing-{name}.json", "--out")
+    _check_out_file(out / f"routing-{name}.json")
     ckpt = resolve_model_dir(checkpoint)
     dev = resolve_device(device)
     tok = checkpoint_tokenizer(ckpt)
