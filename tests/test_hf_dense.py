@@ -15,6 +15,7 @@ from conftest import tiny_bpe_file, tiny_config
 from nexus_moe.checkpoint import load_checkpoint, model_state_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.hf import export_hf, import_hf
+from nexus_moe.io_utils import OUTPUT_MARKER
 from nexus_moe.model import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -212,7 +213,7 @@ def test_legacy_rope_theta_key(tmp_path):
 def test_export_round_trip(tmp_path, fmt, overrides):
     ours = _tiny_ours(**overrides)
     hf_dir = export_hf(ours, tmp_path / "hf", fmt=fmt)
-    assert sorted(p.name for p in hf_dir.iterdir()) == [
+    assert sorted(p.name for p in hf_dir.iterdir() if p.name != OUTPUT_MARKER) == [
         "config.json",
         "generation_config.json",
         "model.safetensors",
@@ -288,13 +289,18 @@ def test_export_from_checkpoint_with_tokenizer(tmp_path):
     assert hf.generation_config.eos_token_id == 0
 
 
-def test_export_replaces_existing_folder_atomically(tmp_path):
+def test_export_replaces_its_own_folder_atomically_and_never_a_users(tmp_path):
     target = tmp_path / "hf"
-    target.mkdir()
-    (target / "stale.txt").write_text("old")
-    export_hf(_tiny_ours(), target)
-    assert not (target / "stale.txt").exists()
-    assert (target / "model.safetensors").is_file()
+    export_hf(_tiny_ours(), target, fmt="qwen2")
+    export_hf(_tiny_ours(), target)  # our own earlier export: replaced as a whole
+    assert json.loads((target / "config.json").read_text())["model_type"] == "llama"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "stale.txt").write_text("old")
+    with pytest.raises(NexusError, match="stale.txt"):
+        export_hf(_tiny_ours(), mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["stale.txt"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from nexus_moe.data import TokenShards, iter_eval_batches
-from nexus_moe.evaluate import EvalConfig
+from nexus_moe.evaluate import EvalConfig, check_seq_len
 from nexus_moe.io_utils import atomic_path, write_json
 from nexus_moe.model import Transformer
 
@@ -24,6 +24,7 @@ def routing_counts(
 ) -> torch.Tensor:
     """Top-1 assignment counts, shape (MoE layers, domains, routed experts)."""
     cfg = cfg or EvalConfig()
+    check_seq_len(model, cfg)
     layers = model.moe_layers()
     if not layers:
         raise ValueError("routing analysis needs an MoE model")

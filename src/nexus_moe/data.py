@@ -193,7 +193,7 @@ def tokenize_corpus(
         "tokenizer_sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
         "domains": {},
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, keyed=False) as tmp:  # a cache named by its inputs
         for name in names:
             entry: dict[str, dict[str, int]] = {}
             for src in sorted((corpus_dir / name).glob("*.jsonl")):

@@ -41,6 +41,26 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 DEFAULT_EMBEDDER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_EMBEDDER.lower(), DEFAULT_EMBEDDER_HUB_ID.lower()}
 
+# Output dimensions of well-known sentence-transformers models: embeddings labelled with one of
+# these names but of another dimension cannot have come from it.
+KNOWN_EMBEDDER_DIMS = {
+    "all-minilm-l6-v2": 384,
+    "all-minilm-l12-v2": 384,
+    "paraphrase-minilm-l6-v2": 384,
+    "multi-qa-minilm-l6-cos-v1": 384,
+    "all-mpnet-base-v2": 768,
+    "multi-qa-mpnet-base-dot-v1": 768,
+    "all-distilroberta-v1": 768,
+}
+
+
+def known_embedder_dim(name: str) -> int | None:
+    """The output dimension of a well-known embedder name (hub id or short name), else None."""
+    short = name.strip().rstrip("/").lower()
+    short = short.removeprefix("sentence-transformers/")
+    return KNOWN_EMBEDDER_DIMS.get(short)
+
+
 EMBEDDINGS_FILENAME = "domain_embeddings.safetensors"
 """File name used when :meth:`DomainEmbeddings.save` / ``load`` are given a directory."""
 
@@ -257,6 +277,13 @@ class DomainEmbeddings:
             )
         if not torch.isfinite(vectors).all():
             raise NexusError("domain embeddings contain NaN or inf values; re-run embed-domains")
+        known = known_embedder_dim(str(self.embedder))
+        if known is not None and known != vectors.shape[1]:
+            raise NexusError(
+                f"domain embeddings are labelled {self.embedder}, whose embeddings have "
+                f"dimension {known}, but these have dimension {vectors.shape[1]}; re-run "
+                "embed-domains"
+            )
         self.vectors = vectors.contiguous()
         self.dim = int(self.dim)
         self.num_chunks = int(self.num_chunks)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from nexus_moe.data import TokenShards, iter_eval_batches
+from nexus_moe.errors import NexusError
 from nexus_moe.losses import language_model_loss
 from nexus_moe.model import Transformer
 
@@ -20,6 +21,16 @@ class EvalConfig:
     batch_size: int = 16
     max_tokens: int | None = 65536  # per domain; None scores the whole validation split
 
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise NexusError(f"evaluate.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise NexusError(
+                f"--max-tokens / evaluate.max_tokens must be >= 1 (got {self.max_tokens}); 0 on "
+                "the command line or null in a recipe scores every token"
+            )
+
 
 @dataclass
 class DomainScore:
@@ -29,6 +40,15 @@ class DomainScore:
     perplexity: float
     bits_per_byte: float  # total nats / (ln 2 * UTF-8 bytes covered): comparable across tokenizers
     tokens: int
+
+
+def check_seq_len(model: Transformer, cfg: EvalConfig) -> None:
+    """NexusError when windows would be longer than the model's positions allow."""
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise NexusError(
+            f"--seq-len / evaluate.seq_len={cfg.seq_len} exceeds the model's max_seq_len="
+            f"{model.cfg.max_seq_len}; lower it"
+        )
 
 
 @torch.no_grad()
@@ -47,6 +67,7 @@ def evaluate_domains(
     scored and an estimate when ``max_tokens`` truncates it.
     """
     cfg = cfg or EvalConfig()
+    check_seq_len(model, cfg)
     was_training = model.training
     model.eval()
     scores: dict[str, DomainScore] = {}
@@ -66,7 +87,12 @@ def evaluate_domains(
                 logits = model(inputs).logits
             total_nats += language_model_loss(logits, targets, reduction="sum").item()
             count += targets.numel()
-        loss = total_nats / max(count, 1)
+        if count == 0:
+            raise NexusError(
+                f"{shards.data_dir}: domain {domain!r} has no {split} tokens to score; rebuild "
+                "the corpus with more text or a larger val_fraction, or leave the domain out"
+            )
+        loss = total_nats / count
         bytes_per_token = shards.num_bytes(domain, split) / max(shards.num_tokens(domain, split), 1)
         bpb = total_nats / (math.log(2) * bytes_per_token * max(count, 1))
         scores[domain] = DomainScore(loss, math.exp(loss), bpb, count)

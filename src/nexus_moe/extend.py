@@ -209,6 +209,12 @@ def extend(
     if moe.cfg.moe is None:
         raise NexusError(f"{moe_dir}: not an MoE checkpoint; use `upcycle` to build one")
     _check_compatible(moe_dir, moe.cfg, expert_dir, expert.cfg)
+    ours, theirs = moe_meta.get("seed_sha256"), expert_meta.get("seed_sha256")
+    if ours and theirs and ours != theirs:
+        raise NexusError(
+            f"{expert_dir}: this expert was branched from another seed than the MoE in "
+            f"{moe_dir} (seed hashes {theirs[:12]} vs {ours[:12]}); branch it from the MoE's seed"
+        )
     domain = domain or expert_meta.get("domain")
     if not domain:
         raise NexusError(f"{expert_dir}: no domain in its metadata; pass --domain NAME")
@@ -226,6 +232,12 @@ def extend(
                 f"{moe.cfg.moe.embedder}"
             )
         embedding = domain_embeddings.get([domain])[0]
+        if embedding.numel() != moe.cfg.moe.domain_embedding_dim:
+            raise NexusError(
+                f"domain embeddings have dimension {embedding.numel()} but the MoE in {moe_dir} "
+                f"routes with {moe.cfg.moe.domain_embedding_dim}-dimensional ones; re-run "
+                "embed-domains with the MoE's embedder"
+            )
     if moe.cfg.moe.router == RouterType.nexus and reset_linear_router:
         raise NexusError("--reset-router applies to linear routers only")
     if merge_lambda is None and expert_meta.get("train_only") == list(FFN_PARAMETERS):

@@ -1,22 +1,254 @@
-"""Atomic file writing: write to a temporary path beside the target, then rename (SPEC §12)."""
+"""Safe output writing: write to a temporary path beside the target, then rename.
+
+Every folder written through :func:`atomic_dir` carries a small marker file (``.nexus-moe.json``)
+naming the command and configuration that wrote it and the files it holds. A folder is replaced
+only when it is missing, empty, or holds nexus-moe's own output; a folder with files nexus-moe did
+not write, a file where a folder is expected, or an output of another configuration (unless
+``--overwrite``) is an error naming the folder. Leftover temporary files of an interrupted write
+are removed the next time the same target is written.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import fnmatch
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from nexus_moe.errors import NexusError
+
+OUTPUT_MARKER = ".nexus-moe.json"
+# Names nexus-moe itself writes into an output folder after the folder was written (the stage
+# fingerprint and cached evaluations of `nexus-moe run`, leftover temporaries).
+_OWN_EXTRAS = ("stage.json", "eval-*.json", ".*.tmp", ".*.old")
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """Who is writing: the command, a fingerprint of its inputs and options, and --overwrite."""
+
+    command: str | None = None
+    key: str | None = None
+    overwrite: bool = False
+
+
+_POLICY: contextvars.ContextVar[OutputPolicy | None] = contextvars.ContextVar(
+    "nexus_moe_output_policy", default=None
+)
+
+
+@contextmanager
+def output_policy(command: str, key: str | None = None, overwrite: bool = False) -> Iterator[None]:
+    """Within the block, folders are written for ``command`` with configuration ``key``."""
+    token = _POLICY.set(OutputPolicy(command, key, overwrite))
+    try:
+        yield
+    finally:
+        _POLICY.reset(token)
+
+
+def set_output_policy(command: str, key: str | None = None, overwrite: bool = False) -> None:
+    """Set the policy for the rest of the current context (one CLI command)."""
+    _POLICY.set(OutputPolicy(command, key, overwrite))
+
+
+def current_policy() -> OutputPolicy:
+    return _POLICY.get() or OutputPolicy()
+
+
+# A checkpoint written before output folders carried a marker holds only these files.
+_LEGACY_CHECKPOINT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "optimizer.safetensors",
+    "trainer_state.json",
+    "rng.safetensors",
+    "undo.safetensors",
+}
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((folder / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return _legacy_marker(folder)
+    return doc if isinstance(doc, dict) and isinstance(doc.get("files"), list) else None
+
+
+def _legacy_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker a nexus-moe checkpoint from before markers would have had, else None."""
+    try:
+        doc = json.loads((folder / "config.json").read_text())
+        names = {p.name for p in folder.iterdir()}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != "nexus-moe":
+        return None
+    files = sorted(names & _LEGACY_CHECKPOINT_FILES)
+    return {"command": None, "key": None, "files": files, "legacy": True}
+
+
+def is_own_output(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` was written by nexus-moe (it holds our marker file)."""
+    return _read_marker(Path(folder)) is not None
+
+
+def holds_only_own_files(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` was written by nexus-moe and holds nothing else."""
+    folder = Path(folder)
+    marker = _read_marker(folder)
+    return marker is not None and not _foreign_entries(folder, marker)
+
+
+def _foreign_entries(folder: Path, marker: dict[str, Any] | None) -> list[str]:
+    """Entries of ``folder`` that nexus-moe did not write (sorted)."""
+    listed = set(marker["files"]) if marker else set()
+    foreign = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name == OUTPUT_MARKER or name in listed:
+            continue
+        if marker is not None and any(fnmatch.fnmatchcase(name, p) for p in _OWN_EXTRAS):
+            continue
+        if (
+            marker is not None
+            and entry.is_dir()
+            and not entry.is_symlink()
+            and is_own_output(entry)
+        ):
+            continue  # a folder nexus-moe wrote inside its own output (e.g. cached token shards)
+        foreign.append(name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def _describe(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_output_dir(
+    target: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), keyed: bool = True
+) -> None:
+    """NexusError unless :func:`atomic_dir` may write ``target`` under the current policy.
+
+    Commands call this before long work starts, so that a bad ``--out`` is reported at once.
+    ``inputs`` are paths the command reads: ``target`` may be neither one of them nor contain one.
+    ``keyed=False`` skips the same-configuration check (for caches named by their contents).
+    """
+    target = Path(target)
+    resolved = target.resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == resolved or resolved in path.parents:
+            raise NexusError(
+                f"{target}: the output folder {'is' if path == resolved else 'contains'} the "
+                f"input {item}; writing it would destroy the input — choose another --out"
+            )
+    if not target.exists() and not target.is_symlink():
+        _check_writable(target)
+        return
+    if not target.is_dir():
+        raise NexusError(f"{target}: exists and is a file, not a folder; choose a folder for --out")
+    marker = _read_marker(target)
+    foreign = _foreign_entries(target, marker)
+    if foreign:
+        raise NexusError(
+            f"{target}: folder holds files nexus-moe did not write ({_describe(foreign)}); "
+            "nothing was changed — choose an empty or new folder for --out"
+        )
+    policy = current_policy()
+    if (
+        keyed
+        and marker is not None
+        and policy.command is not None
+        and not policy.overwrite
+        and (marker.get("command"), marker.get("key")) != (policy.command, policy.key)
+    ):
+        what = marker.get("command") or "nexus-moe"
+        raise NexusError(
+            f"{target}: holds the output of another `{what}` run (other inputs or options); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    _check_writable(target)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_writable(target: Path) -> None:
+    """NexusError when nothing can be created beside (or in place of) ``target``."""
+    parent = _existing_ancestor(target.parent if target.name else target)
+    if not parent.is_dir():
+        raise NexusError(f"{parent}: is a file, so {target} cannot be created")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".nexus-moe-probe.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise NexusError(
+            f"{parent}: cannot write here ({exc.strerror or exc}); choose a writable folder"
+        ) from exc
+
+
+def check_writable_file(target: str | os.PathLike, option: str = "--out") -> None:
+    """NexusError unless a file can be written at ``target`` (not a folder; folder writable)."""
+    target = Path(target)
+    if target.is_dir():
+        raise NexusError(f"{target}: is a folder; {option} takes a file path")
+    _check_writable(target)
+
+
+def check_free_space(target: str | os.PathLike, need_bytes: int) -> None:
+    """NexusError when the file system of ``target`` has less than ``need_bytes`` free."""
+    parent = _existing_ancestor(Path(target))
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes:
+        raise NexusError(
+            f"{parent}: only {free / 2**20:.0f} MiB free, about {need_bytes / 2**20:.0f} MiB "
+            "needed; free some space or choose another output folder"
+        )
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove temporaries of earlier, interrupted writes of ``target`` (our names only)."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[A-Za-z0-9_]{{8}}\.tmp$")
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in siblings:
+        if pattern.match(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and is_own_output(old):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path; on success it is renamed onto ``target``, on error removed."""
     target = Path(target)
+    if target.is_dir():
+        raise NexusError(f"{target}: is a folder; a file path is expected here")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -30,16 +262,39 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``target`` (old one removed last)."""
+def atomic_dir(
+    target: str | os.PathLike,
+    guard: bool = True,
+    inputs: Iterable[str | os.PathLike] = (),
+    keyed: bool = True,
+) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``target``.
+
+    With ``guard`` (the default) ``target`` must pass :func:`check_output_dir` first, and the
+    written folder gets the marker file that lets later runs recognise it. ``guard=False`` is for
+    private caches whose every file nexus-moe owns.
+    """
     target = Path(target)
+    inputs = list(inputs)
+    if guard:
+        check_output_dir(target, inputs, keyed)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp_path.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); outputs are ordinary
     try:
         yield tmp_path
+        _finish_modes(tmp_path)
+        if guard:
+            policy = current_policy()
+            files = sorted(p.name for p in tmp_path.iterdir() if p.name != OUTPUT_MARKER)
+            marker = {"command": policy.command, "key": policy.key, "files": files}
+            marker_path = tmp_path / OUTPUT_MARKER
+            marker_path.write_text(json.dumps(marker, indent=2) + "\n")
+            marker_path.chmod(0o666 & ~_umask())
         old = None
         if target.exists():
+            if guard:
+                check_output_dir(target, inputs, keyed)  # it may have changed meanwhile
             old = target.with_name(f".{target.name}.old")
             if old.exists():
                 shutil.rmtree(old)
@@ -52,10 +307,30 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def _finish_modes(folder: Path) -> None:
+    """Ordinary permissions for everything written (mkdtemp and some writers make it private)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            Path(root, name).chmod(0o777 & ~mask)
+        for name in files:
+            Path(root, name).chmod(0o666 & ~mask)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask portably means setting it and restoring it
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -66,8 +341,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read JSON, turning a missing or malformed file into a NexusError that names it."""
-    from nexus_moe.errors import NexusError
-
     path = Path(path)
     if not path.is_file():
         raise NexusError(f"{path}: file not found")

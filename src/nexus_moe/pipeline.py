@@ -17,7 +17,12 @@ import torch
 import yaml
 
 from nexus_moe import distributed as dist_utils
-from nexus_moe.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
+from nexus_moe.checkpoint import (
+    CONFIG_FILE,
+    checkpoint_tokenizer,
+    load_checkpoint,
+    weights_hash,
+)
 from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.data import TokenShards, tokenize_corpus
 from nexus_moe.errors import NexusError
@@ -126,12 +131,66 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         raise NexusError(f"{path}: not valid YAML ({exc})") from exc
     try:
-        return from_dict(Recipe, data)
+        recipe = from_dict(Recipe, data)
     except NexusError as exc:
         raise NexusError(f"{path}: {exc}") from None
+    _check_recipe(path, recipe)
+    return recipe
+
+
+def _check_recipe(path: Path, recipe: Recipe) -> None:
+    """Checks across sections, made at load so that no stage runs on a doomed recipe."""
+    check_device_name(recipe.device, f"{path}: device")
+    from nexus_moe.upcycle import Method
+
+    methods = {m.value for m in Method}
+    for variant in recipe.moe.variants:
+        if variant.method not in methods:
+            raise NexusError(
+                f"{path}: moe.variants '{variant.name}': unknown method '{variant.method}' "
+                f"(choose one of: {', '.join(sorted(methods))})"
+            )
+        if variant.method != "btm":
+            from nexus_moe.config import MoEConfig
+
+            overrides = {**recipe.moe.overrides, **variant.moe}
+            # Counts are set by upcycling; the other fields are checked here.
+            checked = {k: v for k, v in overrides.items() if k not in _SET_BY_UPCYCLE}
+            try:
+                from_dict(MoEConfig, checked, "moe")
+            except NexusError as exc:
+                raise NexusError(f"{path}: moe.variants '{variant.name}': {exc}") from None
+    limit = recipe.model.max_seq_len
+    sections = {
+        "seed_train": recipe.seed_train,
+        "branch_train": recipe.branch_train,
+        "evaluate": recipe.evaluate,
+    }
+    trained = [v for v in recipe.moe.variants if v.train]
+    if trained:  # sections of stages that will not run keep their defaults harmlessly
+        sections["moe.train"] = recipe.moe.train
+        if any(recipe.extend.budgets) and recipe.extend.variants:
+            sections["extend.train"] = recipe.extend.train
+    for name, section in sections.items():
+        if section.seq_len > limit:
+            raise NexusError(
+                f"{path}: {name}.seq_len={section.seq_len} exceeds model.max_seq_len={limit}"
+            )
+
+
+_SET_BY_UPCYCLE = ("num_experts", "top_k", "domains")
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+def check_device_name(name: str, where: str = "--device") -> None:
+    """NexusError unless ``name`` is a device nexus-moe can use."""
+    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return
+    raise NexusError(f"{where}: unknown device '{name}'; use {DEVICE_NAMES}")
 
 
 def resolve_device(name: str) -> torch.device:
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -194,9 +253,15 @@ def tokens_for(
     corpus_dir: Path, tokenizer_path: Path, cache_root: Path | None = None
 ) -> TokenShards:
     """Token shards of ``corpus_dir`` under ``tokenizer_path``, built once and cached."""
-    manifest = corpus_dir / "manifest.json"
-    corpus_hash = file_hash(manifest)[:12] if manifest.is_file() else "nomanifest"
-    out = (cache_root or corpus_dir) / f"tokens-{file_hash(tokenizer_path)[:12]}-{corpus_hash}"
+    tokenizer_path = Path(tokenizer_path)
+    if not tokenizer_path.is_file():
+        raise NexusError(
+            f"{tokenizer_path}: tokenizer not found; a checkpoint needs the tokenizer.json it "
+            "was trained with (copy it into the checkpoint folder)"
+        )
+    out = (cache_root or corpus_dir) / (
+        f"tokens-{file_hash(tokenizer_path)[:12]}-{corpus_fingerprint(corpus_dir)[:12]}"
+    )
     if not (out / "meta.json").is_file():
         # Under torchrun, rank 0 tokenizes while the other ranks wait, then all read the cache.
         dist_utils.init_from_env()
@@ -204,6 +269,47 @@ def tokens_for(
             tokenize_corpus(corpus_dir, tokenizer_path, out)
         dist_utils.barrier()
     return TokenShards(out)
+
+
+def corpus_fingerprint(corpus_dir: Path, mtimes: bool = True) -> str:
+    """Hash of the corpus manifest and of every domain file present (name, size and mtime).
+
+    Keys the token cache, so that a domain folder restored, added or edited after the cache was
+    built gives a new cache instead of a stale one. Without ``mtimes`` (deciding whether a
+    training run may be resumed) a copy of the same corpus elsewhere has the same fingerprint.
+    """
+    corpus_dir = Path(corpus_dir)
+    manifest = corpus_dir / "manifest.json"
+    files = []
+    if corpus_dir.is_dir():
+        for domain in sorted(corpus_dir.iterdir()):
+            if domain.is_dir() and not domain.name.startswith((".", "tokens-")):
+                for f in sorted(domain.glob("*.jsonl")):
+                    st = f.stat()
+                    entry = [f"{domain.name}/{f.name}", st.st_size]
+                    files.append(entry + [st.st_mtime_ns] if mtimes else entry)
+    return fingerprint(file_hash(manifest) if manifest.is_file() else "nomanifest", files)
+
+
+def train_inputs(
+    corpus_dir: Path, tokenizer_path: Path, domains: list[str], init: str
+) -> dict[str, Any]:
+    """What shapes a training run besides its configs: resumed only when these match."""
+    return {
+        "init": init,
+        "tokenizer": file_hash(tokenizer_path),
+        "corpus": corpus_fingerprint(corpus_dir, mtimes=False),
+        "domains": list(domains),
+    }
+
+
+def check_vocab(model: Transformer, shards: TokenShards, tokenizer_path: Path) -> None:
+    """NexusError when the tokenizer has ids the model's embedding cannot look up."""
+    if shards.vocab_size > model.cfg.vocab_size:
+        raise NexusError(
+            f"{tokenizer_path}: the tokenizer has {shards.vocab_size} tokens but the model's "
+            f"vocab_size is {model.cfg.vocab_size}; use the tokenizer the model was trained with"
+        )
 
 
 def train_model(
@@ -217,9 +323,17 @@ def train_model(
     eval_domains: list[str] | None = None,
     device: torch.device | str = "cpu",
     show_progress: bool = True,
+    init: str = "scratch",
+    restart_stale: bool = False,
 ) -> Path:
-    """Train ``model`` on ``domains`` of the corpus; returns ``out_dir/model``."""
+    """Train ``model`` on ``domains`` of the corpus; returns ``out_dir/model``.
+
+    ``init`` identifies the starting weights (the sha256 of the init checkpoint, or "scratch"
+    for a seeded random init): with the configs, tokenizer and corpus it decides whether an
+    existing checkpoint in ``out_dir`` may be resumed (see :class:`Trainer`).
+    """
     shards = tokens_for(corpus_dir, tokenizer_path)
+    check_vocab(model, shards, tokenizer_path)
     trainer = Trainer(
         model,
         shards,
@@ -231,6 +345,8 @@ def train_model(
         eval_domains=eval_domains,
         device=device,
         show_progress=show_progress,
+        inputs=train_inputs(corpus_dir, tokenizer_path, domains, init),
+        restart_stale=restart_stale,
     )
     final = trainer.train()
     assert final is not None
@@ -245,6 +361,7 @@ def pretrain_seed(
     cfg: TrainConfig,
     out_dir: Path,
     device: torch.device | str = "cpu",
+    restart_stale: bool = False,
 ) -> Path:
     """Train a dense seed model from scratch on the domain mix."""
     from nexus_moe.tokenizer import load_tokenizer
@@ -265,6 +382,7 @@ def pretrain_seed(
         out_dir,
         metadata={"stage": "seed", "domains": domains},
         device=device,
+        restart_stale=restart_stale,
     )
 
 
@@ -276,18 +394,27 @@ def branch_expert(
     out_dir: Path,
     eval_domains: list[str] | None = None,
     device: torch.device | str = "cpu",
+    restart_stale: bool = False,
 ) -> Path:
     """Continue training the seed on one domain: a dense domain expert (SPEC §1, branch)."""
     seed_dir = resolve_model_dir(seed_dir)
+    tokenizer = checkpoint_tokenizer(seed_dir)
     model, _ = load_checkpoint(seed_dir)
     return train_model(
         model,
         corpus_dir,
-        seed_dir / TOKENIZER_FILE,
+        tokenizer,
         [domain],
         cfg,
         out_dir,
-        metadata={"stage": "branch", "domain": domain, "seed": str(seed_dir)},
+        metadata={
+            "stage": "branch",
+            "domain": domain,
+            "seed": str(seed_dir),
+            "seed_sha256": weights_hash(seed_dir),
+        },
         eval_domains=eval_domains or [domain],
         device=device,
+        init=weights_hash(seed_dir),
+        restart_stale=restart_stale,
     )

@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint, load_config
+from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint, load_config, weights_hash
 from nexus_moe.config import to_dict
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
 from nexus_moe.io_utils import atomic_path, read_json, write_json
@@ -149,6 +149,7 @@ class Study:
                 self.recipe.seed_train,
                 out,
                 device=self.device,
+                restart_stale=True,  # a stage re-run never resumes another config's checkpoint
             ),
         )
         return out / "model"
@@ -167,6 +168,7 @@ class Study:
                 self.recipe.branch_train,
                 out,
                 device=self.device,
+                restart_stale=True,
             ),
         )
         return out / "model"
@@ -264,6 +266,8 @@ class Study:
                 out,
                 metadata={**meta, **metadata},
                 device=self.device,
+                init=weights_hash(init),
+                restart_stale=True,
             )
 
         self._stage(name, out, key, build)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,13 @@ from nexus_moe.config import ModelConfig, to_dict
 from nexus_moe.data import DomainSampler, TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
-from nexus_moe.io_utils import read_json
+from nexus_moe.io_utils import (
+    atomic_path,
+    check_free_space,
+    check_output_dir,
+    holds_only_own_files,
+    read_json,
+)
 from nexus_moe.losses import language_model_loss
 from nexus_moe.model import Transformer
 
@@ -115,11 +122,34 @@ class TrainConfig:
     parallelism: str = "ddp"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise NexusError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise NexusError(f"train.{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("lr", "min_lr_ratio", "warmup_frac", "weight_decay", "beta1", "beta2"):
+            if not math.isfinite(getattr(self, name)):
+                raise NexusError(
+                    f"train.{name} must be a finite number (got {getattr(self, name)})"
+                )
+        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise NexusError(f"train.grad_clip must be >= 0 (got {self.grad_clip}; 0 disables it)")
         if self.lr <= 0:
             raise NexusError(f"train.lr must be > 0 (got {self.lr})")
+        for name in ("min_lr_ratio", "warmup_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise NexusError(
+                    f"train.{name} must be between 0 and 1 (got {getattr(self, name)})"
+                )
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise NexusError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")
+        if self.weight_decay < 0:
+            raise NexusError(f"train.weight_decay must be >= 0 (got {self.weight_decay})")
+        bad = {k: w for k, w in self.domain_weights.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise NexusError(f"train.domain_weights: weights must be >= 0 (got {bad})")
         if self.domain_weighting not in ("size", "uniform"):
             raise NexusError("train.domain_weighting must be 'size' or 'uniform'")
         if self.parallelism not in dist_utils.PARALLELISMS:
@@ -208,9 +238,22 @@ class Trainer:
         eval_domains: list[str] | None = None,
         device: str | torch.device = "cpu",
         show_progress: bool = True,
+        inputs: dict[str, Any] | None = None,
+        restart_stale: bool = False,
     ) -> None:
+        """``inputs`` describes what shaped the run besides ``cfg`` (init weights hash,
+        tokenizer, corpus, domains); a checkpoint is resumed only when they and the model config
+        match. A mismatch is an error naming what differs, or with ``restart_stale`` the old
+        checkpoint is set aside and training starts afresh."""
         self.cfg = cfg
         self.out_dir = Path(out_dir)
+        self.inputs = {"model": to_dict(model.cfg), **(inputs or {})}
+        self.restart_stale = restart_stale
+        if cfg.seq_len > model.cfg.max_seq_len:
+            raise NexusError(
+                f"train.seq_len={cfg.seq_len} exceeds the model's max_seq_len="
+                f"{model.cfg.max_seq_len}; lower train.seq_len"
+            )
         self.tokenizer_path = tokenizer_path
         self.metadata = dict(metadata or {})
         self.domains = domains
@@ -232,6 +275,11 @@ class Trainer:
                 frozen = True
             if frozen:
                 param.requires_grad_(False)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise NexusError(
+                f"train.freeze={cfg.freeze} freezes every parameter; nothing would be trained — "
+                "name fewer parameters"
+            )
         # The optimizer is built after wrapping: FSDP swaps the parameters for sharded ones.
         self.wrapped = dist_utils.wrap_model(self.model, cfg.parallelism)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -265,6 +313,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "sampler": self.sampler.state_dict(),
             "train_config": to_dict(self.cfg),
+            "inputs": self.inputs,
             "world_size": self.world_size,
         }
 
@@ -311,8 +360,24 @@ class Trainer:
         """Resume from ``out_dir/checkpoint`` when it exists; True if resumed."""
         ckpt = self.checkpoint_dir
         if not (ckpt / STATE_FILE).is_file():
+            self._trim_metrics()  # rows of a start killed before its first checkpoint
             return False
         state = read_json(ckpt / STATE_FILE)
+        saved_inputs = state.get("inputs")
+        if isinstance(saved_inputs, dict) and saved_inputs != self.inputs:
+            differ = sorted(
+                k
+                for k in {**saved_inputs, **self.inputs}
+                if saved_inputs.get(k) != self.inputs.get(k)
+            )
+            if self.restart_stale:
+                self._clear_metrics()
+                return False
+            raise NexusError(
+                f"{ckpt}: holds a run made from a different {', '.join(differ)}; it cannot be "
+                "resumed with these inputs — pass --overwrite to train afresh, or choose another "
+                "--out"
+            )
         if state.get("world_size", 1) != self.world_size:
             raise NexusError(
                 f"{ckpt}: saved with world size {state.get('world_size')}, now {self.world_size}; "
@@ -322,9 +387,16 @@ class Trainer:
         saved_cfg = {k: v for k, v in state.get("train_config", {}).items() if k != "parallelism"}
         current_cfg = {k: v for k, v in to_dict(self.cfg).items() if k != "parallelism"}
         if saved_cfg != current_cfg:
+            if self.restart_stale:
+                self._clear_metrics()
+                return False
+            differ = sorted(
+                k for k in {**saved_cfg, **current_cfg} if saved_cfg.get(k) != current_cfg.get(k)
+            )
             raise NexusError(
-                f"{ckpt / STATE_FILE}: the training config differs from the one being resumed; "
-                f"use a new output directory or restore the original config"
+                f"{ckpt / STATE_FILE}: the training config differs from the one being resumed "
+                f"(train.{', train.'.join(differ)}); pass --overwrite to train afresh, use a new "
+                "output directory or restore the original config"
             )
         opt_path = ckpt / OPTIMIZER_FILE
         optim = optimizer_state(read_safetensors(opt_path)) if opt_path.is_file() else {}
@@ -341,7 +413,65 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
+        self._trim_metrics()
         return True
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def _clear_metrics(self) -> None:
+        """A run restarted afresh: the rows and the final model of the set-aside run go (the
+        model is not left to pass for this run's result if it is interrupted)."""
+        if self.rank != 0:
+            return
+        if self.metrics_path.is_file():
+            with atomic_path(self.metrics_path) as tmp:
+                tmp.write_text("")
+        if self.final_dir.is_dir() and holds_only_own_files(self.final_dir):
+            shutil.rmtree(self.final_dir)
+
+    def _trim_metrics(self) -> None:
+        """After a resume at ``self.step``, drop rows logged after that checkpoint was written
+        (they are logged again), so that ``metrics.jsonl`` has each row once."""
+        if self.rank != 0 or not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut short by the interruption
+            step = row.get("step", 0) if isinstance(row, dict) else 0
+            # The final evaluation is logged before the final checkpoint: it is logged again.
+            final_eval = "eval" in row and step == self.cfg.steps == self.step
+            if step <= self.step and not final_eval:
+                keep.append(line)
+        if len(keep) != len(lines):
+            with atomic_path(self.metrics_path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in keep))
+
+    def preflight(self) -> None:
+        """Check the validation data, output folders and free space before any step runs."""
+        for domain in self.eval_domains:  # evaluated at the end: an empty split would fail then
+            if self.shards.num_tokens(domain, "validation") < 2:
+                raise NexusError(
+                    f"{self.shards.data_dir}: domain {domain!r} has an empty validation split, "
+                    "so the run could not be evaluated; rebuild the corpus with more text or a "
+                    "larger val_fraction, or leave the domain out"
+                )
+        if self.rank != 0:
+            return
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise NexusError(
+                f"{self.out_dir}: exists and is a file, not a folder; choose a folder for --out"
+            )
+        for folder in (self.checkpoint_dir, self.final_dir):
+            check_output_dir(folder)
+        # Checkpoint (weights + two AdamW moments) and final model, each briefly twice on disk.
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        check_free_space(self.out_dir, 8 * weight_bytes)
 
     # -- training -------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -381,6 +511,7 @@ class Trainer:
         time-boxed runs); the resumable checkpoint is written first.
         """
         cfg = self.cfg
+        self.preflight()
         self.maybe_resume()
         self.model.train()
         end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)

@@ -51,6 +51,7 @@ from nexus_moe.checkpoint import (
     load_checkpoint,
     load_config,
     model_state_dict,
+    seed_hash,
 )
 from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.data import TokenShards
@@ -239,6 +240,7 @@ def upcycle(
         "inputs": [str(seed_in.path), *(str(p.path) for p in expert_ins)],
         "domains": expert_domains,
         "router_seed": seed,
+        "seed_sha256": seed_hash(seed_in.path),  # extend checks new experts against it
     }
     if out_format != "native":
         from nexus_moe.hf import export_streamed
@@ -499,7 +501,7 @@ def _domain_vectors(
     if embeddings is None:
         raise NexusError(
             f"the {moe.router.value} router needs domain embeddings; compute them with "
-            "`nexus-moe embed` and pass them in"
+            "`nexus-moe embed-domains` and pass them with --embeddings"
         )
     if not domains:
         raise NexusError(
