@@ -1,4 +1,4 @@
-"""Routers that know the domains before any training step (docs/design.md, plug-in experts).
+"""Routers that know the domains before any training step (docs/design.md §5.6).
 
 A router trained from random rows needs MoE training before it sends a domain's tokens to that
 domain's expert. But the domain of every expert is known when the MoE is assembled, and a few
@@ -11,13 +11,14 @@ module measures that and turns it into router rows:
    pooled over domains ``S``. With experts branched with only their FFNs trained, this is exactly
    what each dense expert computes on its own domain.
 2. **Rows.** Linear discriminant directions without a bias (router logits are ``x . e_i``, and
-   the Hugging Face MoE formats have no router bias): ``r_i = normalise(W (c_i - g))`` with
-   ``W = (S + ridge * mean(diag S) I)^-1`` and ``g`` the mean of the centroids; normalising the
-   rows makes the missing bias term equal for every expert. ``e_i = tau * r_i`` with ``tau`` the
-   temperature that maximises the log-likelihood of the true domain on the calibration tokens.
+   the Hugging Face MoE formats have no router bias): ``r_i = normalise(W (c_i - g) - a_i W g)``
+   with ``W = (S + ridge * mean(diag S) I)^-1``, ``g`` the mean of the centroids and ``a_i``
+   such that ``g . r_i = 0`` (so ``x . r_i = (x - g) . r_i``); normalising the rows makes the
+   missing bias term equal for every expert. ``e_i = tau * r_i`` with ``tau`` the temperature
+   that maximises the log-likelihood of the true domain on the calibration tokens.
 3. **Growing.** A new expert's row is the discriminant direction of its domain's centroid under
    the stored ``W`` and ``g`` of each layer, so the rows of the earlier experts are unchanged,
-   at ``NEW_ROW_SCALE`` times their mean norm.
+   at ``NEW_ROW_SCALE`` times their norm.
 
 The statistics are kept with the checkpoint (``routing_stats.safetensors``), so ``extend`` can
 place a new expert's row from the new domain's text alone.
@@ -43,13 +44,12 @@ STATS_FILE = "routing_stats.safetensors"
 DEFAULT_TOKENS_PER_DOMAIN = 8192
 CALIBRATION_SEQ_LEN = 128  # window length of the calibration text (capped by max_seq_len)
 DEFAULT_RIDGE = 0.05  # shrinkage of the pooled covariance towards its mean variance
-_TAU_GRID = torch.logspace(-1, 2.5, 36)  # candidate temperatures for the rows (unit vectors)
+_TAU_GRID = torch.logspace(-3, 2.5, 56)  # candidate temperatures for the rows (unit vectors)
 _KEEP_FOR_TAU = 1024  # tokens per domain and layer kept to fit the temperature
-# Norm of a new expert's row relative to the mean norm of the current rows. Measured on the
-# held-out math domain of the study (docs/design.md, plug-in experts): 1.0 lets the new expert
-# take borderline tokens of the earlier domains (+1.3% on their perplexity), 0.85 keeps them
-# within 1% while it still gets ~3/4 of its own domain's tokens.
-NEW_ROW_SCALE = 0.85
+# Norm of a new expert's row relative to the earlier rows. Chosen on the held-out math domain
+# (docs/design.md §5.6): at 1.0 the new expert also takes borderline tokens of the earlier
+# domains (+1.4% on their perplexity), at 0.9 it stays near 1% and still gets ~4/5 of math.
+NEW_ROW_SCALE = 0.9
 
 
 @dataclass
@@ -148,9 +148,21 @@ def whitening(covariance: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.T
 def directions(
     centroids: torch.Tensor, center: torch.Tensor, covariance: torch.Tensor, ridge: float
 ) -> torch.Tensor:
-    """Unit router rows ``normalise(W (c_i - g))`` (E, H), float64."""
+    """Unit router rows (E, H), float64: ``normalise(W (c_i - g) - a_i W g)``.
+
+    ``a_i`` makes each row orthogonal to g. Every input carries the common mean g, and with
+    ``g . r_i != 0`` that term would act as a different bias for each expert (measured: one
+    domain's share of its own tokens fell to 0.1 on a small model); subtracting along ``W g``
+    rather than g keeps the row a whitened discriminant direction.
+    """
     w = whitening(covariance, ridge)
-    return F.normalize((centroids.double() - center) @ w, dim=-1)  # W is symmetric
+    center = center.double()
+    raw = (centroids.double() - center) @ w  # W is symmetric
+    w_center = w @ center
+    norm = center @ w_center
+    if norm > 1e-12 * (raw.norm() ** 2 + 1):  # no common mean to remove when g ~ 0
+        raw = raw - (raw @ center / norm)[:, None] * w_center  # g . row = 0
+    return F.normalize(raw, dim=-1)
 
 
 def fit_temperature(rows: torch.Tensor, samples: list[torch.Tensor]) -> float:
@@ -202,7 +214,7 @@ def new_expert_row(
     new_inputs: torch.Tensor,
     current_rows: torch.Tensor,
     ridge: float = DEFAULT_RIDGE,
-    scale: float = NEW_ROW_SCALE,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, LayerStats]:
     """The row of a new expert whose domain gives ``new_inputs`` (N, H) at this layer.
 
@@ -215,7 +227,11 @@ def new_expert_row(
     """
     centroid = new_inputs.double().mean(0)
     direction = directions(centroid[None], stats.center, stats.covariance, ridge)[0].float()
-    row = scale * current_rows.float().norm(dim=-1).mean() * direction
+    old = directions(stats.centroids, stats.center, stats.covariance, ridge).float()
+    # As trained, the rows may have grown or shrunk from tau * old: follow them.
+    ratio = current_rows.float().norm(dim=-1).mean() / old.norm(dim=-1).mean().clamp_min(1e-12)
+    scale = NEW_ROW_SCALE if scale is None else scale
+    row = scale * ratio * direction
     grown = LayerStats(
         torch.cat([stats.centroids, centroid[None]]),
         stats.covariance,

@@ -1,0 +1,284 @@
+"""Plug-in experts: an assembled MoE that works before any training, and experts added later that
+get their domain's tokens without finetuning (docs/design.md, plug-in experts)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_bpe_file, tiny_config
+from nexus_moe import calibrate
+from nexus_moe.analyse import routing_counts
+from nexus_moe.checkpoint import load_checkpoint, save_checkpoint
+from nexus_moe.config import MoEConfig
+from nexus_moe.corpus import build_corpus
+from nexus_moe.embed import DomainEmbeddings
+from nexus_moe.evaluate import EvalConfig
+from nexus_moe.extend import extend, remove_expert
+from nexus_moe.model import KVCache, Transformer
+from nexus_moe.pipeline import branch_expert, pretrain_seed, tokens_for
+from nexus_moe.train import FFN_PARAMETERS, TrainConfig
+from nexus_moe.upcycle import upcycle
+
+TEXTS = {
+    "recipes": "Whisk {i} eggs with sugar, fold in flour and bake for {i} minutes at 180 degrees.",
+    "sports": "The striker scored {i} goals as the home team won the league match {i} to nil.",
+    "finance": "Shares rose {i} percent after the bank reported quarterly earnings of {i} million.",
+    "music": "The orchestra tuned to A and played the symphony in {i} movements with a {i} bar coda.",
+}
+DOMAINS = ["recipes", "sports", "finance"]
+NEW = "music"
+EVAL = EvalConfig(seq_len=32, batch_size=4, max_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A corpus of four domains, a seed and one FFN-only expert per domain (seconds)."""
+    root = tmp_path_factory.mktemp("plugin")
+    data = root / "data"
+    for domain, template in TEXTS.items():
+        (data / domain).mkdir(parents=True)
+        for i in range(40):
+            text = " ".join(template.format(i=(i * 7 + j) % 97) for j in range(12))
+            (data / domain / f"doc{i}.txt").write_text(text)
+    corpus = root / "corpus"
+    build_corpus(corpus, domains=list(TEXTS), source_dir=data, val_fraction=0.1, seed=0)
+    texts = [t.format(i=i) for t in TEXTS.values() for i in range(50)]
+    tok = tiny_bpe_file(root / "tok.json", texts, 300)
+    train = TrainConfig(
+        steps=100, batch_size=4, seq_len=32, lr=3e-3, eval_tokens=256, checkpoint_every=0
+    )
+    cfg = tiny_config(vocab_size=300)
+    seed = pretrain_seed(cfg, corpus, tok, DOMAINS, train, root / "seed")
+    branch = replace(train, steps=30, train_only=list(FFN_PARAMETERS))
+    experts = {
+        d: branch_expert(seed, corpus, d, branch, root / "experts" / d) for d in [*DOMAINS, NEW]
+    }
+    vectors = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    emb = DomainEmbeddings(list(TEXTS), vectors, embedder="test-embedder", dim=8, num_chunks=4)
+    return dict(
+        root=root,
+        corpus=corpus,
+        seed=seed,
+        experts=experts,
+        emb=emb,
+        shards=tokens_for(corpus, seed / "tokenizer.json"),
+    )
+
+
+def _upcycled(world: dict, name: str = "moe", **kw) -> Path:
+    out = world["root"] / name
+    if not out.exists():
+        upcycle(
+            "nexus",
+            world["seed"],
+            [world["experts"][d] for d in DOMAINS],
+            out,
+            domain_embeddings=world["emb"],
+            moe_overrides={"nexus_hidden_size": 8, **kw},
+            calibration_shards=world["shards"],
+            calibration_tokens=512,
+        )
+    return out
+
+
+def _own_share(model: Transformer, shards, domains: list[str]) -> dict[str, float]:
+    counts = routing_counts(model, shards, domains, EVAL)  # (L, D, E)
+    share = (counts.double() / counts.sum(-1, keepdim=True)).mean(0)
+    experts = model.cfg.moe.domains
+    return {d: float(share[i, experts.index(d)]) for i, d in enumerate(domains)}
+
+
+def test_ffn_only_branch_keeps_every_other_weight_of_the_seed(world):
+    seed, _ = load_checkpoint(world["seed"])
+    expert, meta = load_checkpoint(world["experts"]["sports"])
+    assert meta["train_only"] == list(FFN_PARAMETERS)
+    changed = []
+    for (name, a), (_, b) in zip(
+        seed.state_dict().items(), expert.state_dict().items(), strict=True
+    ):
+        if ".mlp." in name:
+            changed.append(not torch.equal(a, b))
+        else:
+            assert torch.equal(a, b), name
+    assert any(changed)  # the FFNs did train
+
+
+def test_step0_moe_with_its_domains_expert_forced_is_that_dense_expert(world):
+    """Plug-in composition is exact: shared weights copied bit for bit (not averaged), no
+    shared expert, renormalised gates, so a token on expert i gets dense expert i's FFN."""
+    moe, _ = load_checkpoint(_upcycled(world))
+    assert (moe.cfg.moe.shared_expert, moe.cfg.moe.renormalize) == (False, True)
+    seed, _ = load_checkpoint(world["seed"])
+    assert torch.equal(
+        moe.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+        seed.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )
+    ids = torch.randint(0, 300, (2, 24))
+    for i, domain in enumerate(DOMAINS):
+        dense, _ = load_checkpoint(world["experts"][domain])
+        for layer in moe.moe_layers():
+            layer.expert_mask = torch.arange(len(DOMAINS)) == i
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_of_identical_experts_is_the_dense_model_whatever_the_routing(world):
+    seed, _ = load_checkpoint(world["seed"])
+    out = world["root"] / "identical"
+    upcycle(
+        "nexus",
+        world["seed"],
+        [world["seed"]] * 3,
+        out,
+        domain_embeddings=world["emb"],
+        domains=DOMAINS,
+        moe_overrides={"nexus_hidden_size": 8},
+        calibration_shards=world["shards"],
+        calibration_tokens=256,
+    )
+    moe, _ = load_checkpoint(out)
+    ids = torch.randint(0, 300, (2, 24))
+    torch.testing.assert_close(moe(ids).logits, seed(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_calibrated_router_routes_each_domain_to_its_expert_at_step0(world):
+    moe, _ = load_checkpoint(_upcycled(world))
+    share = _own_share(moe, world["shards"], DOMAINS)
+    assert min(share.values()) >= 0.6 and sum(share.values()) / len(share) >= 0.7, share
+    # The paper's random initialisation does not know the domains.
+    paper = world["root"] / "paper"
+    upcycle(
+        "nexus-paper",
+        world["seed"],
+        [world["experts"][d] for d in DOMAINS],
+        paper,
+        domain_embeddings=world["emb"],
+        moe_overrides={"nexus_hidden_size": 8},
+    )
+    random_share = _own_share(load_checkpoint(paper)[0], world["shards"], DOMAINS)
+    assert sum(random_share.values()) < sum(share.values())
+
+
+def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs(world):
+    context = 0.5  # the plug-in default
+    moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
+    before = _own_share(load_checkpoint(moe_dir)[0], world["shards"], DOMAINS)
+    out = world["root"] / f"extended-ctx{context}"
+    extend(
+        moe_dir,
+        world["experts"][NEW],
+        out,
+        domain_embeddings=world["emb"],
+        calibration_shards=world["shards"],
+        calibration_tokens=512,
+    )
+    model, _ = load_checkpoint(out)
+    share = _own_share(model, world["shards"], [*DOMAINS, NEW])
+    assert share[NEW] >= 0.5, share
+    # The earlier domains keep most of their routing (this tiny model's "music" and "sports"
+    # texts share most of their words, so sports loses the most).
+    assert all(share[d] >= 0.5 for d in DOMAINS), (before, share)
+    mean_before = sum(before.values()) / len(DOMAINS)
+    assert sum(share[d] for d in DOMAINS) / len(DOMAINS) >= mean_before - 0.15, (before, share)
+    # An FFN-only expert is added without merging: every non-expert weight is unchanged.
+    old, _ = load_checkpoint(moe_dir)
+    for name, tensor in old.state_dict().items():
+        if ".mlp." not in name:
+            assert torch.equal(tensor, model.state_dict()[name]), name
+    # The statistics grow with the expert and shrink with it again.
+    assert model.moe_layers()[0].domain_stats.centroids.shape[0] == 4
+    again = world["root"] / f"removed-ctx{context}"
+    remove_expert(out, again, NEW)
+    removed, _ = load_checkpoint(again)
+    torch.testing.assert_close(
+        removed.moe_layers()[0].domain_stats.centroids,
+        old.moe_layers()[0].domain_stats.centroids,
+    )
+
+
+def test_extend_refuses_calibration_for_an_uncalibrated_moe(world, tmp_path):
+    paper = tmp_path / "paper"
+    upcycle(
+        "nexus-paper",
+        world["seed"],
+        [world["experts"][d] for d in DOMAINS],
+        paper,
+        domain_embeddings=world["emb"],
+        moe_overrides={"nexus_hidden_size": 8},
+    )
+    with pytest.raises(Exception, match="no routing statistics"):
+        extend(
+            paper,
+            world["experts"][NEW],
+            tmp_path / "x",
+            domain_embeddings=world["emb"],
+            calibration_shards=world["shards"],
+        )
+
+
+def test_nexus_needs_the_corpus_to_calibrate(world, tmp_path):
+    with pytest.raises(Exception, match="--corpus"):
+        upcycle(
+            "nexus",
+            world["seed"],
+            [world["experts"][d] for d in DOMAINS],
+            tmp_path / "x",
+            domain_embeddings=world["emb"],
+        )
+
+
+def test_routing_statistics_survive_a_save_and_load(world, tmp_path):
+    model, _ = load_checkpoint(_upcycled(world))
+    save_checkpoint(tmp_path / "copy", model)
+    copy, _ = load_checkpoint(tmp_path / "copy")
+    for a, b in zip(model.moe_layers(), copy.moe_layers(), strict=True):
+        torch.testing.assert_close(a.domain_stats.covariance, b.domain_stats.covariance)
+        assert a.domain_stats.temperature == pytest.approx(b.domain_stats.temperature)
+
+
+def test_context_routing_decodes_incrementally_as_it_scores_whole_sequences():
+    """Routing on the running mean of a layer's inputs: the KV cache carries the running sum,
+    so token-by-token decoding routes (and scores) exactly as the full forward does."""
+    moe = MoEConfig(num_experts=3, top_k=2, shared_expert=False, renormalize=True)
+    moe.router = "linear"
+    moe.router_context = 0.5
+    model = Transformer(tiny_config(moe=moe)).eval()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache()
+        step = [model(ids[:, :4], cache=cache).logits]
+        step += [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(step, dim=1), full.logits, atol=1e-5, rtol=1e-5)
+    # And it does route differently from per-token routing.
+    per_token = Transformer(tiny_config(moe=replace(moe, router_context=0.0))).eval()
+    per_token.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(per_token(ids).routing[1].top1, full.routing[1].top1)
+
+
+def test_rows_are_discriminant_directions_scaled_by_the_fitted_temperature():
+    """Two well separated Gaussian domains around a common mean: the rows point from one
+    centroid to the other, orthogonal to the common mean (no expert-specific bias), and the
+    fitted temperature makes the router confident."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[3.0, 5.0, 0.0, 0.0], [-3.0, 5.0, 0.0, 0.0]])
+    xs = [c + torch.randn(400, 4, generator=generator) for c in centres]
+    stats_centroids = torch.stack([x.double().mean(0) for x in xs])
+    covariance = (
+        sum(
+            ((x.double() - c).t() @ (x.double() - c))
+            for x, c in zip(xs, stats_centroids, strict=True)
+        )
+        / 800
+    )
+    center = stats_centroids.mean(0)
+    rows = calibrate.directions(stats_centroids, center, covariance, 0.05)
+    assert rows[0, 0] > 0.99 and rows[1, 0] < -0.99
+    assert (rows @ center).abs().max() < 1e-9  # the common mean scores every expert alike
+    tau = calibrate.fit_temperature(rows, xs)
+    probs = torch.softmax(tau * torch.cat(xs).double() @ rows.t(), dim=-1)
+    assert probs[:400, 0].mean() > 0.95 and probs[400:, 1].mean() > 0.95
