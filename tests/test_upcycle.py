@@ -16,7 +16,8 @@ from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
 from nexus_moe.moe import MoELayer
-from nexus_moe.upcycle import TensorSpec, upcycle, write_safetensors
+from nexus_moe.safetensors_io import TensorSpec, write_safetensors
+from nexus_moe.upcycle import upcycle
 
 DOMAINS = ["legal", "code", "bio"]
 PROJ = ("gate_proj", "up_proj", "down_proj")

@@ -1,4 +1,4 @@
-"""Self-describing model checkpoints: a directory of safetensors + JSON (SPEC §1, §12).
+"""Self-describing model checkpoints: a directory of safetensors + JSON (docs/design.md §14).
 
 Layout of a checkpoint directory::
 
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nexus_moe import __version__
@@ -25,6 +24,31 @@ from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, read_json, write_json
 from nexus_moe.model import Transformer
+from nexus_moe.safetensors_io import (
+    SafetensorsFiles,
+    TensorSpec,
+    read_safetensors,
+    storage_order,
+    write_safetensors,
+)
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "TOKENIZER_FILE",
+    "WEIGHTS_FILE",
+    "check_tensor_table",
+    "find_tokenizer",
+    "load_checkpoint",
+    "load_config",
+    "load_state_into",
+    "model_shapes",
+    "model_state_dict",
+    "open_weights",
+    "read_safetensors",
+    "save_checkpoint",
+    "write_checkpoint",
+]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -54,21 +78,41 @@ def save_checkpoint(
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        write_json(
-            tmp / CONFIG_FILE,
-            {
-                "format": FORMAT,
-                "version": __version__,
-                "model": to_dict(model.cfg),
-                "metadata": metadata or {},
-            },
-        )
+        write_json(tmp / CONFIG_FILE, _config_doc(model.cfg, metadata))
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer_path is not None:
             shutil.copyfile(find_tokenizer(tokenizer_path), tmp / TOKENIZER_FILE)
         for name, content in (extra_files or {}).items():
             _write_extra(tmp / name, content)
     return out_dir
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    specs: list[TensorSpec],
+    metadata: dict[str, Any],
+    tokenizer: Path | None = None,
+) -> Path:
+    """Write a checkpoint directory whose weights are produced tensor by tensor (``specs``, our
+    tensor names), atomically: the streaming counterpart of :func:`save_checkpoint`, for models
+    that are never built in memory (an import, an upcycling)."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / CONFIG_FILE, _config_doc(cfg, metadata))
+        write_safetensors(tmp / WEIGHTS_FILE, storage_order(specs), metadata={"format": "pt"})
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    return out_dir
+
+
+def _config_doc(cfg: ModelConfig, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": __version__,
+        "model": to_dict(cfg),
+        "metadata": metadata or {},
+    }
 
 
 def _write_extra(path: Path, content: Any) -> None:
@@ -108,19 +152,22 @@ def load_config(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     return cfg, doc.get("metadata", {})
 
 
-def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load every tensor of a safetensors file; corrupt or truncated files raise NexusError."""
-    path = Path(path)
-    if not path.is_file():
-        raise NexusError(f"{path}: weights file not found")
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise NexusError(
-            f"{path}: cannot read weights ({exc}); the file is corrupt or truncated — "
-            "restore it from a copy or re-run the stage that wrote it"
-        ) from exc
+def model_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor a checkpoint of ``cfg`` holds, in state-dict order (from a
+    model on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: (tuple(t.shape), t.dtype) for name, t in model_state_dict(model).items()}
+
+
+def open_weights(ckpt_dir: str | Path, cfg: ModelConfig) -> SafetensorsFiles:
+    """A checkpoint's weights as a lazy :class:`~nexus_moe.safetensors_io.TensorSource` (stored
+    dtypes), after checking its tensor table against ``cfg`` from the header alone."""
+    path = Path(ckpt_dir) / WEIGHTS_FILE
+    source = SafetensorsFiles([path])
+    expected = {name: shape for name, (shape, _) in model_shapes(cfg).items()}
+    check_tensor_table(expected, source.shapes, path)
+    return source
 
 
 def check_tensor_table(
