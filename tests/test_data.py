@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from nexus_moe.corpus import iter_documents
 from nexus_moe.data import (
     DomainSampler,
     TokenShards,
-    iter_documents,
     iter_eval_batches,
     tokenize_corpus,
 )
