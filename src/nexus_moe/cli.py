@@ -15,7 +15,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from nexus_moe.config import Device, Method
 from nexus_moe.errors import NexusError
+from nexus_moe.hf.formats import ExportFormat, UpcycleFormat
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
@@ -35,7 +37,9 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override one setting: key=value (YAML value).")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+DeviceOpt = Annotated[
+    Device, typer.Option("--device", help="Where to run; auto: CUDA when available, else CPU.")
+]
 
 
 def _split(domains: str | None) -> list[str] | None:
@@ -146,7 +150,7 @@ def train(
     domains: DomainsOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
 ) -> None:
     """Pretrain a dense seed (--model-config, --tokenizer) or continue a checkpoint (--init)."""
     _tune_allocator()
@@ -156,7 +160,7 @@ def train(
     from nexus_moe.distributed import init_from_env, rank
     from nexus_moe.pipeline import pretrain_seed, resolve_device, resolve_model_dir, train_model
 
-    dev = init_from_env() if device == "auto" else resolve_device(device)
+    dev = init_from_env() if device == Device.auto else resolve_device(device)
     cfg = _train_config(config, set_, "train")
     names = _split(domains) or list(load_manifest(corpus)["domains"])
     if init is not None:
@@ -189,7 +193,7 @@ def branch(
     domains: DomainsOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
     parallel_devices: Annotated[
         int,
         typer.Option(
@@ -209,7 +213,7 @@ def branch(
     cfg = _train_config(config, set_, "branch_train")
     names = _split(domains) or list(load_manifest(corpus)["domains"])
     if parallel_devices == 0:
-        parallel_devices = torch.cuda.device_count() if device in ("auto", "cuda") else 1
+        parallel_devices = torch.cuda.device_count() if device in (Device.auto, Device.cuda) else 1
     groups = assign_to_devices(names, max(parallel_devices, 1))
     if len(groups) > 1:  # the experts are independent: one process per GPU, no communication
         options = [arg for path in [config] if path for arg in ("--config", str(path))]
@@ -217,7 +221,7 @@ def branch(
         commands = [
             [sys.executable, "-m", "nexus_moe.cli", "branch", "--seed", str(seed)]
             + ["--corpus", str(corpus), "--out", str(out), "--domains", ",".join(group)]
-            + ["--device", "cuda", "--parallel-devices", "1", *options]
+            + ["--device", Device.cuda.value, "--parallel-devices", "1", *options]
             for group in groups
         ]
         for gpu, group in enumerate(groups):
@@ -240,7 +244,7 @@ def evaluate(
     seq_len: int = 256,
     batch_size: int = 16,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write scores here.")] = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
 ) -> None:
     """Per-domain validation loss, perplexity and bits-per-byte for each checkpoint."""
     _tune_allocator()
@@ -303,7 +307,7 @@ def embed_domains_cmd(
 
 @app.command()
 def upcycle(
-    method: Annotated[str, typer.Option(help="sparse-upcycle | btm | btx | moe-linear | nexus")],
+    method: Annotated[Method, typer.Option(help="How the dense models are assembled.")],
     seed: Annotated[
         Path,
         typer.Option(help="Dense seed: checkpoint, run directory or Hugging Face folder."),
@@ -330,13 +334,13 @@ def upcycle(
         ),
     ] = None,
     fmt: Annotated[
-        str,
+        UpcycleFormat,
         typer.Option(
             "--format",
-            help="native (our checkpoint) or a Hugging Face format written directly: auto, "
-            "qwen2_moe, mixtral (btm: llama, mistral, qwen2, qwen3).",
+            help="native: our checkpoint; else the Hugging Face format written directly (auto: "
+            "mixtral when it can express the MoE, else qwen2_moe; btm: a dense one).",
         ),
-    ] = "native",
+    ] = UpcycleFormat.native,
 ) -> None:
     """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields.
 
@@ -420,7 +424,7 @@ def analyse(
     max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
     seq_len: int = 256,
     name: Annotated[str, typer.Option(help="Label used in file names and titles.")] = "model",
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
 ) -> None:
     """Routing matrices (domain x expert), routing accuracy and expert load, with heatmaps."""
     _tune_allocator()
@@ -470,13 +474,13 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="nexus-moe checkpoint (or run directory).")],
     out: Annotated[Path, typer.Option(help="Output Hugging Face folder.")],
     format_: Annotated[
-        str,
+        ExportFormat,
         typer.Option(
             "--format",
-            help="auto | qwen2_moe | mixtral | llama | qwen2 | mistral | qwen3 (auto: mixtral "
-            "when it can express the MoE, else qwen2_moe; llama for dense)",
+            help="auto: mixtral when it can express the MoE, else qwen2_moe; llama (qwen3 with "
+            "qk_norm) for a dense model.",
         ),
-    ] = "auto",
+    ] = ExportFormat.auto,
 ) -> None:
     """Write a transformers checkpoint (config, sharded safetensors, tokenizer, model card)."""
     from nexus_moe.hf import export_hf

@@ -20,11 +20,34 @@ T = TypeVar("T")
 
 
 class RouterType(enum.StrEnum):
-    """How a MoE layer scores its routed experts (SPEC §4)."""
+    """How a MoE layer scores its routed experts (docs/design.md §4)."""
 
     linear = "linear"
     nexus = "nexus"
     ac = "ac"
+
+
+class Method(enum.StrEnum):
+    """How dense models are assembled into one (docs/design.md §5)."""
+
+    sparse_upcycle = "sparse-upcycle"
+    btm = "btm"
+    btx = "btx"
+    moe_linear = "moe-linear"
+    nexus = "nexus"
+
+    @property
+    def is_moe(self) -> bool:
+        """False for btm, which merges the experts into one dense model."""
+        return self != Method.btm
+
+
+class Device(enum.StrEnum):
+    """Where models run: ``auto`` is CUDA when available, else the CPU."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 @dataclass

@@ -7,6 +7,7 @@ exists with the same fingerprint, so an interrupted study resumes where it stopp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -18,7 +19,14 @@ import yaml
 
 from nexus_moe import distributed as dist_utils
 from nexus_moe.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
-from nexus_moe.config import ModelConfig, from_dict, to_dict
+from nexus_moe.config import Device, Method, ModelConfig, MoEConfig, from_dict, to_dict
+from nexus_moe.corpus import (
+    DEFAULT_DOMAINS,
+    DEFAULT_MAX_MB_PER_DOMAIN,
+    DEFAULT_VAL_FRACTION,
+    HELDOUT_DOMAINS,
+    check_request,
+)
 from nexus_moe.data import TokenShards, tokenize_corpus
 from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig
@@ -27,7 +35,6 @@ from nexus_moe.model import Transformer
 from nexus_moe.train import TrainConfig, Trainer
 
 STAGE_FILE = "stage.json"
-DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,11 +45,13 @@ DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal"]
 class CorpusSection:
     """Where the text comes from (SPEC §11)."""
 
-    domains: list[str] = field(default_factory=lambda: list(DEFAULT_DOMAINS))
-    heldout: list[str] = field(default_factory=lambda: ["math"])  # added later by `extend`
+    domains: list[str] = field(
+        default_factory=lambda: [d for d in DEFAULT_DOMAINS if d not in HELDOUT_DOMAINS]
+    )
+    heldout: list[str] = field(default_factory=lambda: list(HELDOUT_DOMAINS))  # for `extend`
     from_dir: Path | None = None  # the user's own data: one sub-folder per domain
-    max_mb_per_domain: float = 1.0
-    val_fraction: float = 0.05
+    max_mb_per_domain: float = DEFAULT_MAX_MB_PER_DOMAIN
+    val_fraction: float = DEFAULT_VAL_FRACTION
 
 
 @dataclass
@@ -65,7 +74,7 @@ class MoEVariant:
     """One model of the comparison: an upcycling method plus MoEConfig overrides."""
 
     name: str
-    method: str  # sparse-upcycle | btm | btx | moe-linear | nexus
+    method: Method
     moe: dict[str, Any] = field(default_factory=dict)  # e.g. {router: ac, ac_base: nexus}
     train: bool = True  # train the upcycled model (btm is a dense merge and is not trained)
 
@@ -103,7 +112,7 @@ class Recipe:
 
     workdir: Path = Path("runs/default")
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     corpus: CorpusSection = field(default_factory=CorpusSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,7 +126,11 @@ class Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe; unknown keys and wrong types name the field."""
+    """Read and validate a whole YAML recipe before any work starts.
+
+    Unknown keys and wrong types name the field (:func:`~nexus_moe.config.from_dict`); then
+    :func:`check_recipe` checks what refers to something else. Nothing is written.
+    """
     path = Path(path)
     if not path.is_file():
         raise NexusError(f"{path}: recipe not found")
@@ -126,13 +139,89 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         raise NexusError(f"{path}: not valid YAML ({exc})") from exc
     try:
-        return from_dict(Recipe, data)
+        recipe = from_dict(Recipe, data)
+        check_recipe(recipe)
     except NexusError as exc:
         raise NexusError(f"{path}: {exc}") from None
+    return recipe
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def check_recipe(recipe: Recipe) -> None:
+    """Raise NexusError naming the field when parts of ``recipe`` do not fit together: domains
+    the corpus cannot have, MoE settings upcycling would refuse (unknown keys, values, a router
+    without what it needs), extension of variants that do not exist or are dense."""
+    c = recipe.corpus
+    overlap = [d for d in c.heldout if d in c.domains]
+    if overlap:
+        raise NexusError(
+            f"corpus.heldout: {', '.join(overlap)} also in corpus.domains; a held-out domain is "
+            "left out of the first MoE and added by `extend`, so list it in one place only"
+        )
+    try:
+        check_request([*c.domains, *c.heldout], c.from_dir, c.max_mb_per_domain, c.val_fraction)
+    except NexusError as exc:
+        raise NexusError(f"corpus: {exc}") from None
+    if not c.domains:
+        raise NexusError("corpus.domains: empty; the MoE needs at least one domain")
+    unknown = [d for d in recipe.extend.domains if d not in c.heldout]
+    if unknown:
+        raise NexusError(
+            f"extend.domains: {', '.join(unknown)} not in corpus.heldout "
+            f"({', '.join(c.heldout) or 'empty'}); the corpus only holds the domains it lists"
+        )
+    _check_variants(recipe)
+
+
+def _check_variants(recipe: Recipe) -> None:
+    from nexus_moe.upcycle import moe_config
+
+    allowed = {f.name for f in dataclasses.fields(MoEConfig)}
+    _check_keys(recipe.moe.overrides, allowed, "moe.overrides")
+    names = [v.name for v in recipe.moe.variants]
+    num_domains = len(recipe.corpus.domains)
+    for i, variant in enumerate(recipe.moe.variants):
+        where = f"moe.variants[{i}] ({variant.name})"
+        if variant.name in names[:i]:
+            raise NexusError(f"{where}: name used by more than one variant")
+        _check_keys(variant.moe, allowed, f"{where}.moe")
+        if not variant.method.is_moe:
+            if variant.moe:
+                raise NexusError(
+                    f"{where}.moe: btm produces a dense model; MoE settings do not apply"
+                )
+            continue
+        overrides = {**recipe.moe.overrides, **variant.moe}
+        try:  # the MoE config upcycling would build for this variant
+            moe_config(
+                variant.method, recipe.model, num_domains, list(recipe.corpus.domains), overrides
+            )
+        except NexusError as exc:
+            raise NexusError(f"{where}: {exc}") from None
+    if not recipe.moe.variants:
+        return  # no MoE is built, so nothing is extended
+    trained_moes = [v.name for v in recipe.moe.variants if v.method.is_moe and v.train]
+    for name in recipe.extend.variants:
+        if name not in trained_moes:
+            default = ", ".join(ExtendSection().variants)
+            raise NexusError(
+                f"extend.variants: '{name}' is not a trained MoE variant of moe.variants "
+                f"(those are: {', '.join(trained_moes) or 'none'}); set extend.variants to the "
+                f"ones to extend (default: {default})"
+            )
+
+
+def _check_keys(settings: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise NexusError(
+            f"unknown key '{where}.{unknown[0]}'; allowed MoE settings: {', '.join(sorted(allowed))}"
+        )
+
+
+def resolve_device(name: str | Device) -> torch.device:
+    """The torch device for ``name`` (``auto``: CUDA when available, else the CPU)."""
+    name = str(name)
+    if name == Device.auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise NexusError(f"device '{name}' requested but CUDA is not available; use 'cpu'")

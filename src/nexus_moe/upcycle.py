@@ -23,7 +23,6 @@ memory stays near the largest single tensor plus the interpreter, not the sum of
 
 from __future__ import annotations
 
-import enum
 import functools
 import hashlib
 import re
@@ -41,23 +40,13 @@ from nexus_moe.checkpoint import (
     open_weights,
     write_checkpoint,
 )
-from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
+from nexus_moe.config import Method, ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.routers import NexusRouter, build_router
 from nexus_moe.safetensors_io import DTYPE_NAMES, TensorSource, TensorSpec, storage_order
 
 if TYPE_CHECKING:
     from nexus_moe.embed import DomainEmbeddings
-
-
-class Method(enum.StrEnum):
-    """How the dense inputs are assembled (SPEC §5)."""
-
-    sparse_upcycle = "sparse-upcycle"
-    btm = "btm"
-    btx = "btx"
-    moe_linear = "moe-linear"
-    nexus = "nexus"
 
 
 # ModelConfig fields that must agree between all inputs. max_seq_len and init_std do not change
@@ -177,7 +166,7 @@ def upcycle(
             raise NexusError("btm produces a dense model; moe_overrides do not apply")
         cfg, vectors = seed_cfg, None
     else:
-        cfg = _moe_config(method, seed_cfg, len(routed), expert_domains, moe_overrides)
+        cfg = moe_config(method, seed_cfg, len(routed), expert_domains, moe_overrides)
         vectors = _domain_vectors(cfg, expert_domains, domain_embeddings)
 
     model_dtype = seed_in.dtypes["model.embed_tokens.weight"]
@@ -342,7 +331,7 @@ def _check_domains(where: list[str], names: list[str]) -> list[str]:
     return list(names)
 
 
-def _moe_config(
+def moe_config(
     method: Method,
     seed_cfg: ModelConfig,
     num_routed: int,

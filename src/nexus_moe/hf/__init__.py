@@ -20,24 +20,31 @@ be expressed. Nothing is unpickled; outputs are written to a temporary directory
 into place.
 """
 
-from nexus_moe.hf.exporting import export_hf, export_streamed
-from nexus_moe.hf.folder import is_hf_folder
-from nexus_moe.hf.formats import AUTO, DENSE_FORMATS, FORMATS, MOE_FORMATS
-from nexus_moe.hf.importing import HFModel, import_gguf, import_hf, open_dense_hf, open_hf
-from nexus_moe.safetensors_io import TensorSource
+from __future__ import annotations
 
-__all__ = [
-    "AUTO",
-    "DENSE_FORMATS",
-    "FORMATS",
-    "HFModel",
-    "MOE_FORMATS",
-    "TensorSource",
-    "export_hf",
-    "export_streamed",
-    "import_gguf",
-    "import_hf",
-    "is_hf_folder",
-    "open_dense_hf",
-    "open_hf",
-]
+import importlib
+from typing import Any
+
+# Public name -> the module defining it. Loaded on first use, so that importing the light
+# `nexus_moe.hf.formats` (the CLI's choices) does not import torch and the writers.
+_EXPORTS = {
+    "export_hf": "exporting",
+    "export_streamed": "exporting",
+    "is_hf_folder": "folder",
+    "AUTO": "formats",
+    "DENSE_FORMATS": "formats",
+    "FORMATS": "formats",
+    "MOE_FORMATS": "formats",
+    "HFModel": "importing",
+    "import_gguf": "importing",
+    "import_hf": "importing",
+    "open_dense_hf": "importing",
+    "open_hf": "importing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -9,6 +9,7 @@ case in the mapping).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -164,8 +165,13 @@ MOE_FORMATS: dict[str, MoEFormat] = {
 }
 
 FORMATS: dict[str, Format] = {**DENSE_FORMATS, **MOE_FORMATS}
-# What `export --format` and `upcycle --format` accept besides the format names.
-AUTO = "auto"
+AUTO = "auto"  # pick the plainest format that expresses the model (see auto_format)
+NATIVE = "native"  # upcycle: our own checkpoint instead of a Hugging Face folder
+
+# The choices of `export --format` and `upcycle --format`, built from FORMATS so that a new
+# format is offered everywhere at once.
+ExportFormat = enum.StrEnum("ExportFormat", {name: name for name in (AUTO, *FORMATS)})
+UpcycleFormat = enum.StrEnum("UpcycleFormat", {name: name for name in (NATIVE, AUTO, *FORMATS)})
 
 
 def format_for(model_type: Any, where: str) -> Format:
