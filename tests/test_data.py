@@ -1,4 +1,4 @@
-"""Token shards, the domain sampler and evaluation batches (SPEC §8, §9)."""
+"""Token shards, the domain sampler and evaluation batches (docs/design.md §8, §9)."""
 
 from __future__ import annotations
 

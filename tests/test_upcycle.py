@@ -1,4 +1,4 @@
-"""Upcycling (SPEC §5): each method's output is checked against what it must reproduce."""
+"""Upcycling (docs/design.md §5): each method's output is checked against what it must reproduce."""
 
 from __future__ import annotations
 
@@ -399,7 +399,7 @@ def test_failed_upcycle_keeps_existing_output(tmp_path, inputs):
 
 
 # --------------------------------------------------------------------------------------------
-# grouped dispatch (SPEC §3) against a per-token, per-expert loop
+# grouped dispatch (docs/design.md §3) against a per-token, per-expert loop
 
 
 def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:

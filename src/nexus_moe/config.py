@@ -54,7 +54,7 @@ class Device(enum.StrEnum):
 
 @dataclass
 class MoEConfig:
-    """The MoE part of a model (SPEC §3, §4). Absent (None) on a dense model."""
+    """The MoE part of a model (docs/design.md §3, §4). Absent (None) on a dense model."""
 
     num_experts: int = 4  # routed experts, one per domain for btx / moe-linear / nexus
     top_k: int = 1  # Nexus default: top-1 + shared expert; BTX: top-2, no shared expert
@@ -102,7 +102,7 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """A Llama/Qwen2-style decoder (SPEC §2), optionally with MoE feed-forward layers."""
+    """A Llama/Qwen2-style decoder (docs/design.md §2), optionally with MoE feed-forward layers."""
 
     vocab_size: int = DEFAULT_VOCAB_SIZE
     hidden_size: int = 256

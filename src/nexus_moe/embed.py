@@ -1,4 +1,4 @@
-"""Domain embeddings for the Nexus router (SPEC §6).
+"""Domain embeddings for the Nexus router (docs/design.md §6).
 
 Each domain ``i`` gets one fixed vector ``d_i``: the mean sentence embedding of a seeded,
 deterministic sample of chunks of that domain's training text (``corpus_dir/<domain>/train.jsonl``,

@@ -1,4 +1,4 @@
-"""Per-domain evaluation (SPEC §9): loss, perplexity and bits-per-byte on held-out documents."""
+"""Per-domain evaluation (docs/design.md §9): loss, perplexity and bits-per-byte on held-out documents."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Atomic file writing: write to a temporary path beside the target, then rename (SPEC §12)."""
+"""Atomic file writing: write to a temporary path beside the target, then rename (docs/design.md §12)."""
 
 from __future__ import annotations
 

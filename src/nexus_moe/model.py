@@ -1,4 +1,4 @@
-"""The decoder (SPEC §2): Llama/Qwen2/Qwen3-style, with dense or MoE feed-forward blocks.
+"""The decoder (docs/design.md §2): Llama/Qwen2/Qwen3-style, with dense or MoE feed-forward blocks.
 
 Parameter names follow Hugging Face Llama (``model.layers.{i}.self_attn.q_proj.weight`` ...), so
 dense checkpoints convert by renaming nothing. MoE blocks hold ``mlp.router``, ``mlp.experts``

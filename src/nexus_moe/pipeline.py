@@ -1,4 +1,4 @@
-"""Pipeline stages (SPEC §1) and the recipe that chains them.
+"""Pipeline stages (docs/design.md §1) and the recipe that chains them.
 
 Each stage is a function that reads directories and writes one directory, plus a ``stage.json``
 fingerprint of the config and inputs that made it. ``nexus-moe run`` skips a stage whose output
@@ -52,7 +52,7 @@ STAGE_FILE = "stage.json"
 
 @dataclass
 class CorpusSection:
-    """Where the text comes from (SPEC §11)."""
+    """Where the text comes from (docs/design.md §11)."""
 
     domains: list[str] = field(
         default_factory=lambda: [d for d in DEFAULT_DOMAINS if d not in HELDOUT_DOMAINS]
@@ -96,7 +96,7 @@ class MoESection:
 
 @dataclass
 class ExtendSection:
-    """Add held-out domains to trained MoEs and finetune on a token budget (SPEC §7)."""
+    """Add held-out domains to trained MoEs and finetune on a token budget (docs/design.md §7)."""
 
     domains: list[str] = field(default_factory=list)  # default: corpus.heldout
     variants: list[str] = field(default_factory=lambda: ["nexus", "moe-linear"])
@@ -366,7 +366,7 @@ def branch_expert(
     eval_domains: list[str] | None = None,
     device: torch.device | str = "cpu",
 ) -> Path:
-    """Continue training the seed on one domain: a dense domain expert (SPEC §1, branch)."""
+    """Continue training the seed on one domain: a dense domain expert (docs/design.md §1, branch)."""
     seed_dir = resolve_model_dir(seed_dir)
     model, _ = load_checkpoint(seed_dir)
     return train_model(

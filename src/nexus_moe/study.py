@@ -1,4 +1,4 @@
-"""``nexus-moe run RECIPE``: every stage of a study in order, each skipped when done (SPEC §1, §10).
+"""``nexus-moe run RECIPE``: every stage of a study in order, each skipped when done (docs/design.md §1, §10).
 
 Work directory layout::
 

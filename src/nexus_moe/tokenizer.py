@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer trained on the corpus (SPEC §1, stage "tokenizer").
+"""Byte-level BPE tokenizer trained on the corpus (docs/design.md §1, stage "tokenizer").
 
 The tokenizer is a plain Hugging Face ``tokenizers`` file (``tokenizer.json``) so that it can be
 exported with a model unchanged. Byte-level pre-tokenisation with no normaliser means every string

@@ -1,4 +1,4 @@
-"""The trainer (SPEC §8): AdamW, warmup + cosine, clipping, accumulation, bf16 autocast,
+"""The trainer (docs/design.md §8): AdamW, warmup + cosine, clipping, accumulation, bf16 autocast,
 periodic per-domain evaluation, JSONL metrics, atomic checkpoints with exact resume and a NaN guard.
 
 A training run writes one directory::
@@ -88,7 +88,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_frac: float = 0.1  # linear warmup over this share of the steps (SPEC §8: 10%)
+    warmup_frac: float = 0.1  # linear warmup over this share of the steps (docs/design.md §8: 10%)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

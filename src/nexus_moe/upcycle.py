@@ -1,4 +1,4 @@
-"""Build an MoE (or a merged dense model) from dense checkpoints (SPEC §5).
+"""Build an MoE (or a merged dense model) from dense checkpoints (docs/design.md §5).
 
 | method         | routed experts             | shared expert | non-FFN weights          | router        |
 |----------------|----------------------------|---------------|--------------------------|---------------|
@@ -90,7 +90,7 @@ def upcycle(
     seed: int = 0,
     out_format: str = "native",
 ) -> Path:
-    """Assemble dense checkpoints into ``out_dir`` with ``method`` (SPEC §5); returns ``out_dir``.
+    """Assemble dense checkpoints into ``out_dir`` with ``method`` (docs/design.md §5); returns ``out_dir``.
 
     * ``seed_dir``: the dense seed model (its FFN becomes the shared expert of moe-linear/nexus,
       the n routed copies of sparse-upcycle, or an extra routed expert of btx with
@@ -405,7 +405,7 @@ def _plan(
     vectors: torch.Tensor | None,
     router_seed: int,
 ) -> list[TensorSpec]:
-    """Map every tensor the output config implies to its source (SPEC §5 table)."""
+    """Map every tensor the output config implies to its source (docs/design.md §5 table)."""
     expected = {name: shape for name, (shape, _) in model_shapes(cfg).items()}
     routers = _router_tensors(cfg, vectors, router_seed, model_dtype) if cfg.moe is not None else {}
     dtypes = seed.dtypes
