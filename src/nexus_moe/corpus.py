@@ -1036,45 +1036,18 @@ def build_corpus(
     with atomic_dir(out_dir) as tmp:
         for name in names:
             started = time.perf_counter()
-            try:
-                loaded = loaders[name]()
-            except _Unavailable as exc:
-                manifest["skipped"][name] = str(exc)
-                warn(name, f"source unavailable, domain skipped: {exc}")
-                continue
-            except (OSError, EOFError, zlib.error) as exc:
-                if source_dir is not None:
-                    raise NexusError(f"{source_dir / name}: could not read ({exc})") from exc
-                # A truncated download or unpacked tree in the cache: say how to start afresh.
-                reason = (
-                    f"could not read the cached source ({exc}); delete the package's folder "
-                    f"in {cache_dir} and build again"
-                )
-                manifest["skipped"][name] = reason
-                warn(name, f"source unavailable, domain skipped: {reason}")
+            loaded = _load_domain(loaders[name], name, source_dir, cache_dir)
+            if isinstance(loaded, str):  # why the source could not be had
+                manifest["skipped"][name] = loaded
+                warn(name, f"source unavailable, domain skipped: {loaded}")
                 continue
             if loaded.undecodable:
                 warn(name, f"skipped {loaded.undecodable} source file(s) that are not valid UTF-8")
             for note in loaded.notes:
                 warn(name, note)
-            prepared = _prepare(loaded.documents)
-            if not prepared.documents:
-                where = loaded.sources[0].get("location", name)
-                raise NexusError(f"{where}: domain {name!r} has no non-empty documents")
-            splits = _cap_and_split(name, prepared.documents, cap_bytes, val_fraction, seed)
-            (tmp / name).mkdir()
-            written = {s: _write_split(tmp / name / f"{s}.jsonl", splits[s]) for s in SPLITS}
-            manifest["domains"][name] = {
-                "sources": loaded.sources,
-                "licence": loaded.licence,
-                "files_read": loaded.files_read,
-                "files_skipped_not_utf8": loaded.undecodable,
-                "documents_available": len(prepared.documents),
-                "bytes_available": sum(len(t.encode("utf-8")) for _, t in prepared.documents),
-                "duplicates_dropped": prepared.duplicates,
-                "documents_chunked": prepared.chunked,
-                "splits": written,
-            }
+            entry = _write_domain(tmp / name, name, loaded, cap_bytes, val_fraction, seed)
+            manifest["domains"][name] = entry
+            written = entry["splits"]
             mb = sum(w["text_bytes"] for w in written.values()) / BYTES_PER_MB
             console_print(
                 f"corpus: {name}: {written['train']['documents']} train / "
@@ -1086,6 +1059,48 @@ def build_corpus(
             raise NexusError(f"no requested domain could be built ({reasons})")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _load_domain(
+    loader: Callable[[], _Loaded], name: str, source_dir: Path | None, cache_dir: Path | None
+) -> _Loaded | str:
+    """The loaded domain, or why a package source cannot be had (the user's files must load)."""
+    try:
+        return loader()
+    except _Unavailable as exc:
+        return str(exc)
+    except (OSError, EOFError, zlib.error) as exc:
+        if source_dir is not None:
+            raise NexusError(f"{source_dir / name}: could not read ({exc})") from exc
+        # A truncated download or unpacked tree in the cache: say how to start afresh.
+        return (
+            f"could not read the cached source ({exc}); delete the package's folder "
+            f"in {cache_dir} and build again"
+        )
+
+
+def _write_domain(
+    folder: Path, name: str, loaded: _Loaded, cap_bytes: float, val_fraction: float, seed: int
+) -> dict[str, Any]:
+    """Clean, cap and split one loaded domain into ``folder``; its manifest entry."""
+    prepared = _prepare(loaded.documents)
+    if not prepared.documents:
+        where = loaded.sources[0].get("location", name)
+        raise NexusError(f"{where}: domain {name!r} has no non-empty documents")
+    splits = _cap_and_split(name, prepared.documents, cap_bytes, val_fraction, seed)
+    folder.mkdir()
+    written = {s: _write_split(folder / f"{s}.jsonl", splits[s]) for s in SPLITS}
+    return {
+        "sources": loaded.sources,
+        "licence": loaded.licence,
+        "files_read": loaded.files_read,
+        "files_skipped_not_utf8": loaded.undecodable,
+        "documents_available": len(prepared.documents),
+        "bytes_available": sum(len(t.encode("utf-8")) for _, t in prepared.documents),
+        "duplicates_dropped": prepared.duplicates,
+        "documents_chunked": prepared.chunked,
+        "splits": written,
+    }
 
 
 def load_manifest(corpus_dir: Path) -> dict:

@@ -42,6 +42,7 @@ from nexus_moe.checkpoint import (
 )
 from nexus_moe.config import Method, ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.errors import NexusError
+from nexus_moe.hf.formats import AUTO, FORMATS, NATIVE
 from nexus_moe.routers import NexusRouter, build_router
 from nexus_moe.safetensors_io import DTYPE_NAMES, TensorSource, TensorSpec, storage_order
 
@@ -88,7 +89,7 @@ def upcycle(
     moe_overrides: dict[str, Any] | None = None,
     btx_include_seed: bool = False,
     seed: int = 0,
-    out_format: str = "native",
+    out_format: str = NATIVE,
 ) -> Path:
     """Assemble dense checkpoints into ``out_dir`` with ``method`` (docs/design.md §5); returns ``out_dir``.
 
@@ -131,14 +132,7 @@ def upcycle(
 
     if btx_include_seed and method != Method.btx:
         raise NexusError(f"btx_include_seed applies to btx only, not {method.value}")
-    if out_format != "native":
-        from nexus_moe.hf import AUTO, FORMATS
-
-        if out_format not in (AUTO, *FORMATS):
-            raise NexusError(
-                f"output format '{out_format}' is unknown; choose native, auto or one of: "
-                f"{', '.join(sorted(FORMATS))}"
-            )
+    _check_out_format(out_format)
 
     seed_in, expert_ins = _check_inputs(Path(seed_dir), expert_paths)
     seed_cfg = seed_in.cfg
@@ -178,18 +172,39 @@ def upcycle(
         "domains": expert_domains,
         "router_seed": seed,
     }
-    if out_format != "native":
-        from nexus_moe.hf import export_streamed
+    return _write_output(out_dir, out_format, cfg, specs, metadata, seed_in.tokenizer)
 
-        return export_streamed(
-            _PlannedTensors(cfg, specs, out_dir),
-            cfg,
-            out_dir,
-            fmt=out_format,
-            metadata=metadata,
-            tokenizer_path=seed_in.tokenizer,
+
+def _check_out_format(out_format: str) -> None:
+    """Refuse an unknown output format before anything is read."""
+    if out_format not in (NATIVE, AUTO, *FORMATS):
+        raise NexusError(
+            f"output format '{out_format}' is unknown; choose native, auto or one of: "
+            f"{', '.join(sorted(FORMATS))}"
         )
-    return write_checkpoint(out_dir, cfg, specs, metadata, seed_in.tokenizer)
+
+
+def _write_output(
+    out_dir: Path,
+    out_format: str,
+    cfg: ModelConfig,
+    specs: list[TensorSpec],
+    metadata: dict[str, Any],
+    tokenizer: Path | None,
+) -> Path:
+    """Write the planned tensors as a native checkpoint or, in one pass, a Hugging Face folder."""
+    if out_format == NATIVE:
+        return write_checkpoint(out_dir, cfg, specs, metadata, tokenizer)
+    from nexus_moe.hf import export_streamed
+
+    return export_streamed(
+        _PlannedTensors(cfg, specs, out_dir),
+        cfg,
+        out_dir,
+        fmt=out_format,
+        metadata=metadata,
+        tokenizer_path=tokenizer,
+    )
 
 
 def _parse_method(method: str | Method) -> Method:
