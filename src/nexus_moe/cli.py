@@ -470,12 +470,9 @@ def import_cmd(
     out: Annotated[Path, typer.Option(help="Output nexus-moe checkpoint.")],
 ) -> None:
     """Convert a local Hugging Face (Llama/Mistral/Qwen2/Qwen3, safetensors or GGUF) model."""
-    from nexus_moe import hf
+    from nexus_moe.hf import import_hf
 
-    if source.suffix == ".gguf":
-        hf.import_gguf(source, out)
-    else:
-        hf.import_hf(source, out)
+    import_hf(source, out)  # a .gguf file goes to import_gguf
     console.print(f"checkpoint written to {out}")
 
 
