@@ -132,8 +132,8 @@ class MemoryTensors(TensorSource):
         self.dtypes = {name: t.dtype for name, t in tensors.items()}
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
-        tensor = self._tensors[name].detach().cpu()
-        return tensor if index is None else tensor[index]
+        tensor = self._tensors[name].detach()
+        return (tensor if index is None else tensor[index]).cpu()  # slice first: copy less
 
 
 class CastTensors(TensorSource):
