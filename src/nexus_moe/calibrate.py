@@ -1,4 +1,4 @@
-"""Routers that know the domains before any training step (docs/design.md, plug-in experts).
+"""Routers that know the domains before any training step (docs/design.md §5.6).
 
 A router trained from random rows needs MoE training before it sends a domain's tokens to that
 domain's expert. But the domain of every expert is known when the MoE is assembled, and a few
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
@@ -40,13 +41,13 @@ from nexus_moe.moe import MoELayer
 
 # File in a checkpoint directory that holds the statistics (see :func:`stats_to_tensors`).
 STATS_FILE = "routing_stats.safetensors"
-DEFAULT_TOKENS_PER_DOMAIN = 8192
+DEFAULT_TOKENS_PER_DOMAIN = DEFAULT_CALIBRATION_TOKENS
 CALIBRATION_SEQ_LEN = 128  # window length of the calibration text (capped by max_seq_len)
 DEFAULT_RIDGE = 0.05  # shrinkage of the pooled covariance towards its mean variance
 _TAU_GRID = torch.logspace(-1, 2.5, 36)  # candidate temperatures for the rows (unit vectors)
 _KEEP_FOR_TAU = 1024  # tokens per domain and layer kept to fit the temperature
 # Norm of a new expert's row relative to the mean norm of the current rows. Measured on the
-# held-out math domain of the study (docs/design.md, plug-in experts): 1.0 lets the new expert
+# held-out math domain of the study (docs/design.md §5.6): 1.0 lets the new expert
 # take borderline tokens of the earlier domains (+1.3% on their perplexity), 0.85 keeps them
 # within 1% while it still gets ~3/4 of its own domain's tokens.
 NEW_ROW_SCALE = 0.85
