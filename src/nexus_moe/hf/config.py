@@ -250,8 +250,11 @@ def _moe_from_hf(
         )
     moe_every = _moe_every(sparse, layers, where)
     intermediate = base.intermediate_size
+    expert_size = base.intermediate_size
+    if fmt.expert_width_key is not None:
+        expert_size = _int_field(doc, fmt.expert_width_key, fmt.default_expert_width, where)
+    shared_size = 0
     if fmt.has_shared_expert:
-        expert_size = _int_field(doc, "moe_intermediate_size", 1408, where)
         shared_size = _int_field(doc, "shared_expert_intermediate_size", 5632, where)
         has_dense = len(sparse) < layers
         if shared_size and has_dense and shared_size != base.intermediate_size:
@@ -261,12 +264,12 @@ def _moe_from_hf(
                 "expert has the dense FFN's width"
             )
         intermediate = shared_size or intermediate  # 0: no shared expert
-        renormalize = bool(doc.get("norm_topk_prob", False))
-        attention_bias = bool(doc.get("qkv_bias", True))
-    else:
-        expert_size, shared_size = base.intermediate_size, 0
-        renormalize = True
-        attention_bias = base.attention_bias
+    renormalize = True
+    if fmt.renormalize_key is not None:
+        renormalize = bool(doc.get(fmt.renormalize_key, False))
+    attention_bias = base.attention_bias
+    if fmt.qkv_bias_key is not None:
+        attention_bias = bool(doc.get(fmt.qkv_bias_key, True))
     try:
         moe = MoEConfig(
             num_experts=num_experts,
@@ -301,9 +304,13 @@ def _check_moe(fmt: MoEFormat, cfg: ModelConfig) -> None:
             "previous MoE layer's routing; no Hugging Face MoE format (qwen2_moe, mixtral) "
             "can express that, so an AC model cannot be exported"
         )
-    if cfg.qk_norm:
+    if cfg.qk_norm and not fmt.dense.qk_norm:
         raise NexusError(
             f"the model normalises q and k per head (qk_norm), which '{name}' cannot express"
+        )
+    if fmt.dense.qk_norm and not cfg.qk_norm:
+        raise NexusError(
+            f"'{name}' always normalises q and k per head but this model does not (qk_norm=false)"
         )
     if cfg.attention_bias and fmt.dense.qkv_bias == "never":
         raise NexusError(
@@ -329,11 +336,11 @@ def _check_moe(fmt: MoEFormat, cfg: ModelConfig) -> None:
             f"{dense_layers} are dense (moe_every={moe.moe_every}); export with "
             "fmt='qwen2_moe', whose mlp_only_layers lists them"
         )
-    if name == "qwen2_moe" and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
-        # transformers 4.x and other Qwen2-MoE runtimes derive head_dim from hidden_size.
+    if fmt.head_dim_from_hidden and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        # transformers 4.x and other runtimes of this format derive head_dim from hidden_size.
         raise NexusError(
             f"head_dim={cfg.head_dim} is not hidden_size / num_heads "
-            f"({cfg.hidden_size} / {cfg.num_heads}), which 'qwen2_moe' cannot express "
+            f"({cfg.hidden_size} / {cfg.num_heads}), which '{name}' cannot express "
             "portably; export with fmt='mixtral' if the model has no shared expert"
         )
 
@@ -352,19 +359,18 @@ def _moe_to_hf(
     doc.update(architectures=[fmt.architecture], model_type=fmt.model_type)
     doc[fmt.num_experts_key] = moe.num_experts
     doc["num_experts_per_tok"] = moe.top_k
+    doc[fmt.expert_width_key or "intermediate_size"] = cfg.expert_intermediate_size
     if fmt.has_shared_expert:
-        doc.update(
-            moe_intermediate_size=cfg.expert_intermediate_size,
-            shared_expert_intermediate_size=cfg.intermediate_size if moe.shared_expert else 0,
-            norm_topk_prob=moe.renormalize,
-            # Block i is sparse unless listed here (step 1 makes every other block sparse).
-            decoder_sparse_step=1,
-            mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)],
-            qkv_bias=True,  # always biased on 4.x: zeros stand in for absent biases
-        )
-    else:
-        doc["intermediate_size"] = cfg.expert_intermediate_size
-        doc["router_jitter_noise"] = 0.0
+        doc["shared_expert_intermediate_size"] = cfg.intermediate_size if moe.shared_expert else 0
+    if fmt.renormalize_key is not None:
+        doc[fmt.renormalize_key] = moe.renormalize
+    if fmt.sparse_layers == "mlp_only_layers":
+        # Block i is sparse unless listed here (step 1 makes every other block sparse).
+        doc["decoder_sparse_step"] = 1
+        doc["mlp_only_layers"] = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
+    if fmt.qkv_bias_key is not None:
+        doc[fmt.qkv_bias_key] = True  # always biased on 4.x: zeros stand in for absent biases
+    doc.update(fmt.extra_config)
     doc["router_aux_loss_coef"] = moe.load_balance_weight
     doc["output_router_logits"] = False
     doc[SIDECAR_KEY] = {"version": __version__, "model": to_dict(cfg)}

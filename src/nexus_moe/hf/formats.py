@@ -57,11 +57,24 @@ class MoEFormat:
     moe_module: str  # HF name of a MoE block's module: "mlp" or "block_sparse_moe"
     expert_names: tuple[str, str, str]  # HF names of each expert's gate, up and down projections
     has_shared_expert: bool  # Qwen2-MoE: every MoE block has a sigmoid-gated shared expert
-    always_renormalize: bool  # Mixtral: gates are always p_i / sum_topk p
     num_experts_key: str  # config.json key of the number of routed experts
     default_num_experts: int  # transformers' defaults for config.json keys that are absent
     default_top_k: int
     sparse_layers: Literal["all", "mlp_only_layers"]  # which blocks config.json can make MoE
+    # config.json key of the experts' FFN width; None: they have intermediate_size
+    expert_width_key: str | None = None
+    default_expert_width: int = 0
+    # config.json key saying whether gates are renormalised; None: always (g_i = p_i / sum_topk p)
+    renormalize_key: str | None = None
+    # config.json key of the q/k/v biases when the format has its own (Qwen2-MoE: qkv_bias)
+    qkv_bias_key: str | None = None
+    # runtimes derive head_dim from hidden_size / num_heads (transformers 4.x Qwen2-MoE)
+    head_dim_from_hidden: bool = False
+    extra_config: dict[str, Any] = field(default_factory=dict)  # static MoE fields on export
+
+    @property
+    def always_renormalize(self) -> bool:
+        return self.renormalize_key is None
 
 
 Format = DenseFormat | MoEFormat
@@ -132,11 +145,15 @@ MOE_FORMATS: dict[str, MoEFormat] = {
         moe_module="mlp",
         expert_names=("gate_proj", "up_proj", "down_proj"),
         has_shared_expert=True,
-        always_renormalize=False,
         num_experts_key="num_experts",
         default_num_experts=60,
         default_top_k=4,
         sparse_layers="mlp_only_layers",
+        expert_width_key="moe_intermediate_size",
+        default_expert_width=1408,
+        renormalize_key="norm_topk_prob",
+        qkv_bias_key="qkv_bias",
+        head_dim_from_hidden=True,
     ),
     "mixtral": MoEFormat(
         "mixtral",
@@ -156,11 +173,11 @@ MOE_FORMATS: dict[str, MoEFormat] = {
         moe_module="block_sparse_moe",
         expert_names=("w1", "w3", "w2"),  # gate, up, down
         has_shared_expert=False,
-        always_renormalize=True,
         num_experts_key="num_local_experts",
         default_num_experts=8,
         default_top_k=2,
         sparse_layers="all",
+        extra_config={"router_jitter_noise": 0.0},
     ),
 }
 
