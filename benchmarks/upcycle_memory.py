@@ -1,4 +1,4 @@
-"""Peak memory of streamed upcycling (SPEC §5): it should stay near ONE input model.
+"""Peak memory of streamed upcycling (docs/design.md §5): it should stay near ONE input model.
 
 Creates a seed and ``--experts`` synthetic dense checkpoints of ~500 MB each (float32 random
 weights), then runs ``upcycle`` in a fresh subprocess and reads that process's peak resident set

@@ -1,4 +1,4 @@
-"""The command line turns bad input into one clear message (SPEC §12)."""
+"""The command line turns bad input into one clear message (docs/design.md §12)."""
 
 import subprocess
 import sys

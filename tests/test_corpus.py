@@ -1,4 +1,4 @@
-"""Tests for the corpus builder (SPEC §11, §12): cleaning, cap, split, manifest, bad input."""
+"""Tests for the corpus builder (docs/design.md §11, §12): cleaning, cap, split, manifest, bad input."""
 
 from __future__ import annotations
 

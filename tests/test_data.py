@@ -1,4 +1,4 @@
-"""Token shards, the domain sampler and evaluation batches (SPEC §8, §9)."""
+"""Token shards, the domain sampler and evaluation batches (docs/design.md §8, §9)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from nexus_moe.corpus import iter_documents
 from nexus_moe.data import (
     DomainSampler,
     TokenShards,
-    iter_documents,
     iter_eval_batches,
     tokenize_corpus,
 )

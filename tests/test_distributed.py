@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (SPEC §8): 2 CPU ranks (gloo) reproduce one process.
+"""Data-parallel training under torchrun (docs/design.md §8): 2 CPU ranks (gloo) reproduce one process.
 
 One ``torchrun --nproc_per_node 2`` run of this file (see ``_worker`` at the bottom) trains every
 scenario; each test compares one of them with a single-process run over the same global batch

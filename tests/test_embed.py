@@ -1,4 +1,4 @@
-"""Domain embeddings (SPEC §6) with the real offline default embedder."""
+"""Domain embeddings (docs/design.md §6) with the real offline default embedder."""
 
 from __future__ import annotations
 

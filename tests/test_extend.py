@@ -1,4 +1,4 @@
-"""Extending and shrinking an MoE (SPEC §7) and routing analysis (SPEC §9)."""
+"""Extending and shrinking an MoE (docs/design.md §7) and routing analysis (docs/design.md §9)."""
 
 import pytest
 import torch

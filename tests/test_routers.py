@@ -1,4 +1,4 @@
-"""Router contract (SPEC §3, §4): every router behind the same MoE layer."""
+"""Router contract (docs/design.md §3, §4): every router behind the same MoE layer."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Trainer: exact resume, NaN guard, checkpoint integrity (SPEC §8, §12)."""
+"""Trainer: exact resume, NaN guard, checkpoint integrity (docs/design.md §8, §12)."""
 
 import json
 import os

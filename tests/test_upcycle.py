@@ -1,4 +1,4 @@
-"""Upcycling (SPEC §5): each method's output is checked against what it must reproduce."""
+"""Upcycling (docs/design.md §5): each method's output is checked against what it must reproduce."""
 
 from __future__ import annotations
 
@@ -9,14 +9,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from nexus_moe.checkpoint import load_checkpoint, load_config, read_safetensors, save_checkpoint
+from nexus_moe.checkpoint import (
+    load_checkpoint,
+    load_config,
+    read_safetensors,
+    save_checkpoint,
+    weights_hash,
+    write_checkpoint,
+)
 from nexus_moe.config import ModelConfig, MoEConfig
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.errors import NexusError
+from nexus_moe.io_utils import file_sha256
 from nexus_moe.model import Transformer
 from nexus_moe.moe import MoELayer
-from nexus_moe.upcycle import TensorSpec, upcycle, write_safetensors
+from nexus_moe.safetensors_io import TensorSpec, write_safetensors
+from nexus_moe.upcycle import upcycle
 
 DOMAINS = ["legal", "code", "bio"]
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -397,8 +407,35 @@ def test_failed_upcycle_keeps_existing_output(tmp_path, inputs):
     assert (out / "model.safetensors").read_bytes() == before
 
 
+def test_streamed_checkpoints_record_the_hash_of_their_final_weights(tmp_path, inputs):
+    seed, experts = inputs
+    out = upcycle("btx", seed, experts, tmp_path / "moe")
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["weights_sha256"] == file_sha256(out / "model.safetensors") == weights_hash(out)
+
+    # A finishing step that rewrites the weights before publishing (as router calibration
+    # does) leaves the recorded hash that of the weights on disk.
+    cfg, meta = load_config(seed)
+    state = read_safetensors(seed / "model.safetensors")
+    specs = [
+        TensorSpec(name, t.dtype, tuple(t.shape), lambda t=t: [t]) for name, t in state.items()
+    ]
+
+    def finish(folder: Path) -> None:
+        changed = read_safetensors(folder / "model.safetensors")
+        changed["model.norm.weight"] = changed["model.norm.weight"] + 1.0
+        save_file(changed, str(folder / "model.safetensors"))
+
+    written = write_checkpoint(tmp_path / "finished", cfg, specs, meta, finish=finish)
+    doc = json.loads((written / "config.json").read_text())
+    assert doc["weights_sha256"] == file_sha256(written / "model.safetensors")
+    assert doc["weights_sha256"] != weights_hash(seed)
+    model, _ = load_checkpoint(written)
+    assert torch.equal(model.model.norm.weight, state["model.norm.weight"] + 1.0)
+
+
 # --------------------------------------------------------------------------------------------
-# grouped dispatch (SPEC §3) against a per-token, per-expert loop
+# grouped dispatch (docs/design.md §3) against a per-token, per-expert loop
 
 
 def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Where does each domain's text go? Routing matrices, routing accuracy, expert load (SPEC §9)."""
+"""Where does each domain's text go? Routing matrices, routing accuracy, expert load (docs/design.md §9)."""
 
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
@@ -41,7 +42,7 @@ from nexus_moe.moe import MoELayer
 
 # File in a checkpoint directory that holds the statistics (see :func:`stats_to_tensors`).
 STATS_FILE = "routing_stats.safetensors"
-DEFAULT_TOKENS_PER_DOMAIN = 8192
+DEFAULT_TOKENS_PER_DOMAIN = DEFAULT_CALIBRATION_TOKENS
 CALIBRATION_SEQ_LEN = 128  # window length of the calibration text (capped by max_seq_len)
 DEFAULT_RIDGE = 0.05  # shrinkage of the pooled covariance towards its mean variance
 _TAU_GRID = torch.logspace(-3, 2.5, 56)  # candidate temperatures for the rows (unit vectors)

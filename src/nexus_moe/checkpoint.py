@@ -1,4 +1,4 @@
-"""Self-describing model checkpoints: a directory of safetensors + JSON (SPEC §1, §12).
+"""Self-describing model checkpoints: a directory of safetensors + JSON (docs/design.md §14).
 
 Layout of a checkpoint directory::
 
@@ -15,11 +15,11 @@ never leaves a half-written checkpoint. Nothing is unpickled on load.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nexus_moe import __version__
@@ -28,6 +28,35 @@ from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, file_sha256, read_json, write_json
 from nexus_moe.model import Transformer
+from nexus_moe.safetensors_io import (
+    SafetensorsFiles,
+    TensorSpec,
+    read_safetensors,
+    storage_order,
+    write_safetensors,
+)
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "TOKENIZER_FILE",
+    "WEIGHTS_FILE",
+    "check_tensor_table",
+    "checkpoint_tokenizer",
+    "find_tokenizer",
+    "load_checkpoint",
+    "load_config",
+    "load_routing_stats",
+    "load_state_into",
+    "model_shapes",
+    "model_state_dict",
+    "open_weights",
+    "read_safetensors",
+    "save_checkpoint",
+    "seed_hash",
+    "weights_hash",
+    "write_checkpoint",
+]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,14 +88,7 @@ def save_checkpoint(
     with atomic_dir(out_dir) as tmp:
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(
-            tmp / CONFIG_FILE,
-            {
-                "format": FORMAT,
-                "version": __version__,
-                "model": to_dict(model.cfg),
-                "metadata": metadata or {},
-                "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
-            },
+            tmp / CONFIG_FILE, _config_doc(model.cfg, metadata, file_sha256(tmp / WEIGHTS_FILE))
         )
         if tokenizer_path is not None:
             shutil.copyfile(find_tokenizer(tokenizer_path), tmp / TOKENIZER_FILE)
@@ -76,6 +98,46 @@ def save_checkpoint(
         for name, content in (extra_files or {}).items():
             _write_extra(tmp / name, content)
     return out_dir
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    specs: list[TensorSpec],
+    metadata: dict[str, Any],
+    tokenizer: Path | None = None,
+    finish: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a checkpoint directory whose weights are produced tensor by tensor (``specs``, our
+    tensor names), atomically: the streaming counterpart of :func:`save_checkpoint`, for models
+    that are never built in memory (an import, an upcycling).
+
+    ``finish(folder)`` runs on the complete checkpoint before it is published; it may rewrite the
+    weights (the recorded weights hash is then refreshed).
+    """
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tmp / WEIGHTS_FILE, storage_order(specs), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_FILE, _config_doc(cfg, metadata, file_sha256(tmp / WEIGHTS_FILE)))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        if finish is not None:
+            finish(tmp)
+            doc = _config_doc(cfg, metadata, file_sha256(tmp / WEIGHTS_FILE))
+            write_json(tmp / CONFIG_FILE, doc)
+    return out_dir
+
+
+def _config_doc(
+    cfg: ModelConfig, metadata: dict[str, Any] | None, weights_sha256: str
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": __version__,
+        "model": to_dict(cfg),
+        "metadata": metadata or {},
+        "weights_sha256": weights_sha256,
+    }
 
 
 def _write_extra(path: Path, content: Any) -> None:
@@ -156,19 +218,22 @@ def load_config(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     return cfg, doc.get("metadata", {})
 
 
-def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load every tensor of a safetensors file; corrupt or truncated files raise NexusError."""
-    path = Path(path)
-    if not path.is_file():
-        raise NexusError(f"{path}: weights file not found")
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise NexusError(
-            f"{path}: cannot read weights ({exc}); the file is corrupt or truncated — "
-            "restore it from a copy or re-run the stage that wrote it"
-        ) from exc
+def model_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor a checkpoint of ``cfg`` holds, in state-dict order (from a
+    model on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: (tuple(t.shape), t.dtype) for name, t in model_state_dict(model).items()}
+
+
+def open_weights(ckpt_dir: str | Path, cfg: ModelConfig) -> SafetensorsFiles:
+    """A checkpoint's weights as a lazy :class:`~nexus_moe.safetensors_io.TensorSource` (stored
+    dtypes), after checking its tensor table against ``cfg`` from the header alone."""
+    path = Path(ckpt_dir) / WEIGHTS_FILE
+    source = SafetensorsFiles([path])
+    expected = {name: shape for name, (shape, _) in model_shapes(cfg).items()}
+    check_tensor_table(expected, source.shapes, path)
+    return source
 
 
 def check_tensor_table(

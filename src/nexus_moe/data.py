@@ -1,4 +1,4 @@
-"""Token shards of the corpus, the training sampler and evaluation batches (SPEC §8, §9).
+"""Token shards of the corpus, the training sampler and evaluation batches (docs/design.md §8, §9).
 
 Layout written by :func:`tokenize_corpus`::
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nexus_moe.corpus import corpus_domains, iter_documents
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, read_json, write_json
 from nexus_moe.tokenizer import eos_id, load_tokenizer, tokenizer_file
@@ -35,83 +35,6 @@ _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 # parallelise, small enough to bound memory on big domains.
 _BATCH_DOCS = 2048
 _BATCH_BYTES = 8 << 20
-
-
-# ---------------------------------------------------------------------------------------------
-# corpus reading
-
-
-def corpus_domains(corpus_dir: str | Path, domains: list[str] | None = None) -> list[str]:
-    """The domains to use from ``corpus_dir``: ``domains`` checked to exist, or all of them.
-
-    A domain is a sub-directory holding at least one ``<split>.jsonl`` file; hidden directories
-    and other output placed in the corpus (e.g. cached token shards) are ignored.
-    """
-    corpus_dir = Path(corpus_dir)
-    if not corpus_dir.is_dir():
-        raise NexusError(
-            f"{corpus_dir}: corpus directory not found; build it with the corpus stage"
-        )
-    available = sorted(
-        p.name
-        for p in corpus_dir.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and any(p.glob("*.jsonl"))
-    )
-    if domains is None:
-        if not available:
-            raise NexusError(
-                f"{corpus_dir}: no domains found (expected <domain>/train.jsonl); "
-                "build the corpus first"
-            )
-        return available
-    if len(set(domains)) != len(domains):
-        raise NexusError(f"domains: {domains} lists a domain more than once")
-    for name in domains:
-        if name not in available:
-            raise NexusError(
-                f"domains: {name!r} is not in corpus {corpus_dir} (available: {', '.join(available) or 'none'})"
-            )
-    return list(domains)
-
-
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Yield the ``text`` of every document in a corpus ``.jsonl`` file (blank lines skipped).
-
-    Malformed JSON, a missing or non-string ``text``, non-UTF-8 bytes and unpaired surrogates are
-    NexusErrors naming the file and line.
-    """
-    path = Path(path)
-    lineno = 0
-    try:
-        with path.open("r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise NexusError(
-                        f"{path}:{lineno}: not valid JSON ({exc}); rebuild the corpus"
-                    ) from exc
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise NexusError(
-                        f"{path}:{lineno}: expected an object with a string field 'text'"
-                    )
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    # JSON "\ud800" escapes decode to strings that are not valid unicode text.
-                    raise NexusError(
-                        f"{path}:{lineno}: text is not valid unicode ({exc}); clean the source text"
-                    ) from exc
-                yield text
-    except UnicodeDecodeError as exc:
-        raise NexusError(
-            f"{path}: not valid UTF-8 after line {lineno} ({exc}); re-encode the file as UTF-8"
-        ) from exc
-    except FileNotFoundError as exc:
-        raise NexusError(f"{path}: file not found") from exc
 
 
 # ---------------------------------------------------------------------------------------------

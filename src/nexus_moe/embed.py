@@ -1,4 +1,4 @@
-"""Domain embeddings for the Nexus router (SPEC §6).
+"""Domain embeddings for the Nexus router (docs/design.md §6).
 
 Each domain ``i`` gets one fixed vector ``d_i``: the mean sentence embedding of a seeded,
 deterministic sample of chunks of that domain's training text (``corpus_dir/<domain>/train.jsonl``,
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nexus_moe.config import EmbedConfig
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_path
 
@@ -68,15 +69,11 @@ FORMAT_NAME = "nexus-moe/domain-embeddings"
 FORMAT_VERSION = 1
 _TENSOR_KEY = "domain_embeddings"
 
-# Default sampling: 512 chunks of ~256 characters (~50 English words, ~60-80 word pieces) per
-# domain. Cost is linear in tokens: on 2 CPU cores all-MiniLM-L6-v2 encodes roughly 2-2.5k
-# tokens/s, so 5 domains x 512 x 256 characters (~200k tokens) take about 80 s of 2-core compute,
-# whereas 1000-character chunks (the model's 256-word-piece limit) would take ~6 minutes. Measured
-# on held-out chunks, 256-character chunks separate domains nearly as well as 512-character ones
-# and clearly better than 128; the mean over 128 chunks is already stable (cosine > 0.96 between
-# disjoint halves), so 512 leaves margin.
-DEFAULT_NUM_CHUNKS = 512
-DEFAULT_CHUNK_CHARS = 256
+# Default sampling (EmbedConfig): 256 chunks of 256 characters per domain. Short chunks keep the
+# cost low and separate domains nearly as well as longer ones; the mean is stable well below 256
+# chunks. Measurements behind these choices: BENCHMARKS.md, "Domain embeddings".
+DEFAULT_NUM_CHUNKS = EmbedConfig.num_chunks
+DEFAULT_CHUNK_CHARS = EmbedConfig.chunk_chars
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,9 +593,8 @@ def embed_domains(
     ``max_seq_length`` word pieces (256 for all-MiniLM-L6-v2, about 1000 characters of English)
     are truncated by the embedder.
 
-    Cost is linear in ``num_chunks * chunk_chars``: on 2 CPU cores all-MiniLM-L6-v2 encodes
-    roughly 2k tokens/s, so the defaults (512 chunks x 256 characters, ~40k tokens per domain) take
-    about 15-20 s per domain. ``device=None`` uses CUDA when available (seconds), else the CPU.
+    Cost is linear in ``num_chunks * chunk_chars`` (timings: BENCHMARKS.md, "Domain
+    embeddings"). ``device=None`` uses CUDA when available, else the CPU.
     """
     domains = [str(d) for d in domains]
     if not domains:

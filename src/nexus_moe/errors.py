@@ -1,4 +1,4 @@
-"""One exception type for every user-facing error (SPEC §12).
+"""One exception type for every user-facing error (docs/design.md §12).
 
 Messages name the file or field at fault and what to do about it; the CLI prints them without a
 traceback.

@@ -1,4 +1,4 @@
-"""Per-domain evaluation (SPEC §9): loss, perplexity and bits-per-byte on held-out documents."""
+"""Per-domain evaluation (docs/design.md §9): loss, perplexity and bits-per-byte on held-out documents."""
 
 from __future__ import annotations
 
@@ -7,29 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from nexus_moe.config import EvalConfig
 from nexus_moe.data import TokenShards, iter_eval_batches
 from nexus_moe.errors import NexusError
 from nexus_moe.losses import language_model_loss
 from nexus_moe.model import Transformer
-
-
-@dataclass
-class EvalConfig:
-    """How much validation text to score."""
-
-    seq_len: int = 256
-    batch_size: int = 16
-    max_tokens: int | None = 65536  # per domain; None scores the whole validation split
-
-    def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise NexusError(f"evaluate.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise NexusError(
-                f"--max-tokens / evaluate.max_tokens must be >= 1 (got {self.max_tokens}); 0 on "
-                "the command line or null in a recipe scores every token"
-            )
 
 
 @dataclass

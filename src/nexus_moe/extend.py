@@ -1,4 +1,4 @@
-"""Grow and shrink a trained MoE (SPEC §7).
+"""Grow and shrink a trained MoE (docs/design.md §7).
 
 Extending appends a new dense expert (trained from the same seed, or brought by the user):
 
@@ -191,7 +191,7 @@ def extend(
     calibration_shards: TokenShards | None = None,
     calibration_tokens: int = calibrate.DEFAULT_TOKENS_PER_DOMAIN,
 ) -> Path:
-    """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (SPEC §7).
+    """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (docs/design.md §7).
 
     ``domain`` defaults to the expert's metadata ``domain``. ``domain_embeddings`` (a
     :class:`~nexus_moe.embed.DomainEmbeddings` holding that domain, made with the MoE's embedder)

@@ -1,4 +1,4 @@
-"""Safe output writing: write to a temporary path beside the target, then rename.
+"""Safe output writing (docs/design.md §12): write to a temporary path beside the target, then rename.
 
 Every folder written through :func:`atomic_dir` carries a small marker file (``.nexus-moe.json``)
 naming the command and configuration that wrote it and the files it holds. A folder is replaced

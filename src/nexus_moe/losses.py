@@ -1,4 +1,4 @@
-"""Loss functions, pure and standalone (SPEC §3, §8)."""
+"""Loss functions, pure and standalone (docs/design.md §3, §8)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
-    """Switch load-balancing loss ``n * sum_i f_i * P_i`` (SPEC §3).
+    """Switch load-balancing loss ``n * sum_i f_i * P_i`` (docs/design.md §3).
 
     ``probs`` (N, n) router probabilities (float32); ``top1`` (N,) each token's top-1 expert.
     ``f_i`` is the fraction of tokens whose top-1 is i (no gradient), ``P_i`` the mean probability.

@@ -1,4 +1,4 @@
-"""The decoder (SPEC §2): Llama/Qwen2/Qwen3-style, with dense or MoE feed-forward blocks.
+"""The decoder (docs/design.md §2): Llama/Qwen2/Qwen3-style, with dense or MoE feed-forward blocks.
 
 Parameter names follow Hugging Face Llama (``model.layers.{i}.self_attn.q_proj.weight`` ...), so
 dense checkpoints convert by renaming nothing. MoE blocks hold ``mlp.router``, ``mlp.experts``
@@ -40,7 +40,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
         # Computed on the CPU and moved: on the meta device the arithmetic would run through
-        # Python references that import torch._dynamo (~2 s of every shape-only model build).
+        # Python references that import torch._dynamo, a slow import that every shape-only model
+        # build would pay (BENCHMARKS.md, "Start-up costs").
         inv_freq = self._inv_freq().to(torch.get_default_device())
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -177,7 +178,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         # An uninitialised weight: Transformer.reset_parameters draws it (nn.Embedding's own
-        # N(0, 1) draw would be overwritten anyway, and on the meta device it costs a 2 s import).
+        # N(0, 1) draw would be overwritten anyway, and on the meta device it costs the slow
+        # torch._dynamo import, see BENCHMARKS.md "Start-up costs").
         weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])

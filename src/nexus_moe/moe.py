@@ -1,4 +1,4 @@
-"""The MoE feed-forward layer (SPEC §3).
+"""The MoE feed-forward layer (docs/design.md §3).
 
     y(x) = [shared(x)] + sum over i in topk(p(x)) of g_i(x) * FFN_i(x)
 
@@ -429,7 +429,7 @@ class MoELayer(nn.Module):
         logits = self.router(route_in, prev_assignment).float()  # (N, E)
         if self.expert_mask is not None:
             logits = logits.masked_fill(~self.expert_mask, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)  # float32, SPEC §3
+        probs = torch.softmax(logits, dim=-1)  # float32, docs/design.md §3
         top_probs, top_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.cfg.renormalize else top_probs
 

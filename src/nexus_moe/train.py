@@ -1,4 +1,4 @@
-"""The trainer (SPEC §8): AdamW, warmup + cosine, clipping, accumulation, bf16 autocast,
+"""The trainer (docs/design.md §8): AdamW, warmup + cosine, clipping, accumulation, bf16 autocast,
 periodic per-domain evaluation, JSONL metrics, atomic checkpoints with exact resume and a NaN guard.
 
 A training run writes one directory::
@@ -65,8 +65,8 @@ def tune_cpu_allocator() -> bool:
     glibc serves allocations above its mmap threshold (adaptive, at most 32 MB) with a fresh
     mapping and unmaps it on free, so every training step's large activations and gradients
     arrive as new pages that fault on first touch. Raising the mmap and trim thresholds to
-    1 GiB keeps such blocks in the heap for reuse: +19-22% dense training tokens/s on CPU
-    (BENCHMARKS.md). Freed memory then stays with the process (RSS stays near its peak), which
+    1 GiB keeps such blocks in the heap for reuse, which speeds up CPU training (figures:
+    BENCHMARKS.md, "CPU allocator tuning"). Freed memory then stays with the process (RSS stays near its peak), which
     suits a training or evaluation process; the CLI calls this for those commands only.
 
     Skipped (returns False) off glibc, when the user set ``MALLOC_MMAP_THRESHOLD_`` themselves,
@@ -99,7 +99,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_frac: float = 0.1  # linear warmup over this share of the steps (SPEC §8: 10%)
+    warmup_frac: float = 0.1  # linear warmup over this share of the steps (docs/design.md §8: 10%)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -527,30 +527,7 @@ class Trainer:
         last_good = self.step
         while self.step < end:
             lr = lr_at(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            lm_total, aux_total = 0.0, 0.0
-            for micro in range(cfg.grad_accum):
-                inputs, targets, _ = self.sampler.next_batch()
-                inputs, targets = inputs.to(self.device), targets.to(self.device)
-                with dist_utils.no_sync_unless(self.wrapped, micro == cfg.grad_accum - 1):
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        out = self.wrapped(inputs)
-                        lm_loss = language_model_loss(out.logits, targets)
-                        loss = (lm_loss + out.aux_loss) / cfg.grad_accum
-                    # Decided together, so that every rank stops at the same point.
-                    if not dist_utils.all_ranks(bool(torch.isfinite(loss))):
-                        self._nan_error(lm_loss.detach(), out.aux_loss.detach(), last_good)
-                    loss.backward()
-                lm_total += lm_loss.item() / cfg.grad_accum
-                aux_total += out.aux_loss.item() / cfg.grad_accum
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            # Gradients are already reduced across ranks here, so the norm is the global one.
-            grad_norm = dist_utils.clip_grad_norm(params, cfg.grad_clip)
-            if not torch.isfinite(grad_norm):
-                self._nan_error(torch.tensor(lm_total), torch.tensor(float("nan")), last_good)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            lm_total, aux_total, grad_norm, out = self._optimizer_step(lr, last_good)
             self.step += 1
             self.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
@@ -559,27 +536,8 @@ class Trainer:
             lm_total = dist_utils.mean_across_ranks(lm_total)
             progress.update(1)
             if self.step % cfg.log_every == 0 or self.step == end:
-                aux_total = dist_utils.mean_across_ranks(aux_total)
-                elapsed = time.perf_counter() - window_start
-                tps = window_tokens / max(elapsed, 1e-9)
-                record = {
-                    "step": self.step,
-                    "loss": lm_total,
-                    "aux_loss": aux_total,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens": self.tokens_seen,
-                    "tokens_per_s": tps,
-                    **self._routing_stats(),
-                }
-                if out.routing:
-                    # Computed per rank on its local tokens (see docs/scaling.md), then averaged.
-                    record["load_balance_loss"] = dist_utils.mean_across_ranks(
-                        float(
-                            torch.stack([r.load_balance_loss.detach() for r in out.routing]).mean()
-                        )
-                    )
-                self._log(record)
+                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                self._log_step(lr, lm_total, aux_total, grad_norm, out, tps)
                 progress.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{tps:,.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -591,6 +549,71 @@ class Trainer:
         if self.step < cfg.steps:  # interrupted on purpose
             self.save()
             return None
+        return self._finish()
+
+    def _optimizer_step(self, lr: float, last_good: int) -> tuple[float, float, torch.Tensor, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches at learning rate ``lr``.
+
+        Returns this rank's mean LM and auxiliary losses, the global gradient norm and the last
+        micro-batch's model output. A non-finite loss or gradient stops the run, naming the last
+        good checkpoint (step ``last_good``).
+        """
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        lm_total, aux_total = 0.0, 0.0
+        for micro in range(cfg.grad_accum):
+            inputs, targets, _ = self.sampler.next_batch()
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with dist_utils.no_sync_unless(self.wrapped, micro == cfg.grad_accum - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    out = self.wrapped(inputs)
+                    lm_loss = language_model_loss(out.logits, targets)
+                    loss = (lm_loss + out.aux_loss) / cfg.grad_accum
+                # Decided together, so that every rank stops at the same point.
+                if not dist_utils.all_ranks(bool(torch.isfinite(loss))):
+                    self._nan_error(lm_loss.detach(), out.aux_loss.detach(), last_good)
+                loss.backward()
+            lm_total += lm_loss.item() / cfg.grad_accum
+            aux_total += out.aux_loss.item() / cfg.grad_accum
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Gradients are already reduced across ranks here, so the norm is the global one.
+        grad_norm = dist_utils.clip_grad_norm(params, cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            self._nan_error(torch.tensor(lm_total), torch.tensor(float("nan")), last_good)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lm_total, aux_total, grad_norm, out
+
+    def _log_step(
+        self,
+        lr: float,
+        lm_loss: float,
+        aux_loss: float,
+        grad_norm: torch.Tensor,
+        out: Any,
+        tokens_per_s: float,
+    ) -> None:
+        """Write the metrics record of the step just taken (losses averaged over ranks)."""
+        record = {
+            "step": self.step,
+            "loss": lm_loss,
+            "aux_loss": dist_utils.mean_across_ranks(aux_loss),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            **self._routing_stats(),
+        }
+        if out.routing:
+            # Computed per rank on its local tokens (see docs/scaling.md), then averaged.
+            record["load_balance_loss"] = dist_utils.mean_across_ranks(
+                float(torch.stack([r.load_balance_loss.detach() for r in out.routing]).mean())
+            )
+        self._log(record)
+
+    def _finish(self) -> Path:
+        """Final evaluation, the last resumable checkpoint and the final model directory."""
         scores = self.evaluate()
         self._log({"step": self.step, "eval": scores})
         full = self._full_model_and_optimizer()  # every rank: a collective under FSDP

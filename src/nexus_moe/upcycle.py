@@ -1,4 +1,4 @@
-"""Build an MoE (or a merged dense model) from dense checkpoints (SPEC §5).
+"""Build an MoE (or a merged dense model) from dense checkpoints (docs/design.md §5).
 
 | method         | routed experts             | shared expert | non-FFN weights          | router        |
 |----------------|----------------------------|---------------|--------------------------|---------------|
@@ -6,7 +6,10 @@
 | btm            | — (result is dense)        | —             | mean of experts (+ FFN)  | none          |
 | btx            | expert FFNs (+ seed FFN)   | none          | mean of experts          | linear, top-2 |
 | moe-linear     | expert FFNs                | seed FFN      | mean of experts          | linear, top-1 |
-| nexus          | expert FFNs                | seed FFN      | mean of experts          | nexus, top-1  |
+| nexus          | expert FFNs                | none          | mean of experts          | nexus, top-2* |
+| nexus-paper    | expert FFNs                | seed FFN      | mean of experts          | nexus, top-1  |
+
+``*``: renormalised, routing on context, router rows calibrated from each domain's text.
 
 ``moe_overrides`` may change any other MoE setting (``top_k``, ``router``, ``ac_base``, ...); the
 method fixes only where each tensor comes from.
@@ -23,65 +26,38 @@ memory stays near the largest single tensor plus the interpreter, not the sum of
 
 from __future__ import annotations
 
-import enum
 import functools
 import hashlib
-import json
-import math
 import re
-import shutil
-import struct
-import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nexus_moe import __version__, calibrate
+from nexus_moe import calibrate
 from nexus_moe.checkpoint import (
-    CONFIG_FILE,
-    FORMAT,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
-    check_tensor_table,
     load_checkpoint,
     load_config,
+    model_shapes,
     model_state_dict,
+    open_weights,
     seed_hash,
+    write_checkpoint,
 )
-from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
+from nexus_moe.config import Method, ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import atomic_dir, write_json
-from nexus_moe.model import Transformer
+from nexus_moe.hf.formats import AUTO, FORMATS, NATIVE
 from nexus_moe.routers import NexusRouter, build_router
+from nexus_moe.safetensors_io import DTYPE_NAMES, TensorSource, TensorSpec, storage_order
 
 if TYPE_CHECKING:
     from nexus_moe.embed import DomainEmbeddings
-
-
-class Method(enum.StrEnum):
-    """How the dense inputs are assembled (SPEC §5)."""
-
-    sparse_upcycle = "sparse-upcycle"
-    btm = "btm"
-    btx = "btx"
-    moe_linear = "moe-linear"
-    nexus = "nexus"
-    nexus_paper = "nexus-paper"
-
-    @property
-    def calibrates_by_default(self) -> bool:
-        """Whether the method places its router rows from the domains' text (needs a corpus)."""
-        return self == Method.nexus
-
-    @property
-    def is_dense_merge(self) -> bool:
-        return self == Method.btm
 
 
 # ModelConfig fields that must agree between all inputs. max_seq_len and init_std do not change
@@ -123,12 +99,12 @@ def upcycle(
     moe_overrides: dict[str, Any] | None = None,
     btx_include_seed: bool = False,
     seed: int = 0,
-    out_format: str = "native",
+    out_format: str = NATIVE,
     calibration_shards: TokenShards | None = None,
     calibration_tokens: int = calibrate.DEFAULT_TOKENS_PER_DOMAIN,
     calibrate_router: bool | None = None,
 ) -> Path:
-    """Assemble dense checkpoints into ``out_dir`` with ``method`` (SPEC §5); returns ``out_dir``.
+    """Assemble dense checkpoints into ``out_dir`` with ``method`` (docs/design.md §5); returns ``out_dir``.
 
     * ``seed_dir``: the dense seed model (its FFN becomes the shared expert of moe-linear/nexus,
       the n routed copies of sparse-upcycle, or an extra routed expert of btx with
@@ -176,32 +152,9 @@ def upcycle(
 
     if btx_include_seed and method != Method.btx:
         raise NexusError(f"btx_include_seed applies to btx only, not {method.value}")
-    if out_format != "native":
-        from nexus_moe.hf import ADAPTERS
+    _check_out_format(out_format)
 
-        if out_format not in ("auto", *ADAPTERS):
-            raise NexusError(
-                f"output format '{out_format}' is unknown; choose native, auto or one of: "
-                f"{', '.join(sorted(ADAPTERS))}"
-            )
-
-    if calibrate_router is None:
-        calibrate_router = method.calibrates_by_default or calibration_shards is not None
-    if calibrate_router and method in (Method.btm, Method.sparse_upcycle):
-        raise NexusError(
-            f"{method.value} has no domain experts to calibrate a router for; drop --corpus"
-        )
-    if calibrate_router and calibration_shards is None:
-        raise NexusError(
-            f"{method.value} places its router rows from each domain's training text: pass "
-            "--corpus (the corpus the experts were branched on), or --no-calibrate / "
-            "--method nexus-paper for the paper's random router initialisation"
-        )
-    if calibrate_router and out_format != "native":
-        raise NexusError(
-            "a calibrated router is computed from the assembled model: upcycle to the native "
-            "format, then `nexus-moe export` it (or pass --no-calibrate)"
-        )
+    calibrate_router = _check_calibration(method, calibrate_router, calibration_shards, out_format)
 
     seed_in, expert_ins = _check_inputs(Path(seed_dir), expert_paths)
     seed_cfg = seed_in.cfg
@@ -229,7 +182,7 @@ def upcycle(
             raise NexusError("btm produces a dense model; moe_overrides do not apply")
         cfg, vectors = seed_cfg, None
     else:
-        cfg = _moe_config(method, seed_cfg, len(routed), expert_domains, moe_overrides)
+        cfg = moe_config(method, seed_cfg, len(routed), expert_domains, moe_overrides)
         vectors = _domain_vectors(cfg, expert_domains, domain_embeddings)
 
     model_dtype = seed_in.dtypes["model.embed_tokens.weight"]
@@ -242,29 +195,80 @@ def upcycle(
         "router_seed": seed,
         "seed_sha256": seed_hash(seed_in.path),  # extend checks new experts against it
     }
-    if out_format != "native":
-        from nexus_moe.hf import export_streamed
+    finish = None
+    if calibrate_router:
+        assert calibration_shards is not None
+        finish = functools.partial(
+            _calibrate_in_place, shards=calibration_shards, num_tokens=calibration_tokens
+        )
+    return _write_output(out_dir, out_format, cfg, specs, metadata, seed_in.tokenizer, finish)
 
-        return export_streamed(
-            _PlannedTensors(cfg, specs),
-            cfg,
-            out_dir,
-            fmt=out_format,
-            metadata=metadata,
-            tokenizer_path=seed_in.tokenizer,
+
+def _check_out_format(out_format: str) -> None:
+    """Refuse an unknown output format before anything is read."""
+    if out_format not in (NATIVE, AUTO, *FORMATS):
+        raise NexusError(
+            f"output format '{out_format}' is unknown; choose native, auto or one of: "
+            f"{', '.join(sorted(FORMATS))}"
         )
-    with atomic_dir(out_dir) as tmp:
-        write_json(
-            tmp / CONFIG_FILE,
-            {"format": FORMAT, "version": __version__, "model": to_dict(cfg), "metadata": metadata},
+
+
+def _check_calibration(
+    method: Method,
+    calibrate_router: bool | None,
+    calibration_shards: TokenShards | None,
+    out_format: str,
+) -> bool:
+    """Whether the router rows are calibrated (docs/design.md §5.5); refuses what cannot be."""
+    if calibrate_router is None:
+        calibrate_router = method.calibrates_by_default or calibration_shards is not None
+    if not calibrate_router:
+        return False
+    if method in (Method.btm, Method.sparse_upcycle):
+        raise NexusError(
+            f"{method.value} has no domain experts to calibrate a router for; drop --corpus"
         )
-        write_safetensors(tmp / WEIGHTS_FILE, specs, metadata={"format": "pt"})
-        if seed_in.tokenizer is not None:
-            shutil.copyfile(seed_in.tokenizer, tmp / TOKENIZER_FILE)
-        if calibrate_router:
-            assert calibration_shards is not None
-            _calibrate_in_place(tmp, calibration_shards, calibration_tokens)
-    return out_dir
+    if calibration_shards is None:
+        raise NexusError(
+            f"{method.value} places its router rows from each domain's training text: pass "
+            "--corpus (the corpus the experts were branched on), or --no-calibrate / "
+            "--method nexus-paper for the paper's random router initialisation"
+        )
+    if out_format != NATIVE:
+        raise NexusError(
+            "a calibrated router is computed from the assembled model: upcycle to the native "
+            "format, then `nexus-moe export` it (or pass --no-calibrate)"
+        )
+    return True
+
+
+def _write_output(
+    out_dir: Path,
+    out_format: str,
+    cfg: ModelConfig,
+    specs: list[TensorSpec],
+    metadata: dict[str, Any],
+    tokenizer: Path | None,
+    finish: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the planned tensors as a native checkpoint or, in one pass, a Hugging Face folder.
+
+    ``finish`` (native only) completes the written checkpoint before it is published, e.g. by
+    calibrating its router rows.
+    """
+    if out_format == NATIVE:
+        return write_checkpoint(out_dir, cfg, specs, metadata, tokenizer, finish=finish)
+    assert finish is None
+    from nexus_moe.hf import export_streamed
+
+    return export_streamed(
+        _PlannedTensors(cfg, specs, out_dir),
+        cfg,
+        out_dir,
+        fmt=out_format,
+        metadata=metadata,
+        tokenizer_path=tokenizer,
+    )
 
 
 def _calibrate_in_place(ckpt_dir: Path, shards: TokenShards, num_tokens: int) -> None:
@@ -295,18 +299,18 @@ def _parse_method(method: str | Method) -> Method:
 class _Input:
     """One dense input: a native checkpoint or a Hugging Face folder, checked, weights unread.
 
-    ``tensors``: every tensor of the model, name -> (shape, dtype, file holding it).
+    ``tensors``: every tensor of the model in our names, read on demand (stored dtypes).
     """
 
     path: Path
     cfg: ModelConfig
     metadata: dict[str, Any]
     tokenizer: Path | None
-    tensors: dict[str, tuple[tuple[int, ...], torch.dtype, Path]]
+    tensors: TensorSource
 
     @property
     def dtypes(self) -> dict[str, torch.dtype]:
-        return {name: dtype for name, (_, dtype, _) in self.tensors.items()}
+        return self.tensors.dtypes
 
 
 def _open_input(path: Path) -> _Input:
@@ -315,37 +319,12 @@ def _open_input(path: Path) -> _Input:
 
     if is_hf_folder(path):
         folder = open_dense_hf(path)
-        tensors = {}
-        for name, (shape, dtype_name, file) in folder.tensors.items():
-            tensors[name] = (shape, _dtype_of(dtype_name, file, name), file)
-        return _Input(path, folder.cfg, {}, folder.tokenizer, tensors)
+        return _Input(path, folder.cfg, {}, folder.tokenizer, folder.tensors)
     cfg, metadata = load_config(path)
     _require_dense(path, cfg)
     tokenizer = path / TOKENIZER_FILE
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in model_state_dict(Transformer(cfg)).items()}
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        raise NexusError(f"{file}: weights file not found")
-    try:
-        with safe_open(str(file), framework="pt") as f:  # reads the header only
-            header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise NexusError(
-            f"{file}: cannot read weights ({exc}); the file is corrupt or truncated"
-        ) from exc
-    check_tensor_table(expected, {k: tuple(v[0]) for k, v in header.items()}, file)
-    tensors = {
-        name: (shape, _dtype_of(header[name][1], file, name), file)
-        for name, shape in expected.items()
-    }
+    tensors = open_weights(path, cfg)  # reads the header only
     return _Input(path, cfg, metadata, tokenizer if tokenizer.is_file() else None, tensors)
-
-
-def _dtype_of(dtype_name: str, file: Path, name: str) -> torch.dtype:
-    if dtype_name not in _DTYPES_BY_NAME:
-        raise NexusError(f"{file}: tensor '{name}' has unsupported dtype {dtype_name}")
-    return _DTYPES_BY_NAME[dtype_name]
 
 
 def _check_inputs(seed_dir: Path, expert_dirs: list[Path]) -> tuple[_Input, list[_Input]]:
@@ -380,8 +359,8 @@ def _check_inputs(seed_dir: Path, expert_dirs: list[Path]) -> tuple[_Input, list
         for name, dtype in expert.dtypes.items():
             if dtype != seed_dtypes[name]:
                 raise NexusError(
-                    f"{expert.tensors[name][2]}: tensor '{name}' is {_DTYPE_NAMES[dtype]} but "
-                    f"seed has {_DTYPE_NAMES[seed_dtypes[name]]}; save all inputs in one dtype"
+                    f"{expert.tensors.file_of(name)}: tensor '{name}' is {DTYPE_NAMES[dtype]} "
+                    f"but seed has {DTYPE_NAMES[seed_dtypes[name]]}; save all inputs in one dtype"
                 )
     return seed, experts
 
@@ -443,7 +422,7 @@ def _check_domains(where: list[str], names: list[str]) -> list[str]:
     return list(names)
 
 
-def _moe_config(
+def moe_config(
     method: Method,
     seed_cfg: ModelConfig,
     num_routed: int,
@@ -518,28 +497,6 @@ def _domain_vectors(
 # the plan: one TensorSpec per output tensor
 
 
-@dataclass
-class TensorSpec:
-    """One tensor of a safetensors file to be written by :func:`write_safetensors`.
-
-    ``pieces`` returns an iterable of tensors of ``dtype`` whose row-major concatenation is the
-    tensor (e.g. one (I, H) slice per expert of an (E, I, H) stack); it is called only when the
-    tensor is written, so inputs are read just in time.
-    """
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    pieces: Callable[[], Iterable[torch.Tensor]]
-    # For a stack along dim 0 read slice by slice: slice i alone (lets an exporter write
-    # per-expert tensors without reading the others).
-    slices: list[Callable[[], torch.Tensor]] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
 def _plan(
     cfg: ModelConfig,
     seed: _Input,
@@ -549,9 +506,8 @@ def _plan(
     vectors: torch.Tensor | None,
     router_seed: int,
 ) -> list[TensorSpec]:
-    """Map every tensor the output config implies to its source (SPEC §5 table)."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in model_state_dict(Transformer(cfg)).items()}
+    """Map every tensor the output config implies to its source (docs/design.md §5 table)."""
+    expected = {name: shape for name, (shape, _) in model_shapes(cfg).items()}
     routers = _router_tensors(cfg, vectors, router_seed, model_dtype) if cfg.moe is not None else {}
     dtypes = seed.dtypes
     specs: list[TensorSpec] = []
@@ -571,17 +527,16 @@ def _plan(
         specs.append(spec)
     for spec in specs:
         assert spec.shape == expected[spec.name], spec.name
-    # Like safetensors' own writer: larger dtypes first, so every tensor stays aligned.
-    return sorted(specs, key=lambda s: (-s.dtype.itemsize, s.name))
+    return storage_order(specs)
 
 
-class _PlannedTensors:
-    """The tensors of a planned upcycle output, produced on demand (a ``hf.TensorSource``):
+class _PlannedTensors(TensorSource):
+    """The tensors of a planned upcycle output, produced on demand (a ``TensorSource``):
     an expert slice reads just that expert's dense tensor."""
 
-    def __init__(self, cfg: ModelConfig, specs: list[TensorSpec]) -> None:
-        with torch.device("meta"):
-            order = list(model_state_dict(Transformer(cfg)))
+    def __init__(self, cfg: ModelConfig, specs: list[TensorSpec], location: Path) -> None:
+        self.location = location
+        order = list(model_shapes(cfg))
         by_name = {spec.name: spec for spec in specs}
         self._specs = {name: by_name[name] for name in order}
         self.shapes = {name: spec.shape for name, spec in self._specs.items()}
@@ -626,18 +581,9 @@ def _router_tensors(
 
 
 def _read(source: _Input, name: str) -> torch.Tensor:
-    """One tensor of an input.
-
-    The returned tensor is backed by the file's memory map; the mapping (and the resident pages)
-    go away with the tensor. The file is opened per tensor on purpose: a handle kept open keeps
-    every page touched so far resident, which would add up to the sum of all inputs.
-    """
-    file = source.tensors[name][2]
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise NexusError(f"{file}: cannot read tensor '{name}' ({exc})") from exc
+    """One tensor of an input, backed by the file's memory map, which (with its resident
+    pages) goes away with the tensor."""
+    return source.tensors.get(name)
 
 
 def _copied(source: _Input, name: str) -> Callable[[], Iterator[torch.Tensor]]:
@@ -682,67 +628,3 @@ def _averaged(
         return [total.to(dtype)]
 
     return pieces
-
-
-# --------------------------------------------------------------------------------------------
-# streaming safetensors writer
-
-_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
-
-
-def write_safetensors(
-    path: str | Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None
-) -> None:
-    """Write a safetensors file tensor by tensor, piece by piece, in the order of ``specs``.
-
-    ``safetensors.torch.save_file`` needs every tensor in memory at once; an upcycled MoE is
-    several times larger than one input, so the file is written here directly: an 8-byte
-    little-endian header length, the JSON header (computed from the shapes up front, padded with
-    spaces to a multiple of 8), then each tensor's raw little-endian bytes. The result is read by
-    ``safe_open`` exactly like a file from ``save_file``.
-    """
-    assert sys.byteorder == "little", "safetensors stores little-endian data"
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    offset = 0
-    for spec in specs:
-        if spec.dtype not in _DTYPE_NAMES:
-            raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be stored")
-        header[spec.name] = {
-            "dtype": _DTYPE_NAMES[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for spec in specs:
-            written = 0
-            for piece in spec.pieces():
-                if piece.dtype != spec.dtype:
-                    raise ValueError(
-                        f"{spec.name}: got a {piece.dtype} piece, expected {spec.dtype}"
-                    )
-                # Raw bytes through a uint8 view: works for bf16, which numpy cannot represent.
-                data = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(data)
-                written += data.nbytes
-                del piece, data  # do not hold this piece while the next one is read
-            if written != spec.nbytes:
-                raise ValueError(f"{spec.name}: wrote {written} bytes, expected {spec.nbytes}")

@@ -1,4 +1,4 @@
-"""Routers (SPEC §4), one per file behind the :class:`Router` interface, chosen by RouterType."""
+"""Routers (docs/design.md §4), one per file behind the :class:`Router` interface, chosen by RouterType."""
 
 from __future__ import annotations
 

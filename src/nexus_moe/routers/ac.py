@@ -1,4 +1,4 @@
-"""Adaptive-clustering router (SPEC §4).
+"""Adaptive-clustering router (docs/design.md §4).
 
 Rescales each token per expert cluster so that features in which a cluster is tight (small mean
 absolute deviation) weigh more. With c(t) the top-1 expert of token t at the previous MoE layer:

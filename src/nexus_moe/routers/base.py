@@ -1,4 +1,4 @@
-"""The router interface (SPEC §4).
+"""The router interface (docs/design.md §4).
 
 A router only scores experts: it returns float32 logits of shape (tokens, routed experts). Softmax,
 top-k, gating and the auxiliary losses live in the MoE layer (``nexus_moe.moe``), so every router
@@ -42,7 +42,7 @@ class Router(nn.Module):
         """Make ``row`` (hidden,) the embedding of expert ``index`` (the others are unchanged)."""
         raise NotImplementedError
 
-    # Growing and shrinking (SPEC §7). Subclasses implement these for their own parameters.
+    # Growing and shrinking (docs/design.md §7). Subclasses implement these for their own parameters.
     def add_expert(
         self,
         domain_embedding: torch.Tensor | None = None,

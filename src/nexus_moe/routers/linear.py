@@ -1,4 +1,4 @@
-"""Linear router (SPEC §4): logits = x W^T with a learned (num_experts, hidden) matrix."""
+"""Linear router (docs/design.md §4): logits = x W^T with a learned (num_experts, hidden) matrix."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nexus router (SPEC §4): expert embeddings projected from fixed domain embeddings.
+"""Nexus router (docs/design.md §4): expert embeddings projected from fixed domain embeddings.
 
 Each MoE layer owns a small SwiGLU hypernetwork P. For routed expert i with domain embedding d_i:
 

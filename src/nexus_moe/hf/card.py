@@ -1,0 +1,107 @@
+"""The model card (``README.md``) of a Hugging Face export (docs/design.md §15)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from nexus_moe.config import ModelConfig, RouterType
+from nexus_moe.hf.formats import Format
+
+MODEL_CARD_FILE = "README.md"
+
+
+def model_card(
+    cfg: ModelConfig,
+    fmt: Format,
+    metadata: dict[str, Any],
+    name: str,
+    tokenizer_file: Path | None,
+) -> str:
+    """A Hugging Face model card (README.md): what the export is and how it was built."""
+    # Count parameters as exported: whatever the router, the HF gate is one (E, hidden) matrix.
+    exported = dataclasses.replace(cfg, moe=None)
+    if cfg.moe is not None:
+        exported.moe = dataclasses.replace(cfg.moe, router=RouterType.linear)
+    total, active = exported.num_params(), exported.num_params(active=True)
+    rows = [
+        ("architecture", f"`{fmt.architecture}` (model_type `{fmt.model_type}`)"),
+        ("parameters", f"{total / 1e6:.2f} M total, {active / 1e6:.2f} M active per token"),
+        (
+            "layers / hidden / heads",
+            f"{cfg.num_layers} / {cfg.hidden_size} / {cfg.num_heads} "
+            f"(kv heads {cfg.num_kv_heads}, head dim {cfg.head_dim})",
+        ),
+        ("context", f"{cfg.max_seq_len} tokens, RoPE base {cfg.rope_theta:g}"),
+        ("tokenizer", "included (`tokenizer.json`)" if tokenizer_file else "not included"),
+    ]
+    lines = ["---", "library_name: transformers", "tags:", "- nexus-moe"]
+    if cfg.moe is not None:
+        lines.append("- mixture-of-experts")
+    lines += ["---", "", f"# {name}", ""]
+    kind = "Mixture-of-Experts" if cfg.moe is not None else "dense"
+    lines += [
+        f"A {kind} language model built with nexus-moe and exported to the Hugging Face "
+        f"`{fmt.model_type}` format: `AutoModelForCausalLM.from_pretrained` loads it with "
+        "no custom code and reproduces the nexus-moe model's logits (float32).",
+        "",
+    ]
+    moe = cfg.moe
+    if moe is not None:
+        moe_blocks = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+        gates = "p_i / sum of the top-k p (renormalised)" if moe.renormalize else "p_i"
+        router = {
+            RouterType.linear: "linear (a learned gate matrix)",
+            RouterType.nexus: (
+                "Nexus: expert embeddings projected from fixed domain embeddings "
+                f"({moe.embedder or 'sentence embedder'}); exported as the projected "
+                "expert-embedding matrix, a linear gate with identical logits"
+            ),
+        }.get(moe.router, moe.router.value)
+        rows += [
+            ("routed experts", f"{moe.num_experts}, top-{moe.top_k} per token, gate = {gates}"),
+            ("shared expert", "yes (always on)" if moe.shared_expert else "no"),
+            ("router", router),
+            ("MoE blocks", ", ".join(map(str, moe_blocks))),
+        ]
+    lines += ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), ""]
+    domains = (moe.domains if moe is not None else []) or metadata.get("domains") or []
+    if moe is not None and domains:
+        lines += ["## Experts", "", "| expert | domain |", "|---|---|"]
+        lines += [f"| {i} | {domain} |" for i, domain in enumerate(domains)]
+        lines.append("")
+    provenance = {k: v for k, v in metadata.items() if k != "domains" and v not in (None, [], {})}
+    if provenance:
+        lines += ["## How it was built", ""]
+        for key, value in provenance.items():
+            if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+                shown = ", ".join(map(str, value))
+            else:
+                shown = value if isinstance(value, str) else json.dumps(value)
+            lines.append(f"- **{key}**: {shown}")
+        lines.append("")
+    if fmt.model_type == "qwen2_moe" and moe is not None:
+        lines += [
+            "## Format notes",
+            "",
+            "Qwen2-MoE scales the shared expert by `sigmoid(x . w)`; here `w = 0` "
+            "(`shared_expert_gate`), a constant 1/2, and the shared expert's `down_proj` is "
+            "doubled, so each MoE block computes exactly what the nexus-moe layer does"
+            + ("." if moe.shared_expert else " (the shared expert is empty: width 0).")
+            + ("" if cfg.attention_bias else " The q/k/v biases are zeros (the model has none)."),
+            "",
+        ]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+    ]
+    if tokenizer_file is not None:
+        lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{name}")')
+    lines += ["```", ""]
+    return "\n".join(lines)
