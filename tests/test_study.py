@@ -178,6 +178,10 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
 
     timings = results["timings"]
     assert timings["by_kind"]["seed"] > 0 and timings["wall_s"] > 0
+    ran = sum(timings["stages"][name] for name in timings["ran_now"])
+    assert ran + timings["evaluate_s"] + timings["other_s"] == pytest.approx(
+        timings["wall_s"], abs=0.05
+    )
     assert set(timings["by_kind"]) >= {"corpus", "branch", "upcycle", "train", "extend"}
 
     out = tmp_path / "run" / "results"

@@ -717,6 +717,8 @@ class Study:
             "by_kind": {k: round(v, 2) for k, v in kinds.items()},
             "evaluate_s": round(self.eval_seconds, 2),
             "stages_total_s": round(sum(stages.values()), 2),
+            # This run's wall time outside its stages and evaluations: loading, heatmaps, plots.
+            "other_s": round(max(0.0, wall - sum(self.timings.values()) - self.eval_seconds), 2),
             "wall_s": round(wall, 2),
         }
 
@@ -1007,6 +1009,7 @@ def timing_table(timings: dict[str, Any]) -> Table:
     for kind, seconds in timings["by_kind"].items():
         table.add_row(kind, f"{seconds:.1f}")
     table.add_row("evaluation (this run)", f"{timings['evaluate_s']:.1f}")
+    table.add_row("other: loading, heatmaps, plots (this run)", f"{timings['other_s']:.1f}")
     table.add_row("total wall (this run)", f"{timings['wall_s']:.1f}")
     return table
 
@@ -1324,6 +1327,7 @@ def _timing_markdown(results: dict[str, Any]) -> list[str]:
         "|---|---:|",
         *[f"| {k} | {v:.1f} |" for k, v in t["by_kind"].items()],
         f"| evaluation (this run) | {t['evaluate_s']:.1f} |",
+        f"| other: loading, heatmaps, plots (this run) | {t['other_s']:.1f} |",
         f"| total wall (this run) | {t['wall_s']:.1f} |",
     ]
     return lines
