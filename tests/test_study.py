@@ -180,7 +180,8 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
     assert timings["by_kind"]["seed"] > 0 and timings["wall_s"] > 0
     ran = sum(timings["stages"][name] for name in timings["ran_now"])
     assert ran + timings["evaluate_s"] + timings["other_s"] == pytest.approx(
-        timings["wall_s"], abs=0.05
+        timings["wall_s"],
+        abs=0.02 + 0.001 * len(timings["ran_now"]),  # rounded to 1 ms each
     )
     assert set(timings["by_kind"]) >= {"corpus", "branch", "upcycle", "train", "extend"}
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint, load_config, weights_hash
@@ -86,19 +87,20 @@ class Study:
         self.sets = self._expert_sets()
 
     def _stage(self, name: str, out_dir: Path, key: str, build: Callable[[], Any]) -> Path:
+        shown = escape(name)  # "branch[ffn]:code" is not rich markup
         if stage_done(out_dir, key):
-            self.console.print(f"[dim]- {name}: done, skipped ({out_dir})[/]")
+            self.console.print(f"[dim]- {shown}: done, skipped ({escape(str(out_dir))})[/]")
             seconds = read_json(out_dir / STAGE_FILE).get("seconds")
             if isinstance(seconds, int | float):
                 self.earlier[name] = float(seconds)
             return out_dir
-        self.console.rule(name)
+        self.console.rule(shown)
         start = time.perf_counter()
         build()
         self.timings[name] = round(time.perf_counter() - start, 3)
         mark_done(out_dir, key, stage=name, seconds=self.timings[name])
         self.ran.append(name)
-        self.console.print(f"[green]{name}[/] finished in {self.timings[name]:.1f}s")
+        self.console.print(f"[green]{shown}[/] finished in {self.timings[name]:.1f}s")
         return out_dir
 
     # -- recipe checks --------------------------------------------------------------------------
@@ -271,6 +273,7 @@ class Study:
         shared = {} if variant.produces_dense else self.recipe.moe.overrides
         overrides = {**shared, **variant.moe}
         sparse = variant.copies_seed
+        calibrates = variant.kind.calibrates_by_default  # reads the corpus
         key = fingerprint(
             [variant.method, variant.moe],
             overrides,
@@ -278,6 +281,7 @@ class Study:
             stage_key(seed_dir.parent),
             [] if sparse else [stage_key(p.parent) for p in experts.values()],
             stage_key(embeddings),
+            stage_key(corpus_dir) if calibrates else None,
         )
         self._stage(
             f"upcycle:{variant.name}:s{seed}",
@@ -293,9 +297,7 @@ class Study:
                 moe_overrides=overrides or None,
                 seed=seed,
                 calibration_shards=(
-                    tokens_for(corpus_dir, seed_dir / TOKENIZER_FILE)
-                    if variant.kind.calibrates_by_default
-                    else None
+                    tokens_for(corpus_dir, seed_dir / TOKENIZER_FILE) if calibrates else None
                 ),
             ),
         )
@@ -357,13 +359,16 @@ class Study:
         from nexus_moe.extend import extend
 
         reset = self.recipe.extend.reset_linear_router
+        calibrates = (trained / STATS_FILE).is_file()  # reads the corpus
         key = fingerprint(
-            stage_key(trained.parent),
+            # an untrained variant's upcycled folder is itself a stage folder
+            stage_key(trained) if (trained / STAGE_FILE).is_file() else stage_key(trained.parent),
             stage_key(new_expert.parent),
             domain,
             reset,
             stage_key(embeddings),
             seed,
+            stage_key(corpus_dir) if calibrates else None,
         )
 
         def build() -> None:
@@ -377,9 +382,7 @@ class Study:
                 domain_embeddings=DomainEmbeddings.load(embeddings),
                 reset_linear_router=reset and uses_linear,
                 calibration_shards=(
-                    tokens_for(corpus_dir, trained / TOKENIZER_FILE)
-                    if (trained / STATS_FILE).is_file()
-                    else None
+                    tokens_for(corpus_dir, trained / TOKENIZER_FILE) if calibrates else None
                 ),
                 seed=seed,  # the new linear-router row (or re-initialised router)
             )
@@ -998,7 +1001,7 @@ def results_table(results: dict[str, Any]) -> Table:
     rows += _variant_rows(results, results.get("step0", {}), " (step 0)")
     rows += _variant_rows(results, results.get("oracle", {}), " (oracle routing)")
     for name, cols in rows:
-        table.add_row(name, *[_fmt(cols.get(c, [])) for c in [*domains, "mean"]])
+        table.add_row(escape(name), *[_fmt(cols.get(c, [])) for c in [*domains, "mean"]])
     return table
 
 
