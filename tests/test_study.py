@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from nexus_moe.pipeline import load_recipe
@@ -13,6 +14,7 @@ TEXTS = {
     "sports": "The striker scored {i} goals as the home team won the league match {i} to nil.",
     "finance": "Shares rose {i} percent after the bank reported quarterly earnings of {i} million.",
     "music": "The orchestra tuned to A and played the symphony in {i} movements with a {i} bar coda.",
+    "weather": "Rain is expected on day {i} with winds of {i} km/h and a high of {i} degrees.",
 }
 
 
@@ -36,7 +38,7 @@ def tiny_recipe(tmp_path):
         "device": "cpu",
         "corpus": {
             "domains": ["recipes", "sports", "finance"],
-            "heldout": ["music"],
+            "heldout": ["music", "weather"],
             "from_dir": str(data),
             "val_fraction": 0.1,
         },
@@ -48,21 +50,32 @@ def tiny_recipe(tmp_path):
             "num_heads": 4,
             "num_kv_heads": 2,
             "max_seq_len": 64,
+            "tie_embeddings": True,
         },
         "seed_train": {**train, "steps": 12},
         "branch_train": {**train, "steps": 6},
+        "expert_sets": {"ffn": {"freeze": ["embed_tokens", "self_attn", "norm"]}},
         "embed": {"num_chunks": 4, "chunk_chars": 200},
+        "seeds": [0, 1],
         "moe": {
             "variants": [
                 {"name": "nexus", "method": "nexus"},
                 {"name": "moe-linear", "method": "moe-linear"},
+                {"name": "ac-linear", "method": "moe-linear", "moe": {"router": "ac"}},
+                {"name": "sparse-matched", "method": "sparse-upcycle", "compute_matched": True},
+                {"name": "nexus-ffn", "method": "nexus", "experts": "ffn"},
                 {"name": "btm", "method": "btm", "train": False},
             ],
             "overrides": {"nexus_hidden_size": 16},
-            "train": {**train, "steps": 6},
+            "train": {**train, "steps": 6, "eval_every": 2},
         },
-        "extend": {"budgets": [0, 256], "train": {**train, "steps": 1}},
+        "extend": {
+            "variants": ["nexus", "moe-linear", "nexus-ffn"],
+            "budgets": [256],
+            "train": {**train, "steps": 1},
+        },
         "evaluate": {"seq_len": 32, "batch_size": 4, "max_tokens": 512},
+        "study": {"corrupt": [0.1, 0.3], "bounds_tokens": 256},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -70,24 +83,138 @@ def tiny_recipe(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_runs_end_to_end_and_resumes(tmp_path):
+def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
     path = tiny_recipe(tmp_path)
     first = Study(load_recipe(path))
     results = first.run()
-    assert "seed" in first.ran and "train:nexus:s0" in first.ran
-    assert set(results["models"]) >= {"seed", "expert:recipes", "nexus", "moe-linear", "btm"}
+    assert "seed" in first.ran and "train:nexus:s0" in first.ran and "train:nexus:s1" in first.ran
+    assert "branch[ffn]:recipes" in first.ran and "branch[ffn]:music" in first.ran
+    domains = ["recipes", "sports", "finance"]
+    models = results["models"]
+    assert set(models) >= {"seed", "expert:recipes", "expert[ffn]:sports", "expert:music"}
+    assert set(models) >= {"nexus", "moe-linear", "ac-linear", "sparse-matched", "btm"}
+
+    # The FFN-only experts changed only their FFNs.
+    from nexus_moe.checkpoint import load_checkpoint
+
+    seed, _ = load_checkpoint(tmp_path / "run" / "seed" / "model")
+    ffn, _ = load_checkpoint(tmp_path / "run" / "experts-ffn" / "recipes" / "model")
+    seed_w, ffn_w = seed.state_dict(), ffn.state_dict()
+    assert all(torch.equal(seed_w[k], v) for k, v in ffn_w.items() if ".mlp." not in k)
+    assert any(not torch.equal(seed_w[k], v) for k, v in ffn_w.items() if ".mlp." in k)
+
+    # Compute matching: 3 experts x 6 branch steps of the same batch shape, plus the 6 steps.
+    assert results["variants"]["sparse-matched"]["train_tokens"] == (3 * 6 + 6) * 4 * 32
+    assert results["variants"]["nexus"]["train_tokens"] == 6 * 4 * 32
+    assert results["curves"]["sparse-matched"]["0"][-1][0] == 24
+
+    # Step 0, oracle, random and corrupted scores per MoE and seed.
+    for name in ("nexus", "moe-linear", "ac-linear", "sparse-matched", "nexus-ffn"):
+        assert set(results["step0"][name]) == {"0", "1"}
+        assert set(results["random"][name]["0"]) == {*domains, "mean"}
+        assert results["random"][name]["0"]["recipes"]["tokens"] == 256
+        for share in ("0.1", "0.3"):
+            entry = results["corrupted"][name][share]["1"]
+            assert entry["scores"]["mean"]["loss"] != entry["clean_loss"]
+    assert results["step0"]["nexus"]["1"]["sports"]["tokens"] == 256  # study.bounds_tokens
+    assert set(models["ac-linear"]["0"]) == {*domains, "mean"}  # not extended: no held-out
+    assert "music" in models["nexus"]["0"]
+    assert set(results["oracle_step0"]["nexus-ffn"]["0"]) == {*domains, "mean"}
+    assert "sparse-matched" not in results["oracle"]  # its experts belong to no domain
+    assert set(results["oracle"]["nexus"]["1"]) == {*domains, "mean"}
+    assert "btm" not in results["step0"] and "btm" in results["corrupted"]
+    share = results["routing_share"]
+    assert 0 <= share["step0"]["nexus"]["0"]["sports"] <= 1
+    assert set(share["trained"]["moe-linear"]["1"]) == {*domains, "music", "weather"}
+
+    # Validation curves: step 0 plus every eval_every steps up to the end.
+    assert [p[0] for p in results["curves"]["nexus"]["0"]] == [0, 2, 4, 6]
+    conv = results["convergence"]
+    assert set(conv["variants"]) == {"nexus", "moe-linear", "ac-linear"}
+    worst = max(results["curves"][n]["0"][-1][1] for n in conv["variants"])
+    assert conv["target"]["0"] == worst
+    assert all(conv["steps"][n]["0"] is not None for n in conv["variants"])
+
+    # Paired differences: per seed, (baseline - nexus) / baseline of the mean perplexity.
+    paired = results["paired"]["upcycling"]
+    lin = paired["trained"]["moe-linear"]
+    mean_ppl = {
+        n: {s: sum(models[n][s][d]["perplexity"] for d in domains) / 3 for s in ("0", "1")}
+        for n in ("nexus", "moe-linear")
+    }
+    expected = [(mean_ppl["moe-linear"][s] - mean_ppl["nexus"][s]) / mean_ppl["moe-linear"][s]
+                for s in ("0", "1")]  # fmt: skip
+    assert lin["values"] == pytest.approx(expected) and lin["n"] == 2
+    assert lin["low"] <= lin["mean"] <= lin["high"]
+    assert set(paired["step0"]) >= {"moe-linear", "ac-linear", "sparse-matched"}
+    assert "btm" in paired["trained"]
+
+    # Extension: each held-out domain separately, budget 0 always scored, both seeds.
     ext = results["extension"]
-    assert set(ext) == {"nexus+music", "moe-linear+music"}
-    assert set(ext["nexus+music"]) == {"0", "256"}
-    share = ext["nexus+music"]["256"]["0"]["new_expert_share"]
-    assert 0.0 <= share <= 1.0
+    assert set(ext) == {f"{n}+{d}" for n in ("nexus", "moe-linear", "nexus-ffn")
+                        for d in ("music", "weather")}  # fmt: skip
+    assert set(ext["nexus+weather"]) == {"0", "256"}
+    assert set(ext["moe-linear+music"]["0"]) == {"0", "1"}
+    assert 0.0 <= ext["nexus+music"]["256"]["1"]["new_expert_share"] <= 1.0
+    ext_paired = results["paired"]["extension"]["weather"]["256"]["moe-linear"]
+    assert ext_paired["new"]["n"] == 2 and "verdict" in ext_paired["earlier"]
+    # The seed reaches extend: the re-initialised linear router differs between seeds.
+    from safetensors.torch import load_file
+
+    routers = [
+        load_file(
+            tmp_path
+            / "run"
+            / f"s{s}"
+            / "extend"
+            / "moe-linear-music"
+            / "extended"
+            / "model.safetensors"
+        )  # fmt: skip
+        for s in (0, 1)
+    ]
+    key = next(k for k in routers[0] if ".router." in k)
+    assert not torch.equal(routers[0][key], routers[1][key])
+
+    timings = results["timings"]
+    assert timings["by_kind"]["seed"] > 0 and timings["wall_s"] > 0
+    ran = sum(timings["stages"][name] for name in timings["ran_now"])
+    assert ran + timings["evaluate_s"] + timings["other_s"] == pytest.approx(
+        timings["wall_s"],
+        abs=0.02 + 0.001 * len(timings["ran_now"]),  # rounded to 1 ms each
+    )
+    assert set(timings["by_kind"]) >= {"corpus", "branch", "upcycle", "train", "extend"}
+
     out = tmp_path / "run" / "results"
     report = (out / "results.md").read_text()
-    assert "| nexus |" in report and "Extension with a held-out domain" in report
+    for heading in (
+        "| nexus |",
+        "| dense experts (own domain) |",
+        "| dense experts [ffn] (own domain) |",
+        "| nexus (step 0) |",
+        "| nexus (oracle routing) |",
+        "| moe-linear (step 0, oracle routing) |",
+        "| moe-linear (random routing) |",
+        "## Paired differences: nexus vs each baseline",
+        "## Robustness to corrupted input",
+        "## Convergence",
+        "## Routing share",
+        "Extension with a held-out domain",
+        "| nexus before extension |",
+        "| dense expert expert:music |",
+        "## Wall time",
+    ):
+        assert heading in report, heading
+    assert (out / "loss-curves.png").stat().st_size > 1000
+    saved = json.loads((out / "scores.json").read_text())
+    assert saved["step0"]["nexus"]["1"] == results["step0"]["nexus"]["1"]
+    assert saved["paired"]["upcycling"]["trained"]["moe-linear"]["values"] == lin["values"]
     assert (out / "routing-nexus.png").is_file()
     routing = json.loads((out / "routing-nexus.json").read_text())
     assert all(abs(sum(row) - 1) < 1e-9 for row in routing["mean"])
 
     again = Study(load_recipe(path))
-    again.run()
+    second = again.run()
     assert again.ran == []  # every stage was skipped
+    assert second["paired"] == results["paired"]
+    assert second["timings"]["by_kind"]["seed"] == timings["by_kind"]["seed"]  # from stage.json

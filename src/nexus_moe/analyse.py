@@ -11,6 +11,34 @@ from nexus_moe.data import TokenShards, iter_eval_batches
 from nexus_moe.evaluate import EvalConfig, check_seq_len
 from nexus_moe.io_utils import atomic_path, write_json
 from nexus_moe.model import Transformer
+from nexus_moe.moe import RoutingInfo
+
+
+class RoutingCounter:
+    """Top-1 assignment counts, shape (MoE layers, domains, routed experts), fed batch by batch:
+    ``counter(domain_index, routing)`` with each forward's routing information (it fits
+    :func:`nexus_moe.evaluate.evaluate_domains`' ``on_routing``, so scoring and routing analysis
+    share one pass)."""
+
+    def __init__(self, model: Transformer, num_domains: int) -> None:
+        layers = model.moe_layers()
+        if not layers:
+            raise ValueError("routing analysis needs an MoE model")
+        self.num_experts = layers[0].num_experts
+        self.counts = torch.zeros(len(layers), num_domains, self.num_experts, dtype=torch.long)
+
+    def __call__(self, domain_index: int, routing: list[RoutingInfo]) -> None:
+        for layer, info in enumerate(routing):
+            self.counts[layer, domain_index] += torch.bincount(
+                info.top1.cpu(), minlength=self.num_experts
+            )
+
+
+def expert_names(model: Transformer) -> list[str]:
+    """The domain of each routed expert, or ``expert<j>`` where the model names none."""
+    moe = model.cfg.moe
+    assert moe is not None
+    return list(moe.domains) or [f"expert{j}" for j in range(moe.num_experts)]
 
 
 @torch.no_grad()
@@ -25,21 +53,15 @@ def routing_counts(
     """Top-1 assignment counts, shape (MoE layers, domains, routed experts)."""
     cfg = cfg or EvalConfig()
     check_seq_len(model, cfg)
-    layers = model.moe_layers()
-    if not layers:
-        raise ValueError("routing analysis needs an MoE model")
-    num_experts = layers[0].num_experts
-    counts = torch.zeros(len(layers), len(domains), num_experts, dtype=torch.long)
+    counter = RoutingCounter(model, len(domains))
     was_training = model.training
     model.eval()
     for d, domain in enumerate(domains):
         tokens = shards.tokens(domain, split)
         for inputs, _ in iter_eval_batches(tokens, cfg.seq_len, cfg.batch_size, cfg.max_tokens):
-            routing = model(inputs.to(device)).routing
-            for layer, info in enumerate(routing):
-                counts[layer, d] += torch.bincount(info.top1.cpu(), minlength=num_experts)
+            counter(d, model(inputs.to(device)).routing)
     model.train(was_training)
-    return counts
+    return counter.counts
 
 
 def routing_report(counts: torch.Tensor, domains: list[str], experts: list[str]) -> dict[str, Any]:
@@ -115,12 +137,15 @@ def analyse(
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Routing report + heatmaps (mean over layers and one per layer) written under ``out_dir``."""
-    moe = model.cfg.moe
-    assert moe is not None
-    experts = list(moe.domains) or [f"expert{j}" for j in range(moe.num_experts)]
     report = routing_report(
-        routing_counts(model, shards, domains, cfg, device=device), domains, experts
+        routing_counts(model, shards, domains, cfg, device=device), domains, expert_names(model)
     )
+    return write_routing_report(report, out_dir, name)
+
+
+def write_routing_report(report: dict[str, Any], out_dir: Path, name: str) -> dict[str, Any]:
+    """Write ``routing-<name>.json`` and its heatmaps (mean over layers, one per layer)."""
+    domains, experts = report["domains"], report["experts"]
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_heatmap(
         report["mean"],

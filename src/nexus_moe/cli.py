@@ -451,14 +451,30 @@ def evaluate(
     batch_size: int = _EVAL.batch_size,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write scores here.")] = None,
     device: DeviceOpt = Device.auto,
+    routing: Annotated[
+        str,
+        typer.Option(
+            help="MoE routing: model (the router), oracle (every token to its domain's expert; "
+            "domains without one are skipped) or random (top-k experts drawn uniformly)."
+        ),
+    ] = "model",
+    corrupt: Annotated[
+        float,
+        typer.Option(help="Share of input tokens replaced by random tokens (robustness), 0-1."),
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of --routing random and --corrupt.")] = 0,
 ) -> None:
     """Per-domain validation loss, perplexity and bits-per-byte for each checkpoint."""
     _tune_allocator()
     from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint
-    from nexus_moe.evaluate import evaluate_domains, scores_to_dict
+    from nexus_moe.evaluate import ROUTING_MODES, evaluate_domains, scores_to_dict
     from nexus_moe.io_utils import write_json
     from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
+    if routing not in ROUTING_MODES:
+        raise NexusError(f"--routing {routing!r}: choose one of {', '.join(ROUTING_MODES)}")
+    if not 0.0 <= corrupt <= 1.0:
+        raise NexusError(f"--corrupt {corrupt}: a share of tokens, between 0 and 1")
     cfg = EvalConfig(
         seq_len=seq_len or _EVAL.seq_len,
         batch_size=batch_size,
@@ -475,9 +491,14 @@ def evaluate(
         model, _ = load_checkpoint(ckpt, device=str(dev))
         if seq_len is None:
             cfg.seq_len = min(_EVAL.seq_len, model.cfg.max_seq_len)
+        if routing != "model" and model.cfg.moe is None:
+            raise NexusError(f"{path}: --routing {routing} needs an MoE checkpoint (this is dense)")
         shards = tokens_for(corpus, tok)
         check_vocab(model, shards, tok)
-        results[str(path)] = scores_to_dict(evaluate_domains(model, shards, names, cfg, device=dev))
+        scores = evaluate_domains(
+            model, shards, names, cfg, device=dev, routing=routing, corrupt=corrupt, seed=seed
+        )
+        results[str(path)] = scores_to_dict(scores)
     console.print(score_table("validation perplexity", results, "perplexity"))
     console.print(score_table("bits per byte", results, "bits_per_byte"))
     if json_out is not None:

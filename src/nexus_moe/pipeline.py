@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -49,6 +49,9 @@ from nexus_moe.io_utils import read_json, write_json
 from nexus_moe.model import Transformer
 from nexus_moe.train import TrainConfig, Trainer
 
+if TYPE_CHECKING:
+    from nexus_moe.upcycle import Method
+
 STAGE_FILE = "stage.json"
 
 
@@ -75,6 +78,9 @@ class TokenizerSection:
     path: Path | None = None  # use this tokenizer.json instead of training one
 
 
+DEFAULT_EXPERT_SET = "default"  # the experts branched with `branch_train` as it is
+
+
 @dataclass
 class MoEVariant:
     """One model of the comparison: an upcycling method plus MoEConfig overrides."""
@@ -83,6 +89,37 @@ class MoEVariant:
     method: Method
     moe: dict[str, Any] = field(default_factory=dict)  # e.g. {router: ac, ac_base: nexus}
     train: bool = True  # train the upcycled model (btm is a dense merge and is not trained)
+    experts: str = DEFAULT_EXPERT_SET  # which expert set (Recipe.expert_sets) it is built from
+    train_steps: int | None = None  # MoE training steps of this variant; None: moe.train.steps
+    # Train for as many tokens as branching the experts plus MoE training took together (a
+    # compute-matched sparse-upcycle baseline: it branches nothing, so it gets those tokens here).
+    compute_matched: bool = False
+
+    @property
+    def kind(self) -> Method:
+        """The upcycling method as the enum (an unknown name is a one-line error)."""
+        from nexus_moe.upcycle import Method
+
+        try:
+            return Method(self.method)
+        except ValueError:
+            allowed = ", ".join(m.value for m in Method)
+            raise NexusError(
+                f"moe.variants '{self.name}': unknown method '{self.method}'; choose one of: "
+                f"{allowed}"
+            ) from None
+
+    @property
+    def produces_dense(self) -> bool:
+        """The method merges the experts into a dense model: no router, no MoE overrides."""
+        return self.kind.is_dense_merge
+
+    @property
+    def copies_seed(self) -> bool:
+        """The routed experts are copies of the seed's FFN (no dense experts are used)."""
+        from nexus_moe.upcycle import Method
+
+        return self.kind is Method.sparse_upcycle
 
 
 @dataclass
@@ -113,6 +150,21 @@ class ExtendSection:
 
 
 @dataclass
+class StudySection:
+    """What `nexus-moe run` measures besides each model's own scores, and how it compares them."""
+
+    reference: str = "nexus"  # the variant every other one is compared with (paired, per seed)
+    bounds: bool = True  # oracle- and random-routing scores of every trained MoE
+    step0_oracle: bool = True  # and the oracle-routing score of every MoE at step 0
+    corrupt: list[float] = field(default_factory=lambda: [0.1, 0.3])  # robustness: token shares
+    # Validation tokens per domain for the step-0, oracle, random and corrupted scores (the
+    # bounds and probes; the trained and extended models' own scores use evaluate.max_tokens);
+    # None: evaluate.max_tokens as well.
+    bounds_tokens: int | None = None
+    plot: bool = True  # validation-loss curves of the MoE variants as a PNG
+
+
+@dataclass
 class Recipe:
     """A whole study; every section has defaults (see configs/tiny.yaml for an example)."""
 
@@ -124,11 +176,15 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed_train: TrainConfig = field(default_factory=TrainConfig)
     branch_train: TrainConfig = field(default_factory=TrainConfig)
+    # Further expert sets: name -> branch_train fields to change, e.g. experts whose FFNs alone
+    # train: {ffn: {freeze: [embed_tokens, self_attn, norm]}}; a variant picks one by `experts`.
+    expert_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     moe: MoESection = field(default_factory=MoESection)
     extend: ExtendSection = field(default_factory=ExtendSection)
     seeds: list[int] = field(default_factory=list)  # MoE stages per seed; default: [seed]
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    study: StudySection = field(default_factory=StudySection)
 
 
 def load_recipe(path: str | Path) -> Recipe:
