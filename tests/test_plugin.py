@@ -85,6 +85,18 @@ def _upcycled(world: dict, name: str = "moe", **kw) -> Path:
     return out
 
 
+def _paper(world: dict, out: Path) -> Path:
+    """The paper's Nexus MoE of the same experts (random projection, no calibration)."""
+    return upcycle(
+        "nexus-paper",
+        world["seed"],
+        [world["experts"][d] for d in DOMAINS],
+        out,
+        domain_embeddings=world["emb"],
+        moe_overrides={"nexus_hidden_size": 8},
+    )
+
+
 def _own_share(model: Transformer, shards, domains: list[str]) -> dict[str, float]:
     counts = routing_counts(model, shards, domains, EVAL)  # (L, D, E)
     share = (counts.double() / counts.sum(-1, keepdim=True)).mean(0)
@@ -149,15 +161,7 @@ def test_calibrated_router_routes_each_domain_to_its_expert_at_step0(world):
     share = _own_share(moe, world["shards"], DOMAINS)
     assert min(share.values()) >= 0.6 and sum(share.values()) / len(share) >= 0.7, share
     # The paper's random initialisation does not know the domains.
-    paper = world["root"] / "paper"
-    upcycle(
-        "nexus-paper",
-        world["seed"],
-        [world["experts"][d] for d in DOMAINS],
-        paper,
-        domain_embeddings=world["emb"],
-        moe_overrides={"nexus_hidden_size": 8},
-    )
+    paper = _paper(world, world["root"] / "paper")
     random_share = _own_share(load_checkpoint(paper)[0], world["shards"], DOMAINS)
     assert sum(random_share.values()) < sum(share.values())
 
@@ -200,15 +204,7 @@ def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs
 
 
 def test_extend_refuses_calibration_for_an_uncalibrated_moe(world, tmp_path):
-    paper = tmp_path / "paper"
-    upcycle(
-        "nexus-paper",
-        world["seed"],
-        [world["experts"][d] for d in DOMAINS],
-        paper,
-        domain_embeddings=world["emb"],
-        moe_overrides={"nexus_hidden_size": 8},
-    )
+    paper = _paper(world, tmp_path / "paper")
     with pytest.raises(Exception, match="no routing statistics"):
         extend(
             paper,
