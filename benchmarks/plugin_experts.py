@@ -10,8 +10,11 @@ weights, fully trained and FFN-only experts. Then, without any MoE training step
 * zero-shot extension of the default plug-in MoE with each held-out domain: share of its tokens
   on the new expert, bits/byte gain recovered, change of the earlier domains' perplexity.
 
-    .venv/bin/python benchmarks/plugin_experts.py                  # ~10 min on 2 cores
+    .venv/bin/python benchmarks/plugin_experts.py                  # ~15 min on 2 cores
     .venv/bin/python benchmarks/plugin_experts.py --workdir runs/plugin-bench --threads 2
+    # an existing testbed: a folder with corpus/, tokenizer/tokenizer.json, seed/model,
+    # experts/<domain>/model, experts-ffn/<domain>/model and domain_embeddings/
+    .venv/bin/python benchmarks/plugin_experts.py --testbed runs/my-testbed
 """
 
 from __future__ import annotations
@@ -64,18 +67,32 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/plugin-bench"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--testbed", type=Path, help="use these models instead of building them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    study = Study(testbed_recipe(args.workdir))
-    corpus = study.stage_corpus()
-    tokenizer = study.stage_tokenizer(corpus, DOMAINS)
-    seed = study.stage_seed(corpus, tokenizer, DOMAINS)
-    experts = {
-        kind: {d: study.stage_branch(seed, corpus, d, kind) for d in DOMAINS + HELDOUT}
-        for kind in ("default", "ffn")
-    }
-    embeddings = DomainEmbeddings.load(study.stage_embed(corpus, DOMAINS + HELDOUT))
+    if args.testbed:
+        bed = args.testbed
+        corpus, tokenizer, seed = (
+            bed / "corpus",
+            bed / "tokenizer/tokenizer.json",
+            bed / "seed/model",
+        )
+        experts = {
+            kind: {d: bed / folder / d / "model" for d in DOMAINS + HELDOUT}
+            for kind, folder in (("default", "experts"), ("ffn", "experts-ffn"))
+        }
+        embeddings = DomainEmbeddings.load(bed / "domain_embeddings")
+    else:
+        study = Study(testbed_recipe(args.workdir))
+        corpus = study.stage_corpus()
+        tokenizer = study.stage_tokenizer(corpus, DOMAINS)
+        seed = study.stage_seed(corpus, tokenizer, DOMAINS)
+        experts = {
+            kind: {d: study.stage_branch(seed, corpus, d, kind) for d in DOMAINS + HELDOUT}
+            for kind in ("default", "ffn")
+        }
+        embeddings = DomainEmbeddings.load(study.stage_embed(corpus, DOMAINS + HELDOUT))
     shards = tokens_for(corpus, tokenizer)
     ev = EvalConfig(seq_len=128, batch_size=16, max_tokens=args.eval_tokens)
 
