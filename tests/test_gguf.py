@@ -151,6 +151,42 @@ def test_gguf_model_upcycles_into_an_equivalent_moe(smollm_checkpoint, tmp_path)
     assert hf_diff <= MOE_TOL, f"exported MoE vs dense: max |diff| {hf_diff:.2e}"
 
 
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.slow
+def test_instruct_model_exports_its_chat_template_and_stops_at_end_of_turn(
+    smollm_checkpoint, tmp_path
+):
+    """The import keeps the instruct model's tokenizer_config (chat template, bos/eos/pad) and
+    generation_config; the bf16 export gives them back to transformers: eos <|im_end|> (id 2),
+    a pad token, apply_chat_template, and greedy generation that ends the assistant's turn."""
+    import transformers
+
+    for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (smollm_checkpoint / name).is_file(), name
+    hf_dir = export_hf(smollm_checkpoint, tmp_path / "hf", fmt="llama", dtype=torch.bfloat16)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
+    assert (tok.bos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>")
+    ours = _text_ids(smollm_checkpoint)[0].tolist()
+    assert tok(TEXT, add_special_tokens=True)["input_ids"] == ours
+    batch = tok(["Paris", TEXT], padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][0].sum() < len(ours)
+
+    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert model.dtype == torch.bfloat16
+    assert model.generation_config.eos_token_id == 2 and model.config.eos_token_id == 2
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=48, do_sample=False)
+    answer = out[0, ids.shape[1] :].tolist()
+    assert answer[-1] == 2 and 2 not in answer[:-1], tok.decode(answer)
+    assert "Paris" in tok.decode(answer)
+
+
 # --------------------------------------------------------------------------------------------
 # bad input (fast)
 

@@ -366,3 +366,46 @@ def test_corrupt_and_missing_files(llama_dir, tmp_path):
         import_hf(llama_dir)
     with pytest.raises(NexusError, match="not found"):
         import_hf(tmp_path / "nowhere")
+
+
+# Text whose split depends on the pre-tokenizer: digit runs, newlines, spaces, punctuation.
+TOKENIZER_TEXT = "x = 12345 + 678\n\n  def f(a):\n\treturn a*2  # ok?\nCafé 2024-01-02!"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "overrides"),
+    [
+        ("llama", {}),
+        ("mistral", {}),
+        ("qwen2", {}),
+        ("qwen3", {"qk_norm": True}),
+        ("qwen2_moe", {"moe": True}),
+        ("mixtral", {"moe": True}),
+    ],
+)
+def test_every_format_tokenizes_like_ours_under_autotokenizer(tmp_path, fmt, overrides):
+    """transformers picks a model-specific tokenizer class for some model types (Qwen2Tokenizer
+    for qwen2, which splits digits and newlines its own way); the export makes AutoTokenizer
+    load our tokenizer.json unchanged, with a pad token."""
+    from tokenizers import Tokenizer
+
+    from nexus_moe.checkpoint import save_checkpoint
+    from nexus_moe.config import MoEConfig
+
+    texts = [TOKENIZER_TEXT * 3, "hello world 123\n\n 4567", "def g():\n    return 10"]
+    tokenizer = tiny_bpe_file(tmp_path / "tokenizer.json", texts * 20, 300)
+    if overrides.pop("moe", False):
+        moe = MoEConfig(num_experts=2, top_k=2, shared_expert=fmt == "qwen2_moe", renormalize=True)
+        overrides["moe"] = moe
+    ours = Transformer(tiny_config(vocab_size=300, **overrides))
+    ckpt = save_checkpoint(tmp_path / "ckpt", ours, tokenizer_path=tokenizer)
+    hf_dir = export_hf(ckpt, tmp_path / "hf", fmt=fmt)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    expected = Tokenizer.from_file(str(tokenizer)).encode(TOKENIZER_TEXT).ids
+    assert tok(TOKENIZER_TEXT)["input_ids"] == expected
+    trusting = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+    assert trusting(TOKENIZER_TEXT)["input_ids"] == expected
+    assert tok.decode(expected) == TOKENIZER_TEXT
+    assert tok.pad_token == "<|endoftext|>"
+    batch = tok(["a", TOKENIZER_TEXT], padding=True)
+    assert len(batch["input_ids"][0]) == len(batch["input_ids"][1])

@@ -36,6 +36,9 @@ class DenseFormat:
     extra_config: dict[str, Any] = field(default_factory=dict)  # static fields on export
     default_sliding_window: int | None = 4096  # "mistral" style: window when the key is absent
     default_rope_theta: float = 10000.0  # transformers' default when config.json names none
+    # transformers 5 loads its own tokenizer class for this model_type whatever
+    # tokenizer_config.json declares (Qwen2Tokenizer, which splits text its own way)
+    tokenizer_class_overridden: bool = False
 
     @property
     def dense(self) -> DenseFormat:
@@ -115,6 +118,7 @@ DENSE_FORMATS: dict[str, DenseFormat] = {
         sliding="qwen",
         default_head_dim=None,
         default_max_positions=32768,
+        tokenizer_class_overridden=True,
     ),
     "qwen3": _dense(
         "qwen3",

@@ -161,7 +161,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Tra
     if out_dir is None:
         return build_model(model.cfg, model.tensors)
     with tempfile.TemporaryDirectory() as tmp:
-        model.tokenizer = gguf_tokenizer(path, Path(tmp))
+        model.tokenizer = gguf_tokenizer(path, Path(tmp), doc)
         return save_imported(model, Path(out_dir))
 
 
