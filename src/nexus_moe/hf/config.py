@@ -18,7 +18,7 @@ import torch
 from nexus_moe import __version__
 from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.errors import NexusError
-from nexus_moe.hf.formats import DenseFormat, Format, MoEFormat
+from nexus_moe.hf.formats import FORMATS, DenseFormat, Format, MoEFormat
 from nexus_moe.io_utils import read_json
 
 CONFIG_FILE = "config.json"
@@ -150,22 +150,22 @@ def _check_dense(fmt: DenseFormat, cfg: ModelConfig) -> None:
     if cfg.is_moe:
         raise NexusError(
             f"format '{fmt.model_type}' holds dense models only; this checkpoint is a MoE: "
-            "export it with fmt='qwen2_moe' or 'mixtral' (or fmt='auto')"
+            "export it with --format mixtral, qwen3_moe or qwen2_moe (or --format auto)"
         )
     if cfg.qk_norm and not fmt.qk_norm:
         raise NexusError(
             f"the model normalises q and k per head (qk_norm, Qwen3-style), which "
-            f"'{fmt.model_type}' cannot express; export with fmt='qwen3'"
+            f"'{fmt.model_type}' cannot express; export with --format qwen3"
         )
     if fmt.qk_norm and not cfg.qk_norm:
         raise NexusError(
             f"'{fmt.model_type}' always normalises q and k per head but this model does not "
-            "(qk_norm=false); export with fmt='llama' or 'qwen2'"
+            "(qk_norm=false); export with --format llama or qwen2"
         )
     if cfg.attention_bias and fmt.qkv_bias == "never":
         raise NexusError(
             f"the model has q/k/v biases, which '{fmt.model_type}' cannot express; "
-            "export with fmt='qwen2' or 'llama'"
+            "export with --format qwen2 or llama"
         )
 
 
@@ -229,7 +229,10 @@ def _moe_from_hf(
     where = f"{source}"
     base, notes = _dense_from_hf(fmt.dense, doc, source)
     layers = base.num_layers
-    num_experts = _int_field(doc, fmt.num_experts_key, fmt.default_num_experts, where)
+    key = fmt.num_experts_key
+    if key not in doc and fmt.num_experts_alias in doc:
+        key = fmt.num_experts_alias
+    num_experts = _int_field(doc, key, fmt.default_num_experts, where)
     top_k = _int_field(doc, "num_experts_per_tok", fmt.default_top_k, where)
     if fmt.sparse_layers == "all":
         sparse = list(range(layers)) if num_experts > 0 else []
@@ -295,54 +298,85 @@ def _check_moe(fmt: MoEFormat, cfg: ModelConfig) -> None:
     if cfg.moe is None:
         raise NexusError(
             f"format '{name}' holds MoE models; this model is dense: export it with "
-            "fmt='llama', 'mistral', 'qwen2' or 'qwen3' (or fmt='auto')"
+            "--format llama, mistral, qwen2 or qwen3 (or --format auto)"
         )
     moe = cfg.moe
     if moe.router == RouterType.ac:
         raise NexusError(
             "the adaptive-clustering (AC) router rescales each token by statistics of the "
-            "previous MoE layer's routing; no Hugging Face MoE format (qwen2_moe, mixtral) "
-            "can express that, so an AC model cannot be exported"
+            "previous MoE layer's routing; no Hugging Face MoE format (qwen2_moe, qwen3_moe, "
+            "mixtral) can express that, so an AC model cannot be exported"
+        )
+    if moe.router_context > 0:
+        raise NexusError(
+            f"the router scores the causal mean of the layer's inputs "
+            f"(router_context={moe.router_context}), but Hugging Face MoE formats route each "
+            "token on its own hidden state, so this model cannot be exported exactly; upcycle "
+            "it again with `--set router_context=0` to make it exportable"
+        )
+    if cfg.qk_norm and moe.shared_expert:
+        raise NexusError(
+            "the model normalises q and k per head (qk_norm, a Qwen3 seed) and has a shared "
+            "expert; no Hugging Face MoE format holds both (qwen3_moe has no shared expert, "
+            "qwen2_moe and mixtral no q/k norms): upcycle with `--set shared_expert=false` and "
+            "export with --format qwen3_moe, or keep the nexus-moe checkpoint"
         )
     if cfg.qk_norm and not fmt.dense.qk_norm:
         raise NexusError(
-            f"the model normalises q and k per head (qk_norm), which '{name}' cannot express"
+            f"the model normalises q and k per head (qk_norm), which '{name}' cannot express; "
+            "export with --format qwen3_moe"
         )
     if fmt.dense.qk_norm and not cfg.qk_norm:
         raise NexusError(
-            f"'{name}' always normalises q and k per head but this model does not (qk_norm=false)"
+            f"'{name}' always normalises q and k per head but this model does not "
+            "(qk_norm=false); export with --format mixtral or qwen2_moe"
         )
     if cfg.attention_bias and fmt.dense.qkv_bias == "never":
         raise NexusError(
             f"the model has q/k/v biases, which '{name}' cannot express; export with "
-            "fmt='qwen2_moe'"
+            "--format qwen2_moe"
         )
     if moe.shared_expert and not fmt.has_shared_expert:
         raise NexusError(
             f"the model has a shared expert, which '{name}' cannot express; export with "
-            "fmt='qwen2_moe'"
+            "--format qwen2_moe"
         )
     if fmt.always_renormalize and not moe.renormalize:
         top1 = " (with top_k=1 its gate would be 1 instead of p_i)" if moe.top_k == 1 else ""
         raise NexusError(
             f"'{name}' always renormalises the top-k gates (g_i = p_i / sum_topk p){top1}, "
             "but this model uses g_i = p_i (renormalize=false); export with "
-            "fmt='qwen2_moe', which keeps norm_topk_prob=false"
+            "--format qwen2_moe, which keeps norm_topk_prob=false"
         )
     dense_layers = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
     if dense_layers and fmt.sparse_layers == "all":
         raise NexusError(
             f"'{name}' makes every block a MoE block, but this model's blocks "
             f"{dense_layers} are dense (moe_every={moe.moe_every}); export with "
-            "fmt='qwen2_moe', whose mlp_only_layers lists them"
+            "--format qwen2_moe, whose mlp_only_layers lists them"
         )
     if fmt.head_dim_from_hidden and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         # transformers 4.x and other runtimes of this format derive head_dim from hidden_size.
         raise NexusError(
             f"head_dim={cfg.head_dim} is not hidden_size / num_heads "
             f"({cfg.hidden_size} / {cfg.num_heads}), which '{name}' cannot express "
-            "portably; export with fmt='mixtral' if the model has no shared expert"
+            "portably; export with --format mixtral if the model has no shared expert"
         )
+    if fmt.has_shared_expert and not moe.shared_expert:
+        fits = [other for other in ("mixtral",) if _fits(other, cfg)]
+        if fits:
+            raise NexusError(
+                f"the model has no shared expert, which '{name}' would write as zero-width "
+                f"tensors; export with --format {fits[0]} (or --format auto)"
+            )
+
+
+def _fits(model_type: str, cfg: ModelConfig) -> bool:
+    try:
+        check_exportable(FORMATS[model_type], cfg)
+    except NexusError:
+        return False
+    return True
 
 
 def _moe_to_hf(

@@ -30,7 +30,7 @@ from nexus_moe.config import ModelConfig
 from nexus_moe.errors import NexusError
 from nexus_moe.hf.card import MODEL_CARD_FILE, model_card
 from nexus_moe.hf.config import CONFIG_FILE, check_exportable, config_to_hf
-from nexus_moe.hf.formats import AUTO, Format, export_format
+from nexus_moe.hf.formats import AUTO, Format, export_format, parse_size
 from nexus_moe.hf.gguf import GENERATION_CONFIG_FILE
 from nexus_moe.hf.mapping import Plan, export_plan, tensor_map
 from nexus_moe.hf.writer import DEFAULT_MAX_SHARD_SIZE, write_shards
@@ -58,8 +58,8 @@ def export_hf(
     out_dir: str | Path,
     fmt: str = AUTO,
     tokenizer_path: str | Path | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write a model as a Hugging Face checkpoint that ``AutoModelForCausalLM`` loads.
 
@@ -73,8 +73,9 @@ def export_hf(
     gate matrix they score tokens with; a model a format cannot express exactly (an AC router,
     ...) is refused. Biases a format requires but the model lacks are written as zeros.
 
-    Weights are saved in ``dtype`` (default: the model's) as ``model.safetensors``, or as shards
-    plus ``model.safetensors.index.json`` when larger than ``max_shard_size`` bytes. Also writes
+    Weights are saved in ``dtype`` (a torch dtype or ``bf16``/``fp16``/``fp32``; default: the
+    model's) as ``model.safetensors``, or as shards plus ``model.safetensors.index.json`` when
+    larger than ``max_shard_size`` (bytes, or a size such as ``"500MB"``). Also writes
     ``config.json``, ``generation_config.json``, with a tokenizer ``tokenizer.json`` +
     ``tokenizer_config.json``, and for a MoE or a checkpoint directory a model card
     ``README.md``. The folder appears atomically.
@@ -103,7 +104,7 @@ def export_hf(
     source = MemoryTensors(model_state_dict(model), Path("<model>"))
     fmt_ = export_format(fmt, model.cfg)
     check_exportable(fmt_, model.cfg)
-    dtype = dtype or model.model.embed_tokens.weight.dtype
+    dtype = _dtype(dtype) or model.model.embed_tokens.weight.dtype
     plan = export_plan(tensor_map(fmt_, model.cfg), model.cfg, source, dtype, routers)
     return _write_folder(
         Path(out_dir), fmt_, model.cfg, plan, dtype, None, tokenizer_path, max_shard_size
@@ -124,8 +125,8 @@ def export_streamed(
     fmt: str = AUTO,
     metadata: dict[str, Any] | None = None,
     tokenizer_path: str | Path | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """:func:`export_hf` of a model given as a :class:`TensorSource` (our tensor names), e.g. a
     checkpoint directory or the output of an upcycling that is never written in our format.
@@ -135,7 +136,7 @@ def export_streamed(
     """
     fmt_ = export_format(fmt, cfg)
     check_exportable(fmt_, cfg)
-    dtype = dtype or source.dtypes["model.embed_tokens.weight"]
+    dtype = _dtype(dtype) or source.dtypes["model.embed_tokens.weight"]
     plan = export_plan(tensor_map(fmt_, cfg), cfg, source, dtype)
     return _write_folder(
         Path(out_dir), fmt_, cfg, plan, dtype, metadata, tokenizer_path, max_shard_size
@@ -150,9 +151,10 @@ def _write_folder(
     dtype: torch.dtype,
     metadata: dict[str, Any] | None,
     tokenizer_path: str | Path | None,
-    max_shard_size: int,
+    max_shard_size: int | str,
 ) -> Path:
     """Write the Hugging Face folder of :func:`export_hf` from ``plan``, atomically."""
+    max_shard_size = parse_size(max_shard_size)
     tokenizer_file = find_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     special = _special_tokens(tokenizer_file) if tokenizer_file else {}
     ids = {name: token_id for name, (_, token_id) in special.items()}
@@ -172,6 +174,18 @@ def _write_folder(
             card = model_card(cfg, fmt, metadata or {}, out_dir.name, tokenizer_file)
             (tmp / MODEL_CARD_FILE).write_text(card)
     return out_dir
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a torch dtype (``--dtype`` names: bf16, fp16, fp32)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise NexusError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[str(dtype)]
 
 
 def _companion(tokenizer_file: Path, name: str) -> dict[str, Any]:
