@@ -260,21 +260,45 @@ def _hf_moe(model_type: str, **overrides):
     return model.eval()
 
 
-def test_import_transformers_qwen2_moe(tmp_path):
+def test_import_transformers_qwen2_moe_with_its_learned_shared_expert_gate(tmp_path):
+    """A transformers-made Qwen2-MoE (random, non-zero shared_expert_gate) imports with a learned
+    sigmoid gate on the shared expert: same logits, and it exports back unchanged."""
     hf = _hf_moe("qwen2_moe", norm_topk_prob=True, mlp_only_layers=[1])
-    hf.save_pretrained(tmp_path / "gated")
-    with pytest.raises(NexusError, match=r"'model\.layers\.0\.mlp\.shared_expert_gate\.weight'"):
-        import_hf(tmp_path / "gated")
-
-    with torch.no_grad():
-        hf.model.layers[0].mlp.shared_expert_gate.weight.zero_()  # a constant 1/2
+    assert hf.model.layers[0].mlp.shared_expert_gate.weight.abs().min() > 0
     hf.save_pretrained(tmp_path / "hf")
     ours = import_hf(tmp_path / "hf")
     moe = ours.cfg.moe
     assert (moe.num_experts, moe.top_k, moe.renormalize, moe.shared_expert) == (4, 2, True, True)
+    assert moe.shared_expert_gate
     assert ours.cfg.expert_intermediate_size == 48 and ours.cfg.attention_bias
     assert [ours.cfg.is_moe_layer(i) for i in range(2)] == [True, False]
-    assert _max_diff(ours, hf, _ids()) <= TOL
+    ids = _ids()
+    assert _max_diff(ours, hf, ids) <= TOL
+    with torch.no_grad():  # the gate matters: without it the logits differ
+        gate = ours.model.layers[0].mlp.shared_expert_gate
+        ours.model.layers[0].mlp.shared_expert_gate = None
+        assert _max_diff(ours, hf, ids) > 100 * TOL
+        ours.model.layers[0].mlp.shared_expert_gate = gate
+
+    back_dir = export_hf(ours, tmp_path / "back", fmt="qwen2_moe")
+    exported = load_file(back_dir / "model.safetensors")
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    for name in ("shared_expert_gate.weight", "shared_expert.down_proj.weight"):
+        name = f"model.layers.0.mlp.{name}"
+        assert torch.equal(exported[name], original[name]), name
+    assert _max_diff(ours, _load_hf(back_dir), ids) <= TOL
+    _assert_same_weights(ours, import_hf(back_dir))
+
+
+def test_always_on_shared_expert_exports_with_a_zero_gate_and_refuses_an_edited_one(tmp_path):
+    ours = _moe_model(top_k=1)
+    hf_dir = export_hf(ours, tmp_path / "hf", fmt="qwen2_moe")
+    assert not import_hf(hf_dir).cfg.moe.shared_expert_gate
+    weights = load_file(hf_dir / "model.safetensors")
+    weights["model.layers.0.mlp.shared_expert_gate.weight"] += 0.1
+    save_file(weights, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NexusError, match=r"shared_expert_gate\.weight' is non-zero.*'nexus_moe'"):
+        import_hf(hf_dir)
 
 
 def test_import_transformers_mixtral(tmp_path):
@@ -571,6 +595,11 @@ def test_direct_upcycle_refuses_bad_hf_inputs(tmp_path):
         upcycle(
             "moe-linear", hf[0], hf[1:], tmp_path / "out", domains=["a"],
             moe_overrides={"router": "ac", "ac_base": "linear"}, out_format="qwen2_moe",
+        )  # fmt: skip
+    with pytest.raises(NexusError, match="shared_expert_gate comes from importing"):
+        upcycle(
+            "moe-linear", hf[0], hf[1:], tmp_path / "out", domains=["a"],
+            moe_overrides={"shared_expert_gate": True}, out_format="qwen2_moe",
         )  # fmt: skip
     assert not (tmp_path / "out").exists()
 

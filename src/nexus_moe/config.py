@@ -81,6 +81,9 @@ class MoEConfig:
     num_experts: int = 4  # routed experts, one per domain for btx / moe-linear / nexus
     top_k: int = 1  # Nexus default: top-1 + shared expert; BTX: top-2, no shared expert
     shared_expert: bool = True  # the seed's FFN, always active (moe-linear / nexus)
+    # Scale the shared expert per token by a learned sigmoid(x . w_g) (Qwen2-MoE's
+    # shared_expert_gate); set by importing a Qwen2-MoE checkpoint, off otherwise.
+    shared_expert_gate: bool = False
     renormalize: bool = False  # gate = p_i (False) or p_i / sum_topk p (True)
     router: RouterType = RouterType.nexus
     ac_base: RouterType = (
@@ -114,6 +117,8 @@ class MoEConfig:
             raise NexusError(
                 f"moe.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}"
             )
+        if self.shared_expert_gate and not self.shared_expert:
+            raise NexusError("moe.shared_expert_gate=true needs a shared expert (shared_expert)")
         if not 0.0 <= self.router_context <= 1.0:
             raise NexusError(f"moe.router_context={self.router_context} must be in [0, 1]")
         if self.domains and len(self.domains) != self.num_experts:

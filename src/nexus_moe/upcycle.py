@@ -79,6 +79,8 @@ ARCHITECTURE_FIELDS = (
 
 # MoEConfig fields that upcycling derives from its inputs; overriding them would contradict them.
 _DERIVED_FIELDS = ("num_experts", "domains", "embedder", "domain_embedding_dim")
+# Fields only an imported checkpoint sets (Qwen2-MoE's learned shared-expert gate).
+_IMPORT_ONLY_FIELDS = ("shared_expert_gate",)
 
 SEED_DOMAIN = "seed"  # domain name of the seed FFN when btx routes to it
 
@@ -471,6 +473,12 @@ def moe_config(
         if name in overrides:
             raise NexusError(
                 f"moe.{name} is set by upcycling from its inputs and cannot be overridden"
+            )
+    for name in _IMPORT_ONLY_FIELDS:
+        if overrides.get(name):
+            raise NexusError(
+                f"moe.{name} comes from importing a Qwen2-MoE checkpoint; an upcycled MoE's "
+                "shared expert is the seed's FFN, always on (drop the setting)"
             )
     settings.update(overrides)
     settings.update(num_experts=num_routed, domains=domains)

@@ -278,6 +278,9 @@ def _moe_from_hf(
             num_experts=num_experts,
             top_k=top_k,
             shared_expert=shared_size > 0,
+            # A Qwen2-MoE shared expert is gated by a learned sigmoid; our own exports record
+            # (in the sidecar) when theirs is the always-on expert with an all-zero gate.
+            shared_expert_gate=shared_size > 0,
             renormalize=renormalize,
             router=RouterType.linear,
             moe_every=moe_every,
@@ -468,6 +471,7 @@ def _restore_from_sidecar(cfg: ModelConfig, doc: dict[str, Any], where: str) -> 
         return cfg
     if old.router == RouterType.linear:
         restored = dataclasses.replace(old, load_balance_weight=moe.load_balance_weight)
+        # (the recorded shared_expert_gate comes with it)
     else:  # the router became linear: keep only what still applies to it
         restored = dataclasses.replace(
             moe,
@@ -475,6 +479,7 @@ def _restore_from_sidecar(cfg: ModelConfig, doc: dict[str, Any], where: str) -> 
             domains=list(old.domains),
             z_loss_weight=old.z_loss_weight,
             router_init_std=old.router_init_std,
+            shared_expert_gate=old.shared_expert_gate,
         )
     return dataclasses.replace(
         cfg,
