@@ -151,6 +151,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
+    # Every block attends to the last `sliding_window` positions only (Mistral/Qwen2 sliding
+    # window attention, the query's own position included); None: the whole causal prefix.
+    sliding_window: int | None = None
     init_std: float = 0.02
     moe: MoEConfig | None = None
 
@@ -161,6 +164,8 @@ class ModelConfig:
             raise NexusError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise NexusError(f"sliding_window={self.sliding_window} must be at least 1 (or null)")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise NexusError("hidden_size must be divisible by num_heads (or set head_dim)")

@@ -75,6 +75,7 @@ ARCHITECTURE_FIELDS = (
     "tie_embeddings",
     "attention_bias",
     "qk_norm",
+    "sliding_window",
 )
 
 # MoEConfig fields that upcycling derives from its inputs; overriding them would contradict them.

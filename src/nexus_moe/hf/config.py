@@ -97,16 +97,9 @@ def _dense_from_hf(
         head_dim = doc["hidden_size"] // heads
     max_positions = doc.get("max_position_embeddings") or fmt.default_max_positions
     notes: list[str] = []
-    window = _sliding_window(fmt, doc)
-    if window is not None and window < max_positions:
-        # Attention within the window equals full causal attention, so capping the context at
-        # the window is exact; beyond it the two would differ.
-        notes.append(
-            f"{where}: sliding_window={window} < max_position_embeddings={max_positions}; "
-            f"our model attends to the full context, so max_seq_len is capped at {window} "
-            "(exact up to that length)"
-        )
-        max_positions = window
+    window = _sliding_window(fmt, doc, where)
+    if window is not None and window >= max_positions:
+        window = None  # the window never cuts anything off: full causal attention
     if fmt.qkv_bias == "config":
         bias = bool(doc.get("attention_bias", False))
     else:
@@ -125,24 +118,42 @@ def _dense_from_hf(
         tie_embeddings=bool(doc.get("tie_word_embeddings", False)),
         attention_bias=bias,
         qk_norm=fmt.qk_norm,
+        sliding_window=window,
         init_std=float(doc.get("initializer_range", 0.02)),
     )
     return cfg, notes
 
 
-def _sliding_window(fmt: DenseFormat, doc: dict[str, Any]) -> int | None:
-    """The attention window some layer actually uses, or None for full attention."""
+def _sliding_window(fmt: DenseFormat, doc: dict[str, Any], where: str) -> int | None:
+    """The attention window every layer uses, or None for full attention; a window on some
+    layers only is refused (our blocks all attend alike)."""
     if fmt.sliding == "mistral":
-        return doc.get("sliding_window", fmt.default_sliding_window)
-    if fmt.sliding == "qwen" and doc.get("use_sliding_window", False):
+        window = doc.get("sliding_window", fmt.default_sliding_window)
+    elif fmt.sliding == "qwen" and doc.get("use_sliding_window", False):
         window = doc.get("sliding_window", 4096)
+        layers = doc["num_hidden_layers"]
         layer_types = doc.get("layer_types")
         if layer_types is not None:
-            return window if "sliding_attention" in layer_types else None
-        # Without layer_types, layers from max_window_layers on slide (transformers' rule).
-        first_sliding = doc.get("max_window_layers", 28)
-        return window if first_sliding < doc["num_hidden_layers"] else None
-    return None
+            sliding = [kind == "sliding_attention" for kind in layer_types]
+        else:  # transformers' rule: layers from max_window_layers on slide
+            first = _int_field(doc, "max_window_layers", 28, where)
+            sliding = [i >= first for i in range(layers)]
+        if not any(sliding):
+            return None
+        if not all(sliding):
+            raise NexusError(
+                f"{where}: sliding-window attention on layers "
+                f"{[i for i, s in enumerate(sliding) if s]} only (max_window_layers / "
+                "layer_types); nexus-moe's blocks attend alike, with the window on every layer "
+                "or on none"
+            )
+    else:
+        return None
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise NexusError(f"{where}: 'sliding_window' must be a positive integer, got {window!r}")
+    return window
 
 
 def _check_dense(fmt: DenseFormat, cfg: ModelConfig) -> None:
@@ -166,6 +177,16 @@ def _check_dense(fmt: DenseFormat, cfg: ModelConfig) -> None:
         raise NexusError(
             f"the model has q/k/v biases, which '{fmt.model_type}' cannot express; "
             "export with --format qwen2 or llama"
+        )
+    _check_window(fmt, cfg)
+
+
+def _check_window(fmt: DenseFormat, cfg: ModelConfig) -> None:
+    if cfg.sliding_window is not None and fmt.sliding == "none":
+        raise NexusError(
+            f"the model attends within a sliding window of {cfg.sliding_window} positions, "
+            f"which '{fmt.model_type}' cannot express; export with --format mistral, qwen2 or "
+            "qwen3 (MoE: mixtral, qwen2_moe, qwen3_moe)"
         )
 
 
@@ -207,13 +228,16 @@ def _dense_to_hf(
     }
     if fmt.qkv_bias == "config":
         doc["attention_bias"] = cfg.attention_bias
+    window = cfg.sliding_window
     if fmt.sliding == "mistral":
-        doc["sliding_window"] = None
+        doc["sliding_window"] = window
     elif fmt.sliding == "qwen":
-        doc["use_sliding_window"] = False
-        doc["sliding_window"] = None
-        doc["max_window_layers"] = cfg.num_layers
-        doc["layer_types"] = ["full_attention"] * cfg.num_layers
+        doc["use_sliding_window"] = window is not None
+        doc["sliding_window"] = window
+        # Layers from max_window_layers on slide (transformers 4.x); layer_types (5.x).
+        doc["max_window_layers"] = 0 if window is not None else cfg.num_layers
+        kind = "sliding_attention" if window is not None else "full_attention"
+        doc["layer_types"] = [kind] * cfg.num_layers
     doc.update(fmt.extra_config)
     return doc
 

@@ -262,7 +262,11 @@ def format_for(model_type: Any, where: str) -> Format:
 def auto_format(cfg: ModelConfig) -> str:
     """The format ``--format auto`` picks: the plainest one that expresses ``cfg`` exactly."""
     if cfg.moe is None:
-        return "qwen3" if cfg.qk_norm else "llama"
+        if cfg.qk_norm:
+            return "qwen3"
+        if cfg.sliding_window is not None:  # llama has no window
+            return "qwen2" if cfg.attention_bias else "mistral"
+        return "llama"
     moe = cfg.moe
     if cfg.qk_norm:
         return "qwen3_moe"  # the only MoE format with q/k norms (refuses a shared expert)
