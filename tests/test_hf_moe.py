@@ -1,4 +1,4 @@
-"""Hugging Face interop for MoE models (qwen2_moe, mixtral): native -> HF -> native round trips,
+"""Hugging Face interop for MoE models (qwen2_moe, qwen3_moe, mixtral): native -> HF -> native round trips,
 logits and greedy-generation parity with ``transformers`` through the production converter, and
 what cannot be expressed."""
 

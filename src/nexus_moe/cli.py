@@ -568,7 +568,8 @@ def upcycle(
         typer.Option(
             "--format",
             help="native: our checkpoint; else the Hugging Face format written directly (auto: "
-            "mixtral when it can express the MoE, else qwen2_moe; btm: a dense one).",
+            "qwen3_moe for a Qwen3 seed, mixtral when it can express the MoE, else qwen2_moe; "
+            "btm: a dense one).",
         ),
     ] = UpcycleFormat.native,
     corpus: Annotated[
@@ -825,8 +826,9 @@ def export(
         ExportFormat,
         typer.Option(
             "--format",
-            help="auto: mixtral when it can express the MoE, else qwen2_moe; llama (qwen3 with "
-            "qk_norm) for a dense model.",
+            help="auto: qwen3_moe with q/k norms, mixtral when it can express the MoE, else "
+            "qwen2_moe; llama (qwen3 with q/k norms, mistral/qwen2 with a sliding window) for "
+            "a dense model.",
         ),
     ] = ExportFormat.auto,
     dtype: DtypeOpt = None,

@@ -131,8 +131,9 @@ def upcycle(
       ``nexus-paper`` is the paper's configuration (top-1 + shared seed expert, random
       projection) and is never calibrated by default.
     * ``out_format``: ``native`` writes our checkpoint; a Hugging Face format (``auto``,
-      ``qwen2_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes that folder
-      directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in one pass;
+      ``qwen2_moe``, ``qwen3_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes
+      that folder directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in
+      one pass;
       ``out_dtype`` (bf16, fp16, fp32) and ``max_shard_size`` apply to that folder only.
 
     Each input is a native checkpoint or a dense Hugging Face folder (Llama, Mistral, Qwen2,
