@@ -457,3 +457,50 @@ def test_every_format_tokenizes_like_ours_under_autotokenizer(tmp_path, fmt, ove
     assert tok.pad_token == "<|endoftext|>"
     batch = tok(["a", TOKENIZER_TEXT], padding=True)
     assert len(batch["input_ids"][0]) == len(batch["input_ids"][1])
+
+
+def test_hf_folder_import_keeps_chat_template_special_tokens_and_generation_config(tmp_path):
+    """A folder's tokenizer_config.json (chat template, bos/eos/pad) and generation_config.json
+    travel into the checkpoint, through a re-save, and out of the export to transformers."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from nexus_moe.checkpoint import save_checkpoint
+
+    tok = Tokenizer.from_file(str(_tokenizer_file(tmp_path / "tokenizer.json")))
+    tok.add_special_tokens([AddedToken("<|im_start|>"), AddedToken("<|im_end|>")])
+    hf_dir = _save_hf(_hf_model("llama", False), tmp_path / "hf")
+    tok.save(str(hf_dir / "tokenizer.json"))
+    im_end = tok.token_to_id("<|im_end|>")
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",  # a model-specific class: replaced on export
+        "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|im_end|>", "special": True},
+        "chat_template": template,
+    }
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (hf_dir / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [im_end, 0], "temperature": 0.7, "do_sample": True})
+    )
+    ckpt = import_hf(hf_dir, tmp_path / "ckpt")
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert (ckpt / name).read_bytes() == (hf_dir / name).read_bytes(), name
+    model, _ = load_checkpoint(ckpt)
+    again = save_checkpoint(tmp_path / "again", model, tokenizer_path=ckpt / "tokenizer.json")
+    assert (again / "tokenizer_config.json").is_file()
+
+    out = export_hf(again, tmp_path / "out")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.eos_token, hf_tok.eos_token_id) == ("<|im_end|>", im_end)
+    assert hf_tok.pad_token == "<|im_end|>" and hf_tok.bos_token == "<|im_start|>"
+    chat = [{"role": "user", "content": "hello"}]
+    text = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == [im_end, 0] and generation.temperature == 0.7
+    assert generation.pad_token_id == im_end
+    doc = json.loads((out / "config.json").read_text())
+    assert (doc["eos_token_id"], doc["pad_token_id"]) == (im_end, im_end)
