@@ -601,6 +601,7 @@ def upcycle(
     is a Hugging Face folder, written in one pass without intermediate checkpoints.
     """
     from nexus_moe.embed import DomainEmbeddings
+    from nexus_moe.hf.formats import parse_size
     from nexus_moe.pipeline import resolve_model_dir
     from nexus_moe.upcycle import upcycle as run_upcycle
 
@@ -642,7 +643,7 @@ def upcycle(
         calibration_tokens=calibration_tokens,
         calibrate_router=calibrate,
         out_dtype=dtype,
-        max_shard_size=max_shard_size,
+        max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
     )
     console.print(f"{method} model written to {result}{_chosen_format(fmt, result)}")
 

@@ -225,7 +225,7 @@ UpcycleFormat = enum.StrEnum("UpcycleFormat", {name: name for name in (NATIVE, A
 
 # `--dtype` of exported weights (default: the model's own dtype).
 ExportDtype = enum.StrEnum("ExportDtype", {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"})
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*((?:[KMGT]I?)?B?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
