@@ -151,6 +151,118 @@ def test_gguf_model_upcycles_into_an_equivalent_moe(smollm_checkpoint, tmp_path)
     assert hf_diff <= MOE_TOL, f"exported MoE vs dense: max |diff| {hf_diff:.2e}"
 
 
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.slow
+def test_instruct_model_exports_its_chat_template_and_stops_at_end_of_turn(
+    smollm_checkpoint, tmp_path
+):
+    """The import keeps the instruct model's tokenizer_config (chat template, bos/eos/pad) and
+    generation_config; the bf16 export gives them back to transformers: eos <|im_end|> (id 2),
+    a pad token, apply_chat_template, and greedy generation that ends the assistant's turn."""
+    import transformers
+
+    for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (smollm_checkpoint / name).is_file(), name
+    hf_dir = export_hf(smollm_checkpoint, tmp_path / "hf", fmt="llama", dtype=torch.bfloat16)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
+    assert (tok.bos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>")
+    ours = _text_ids(smollm_checkpoint)[0].tolist()
+    assert tok(TEXT, add_special_tokens=True)["input_ids"] == ours
+    batch = tok(["Paris", TEXT], padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][0].sum() < len(ours)
+
+    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert model.dtype == torch.bfloat16
+    assert model.generation_config.eos_token_id == 2 and model.config.eos_token_id == 2
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=48, do_sample=False)
+    answer = out[0, ids.shape[1] :].tolist()
+    assert answer[-1] == 2 and 2 not in answer[:-1], tok.decode(answer)
+    assert "Paris" in tok.decode(answer)
+
+
+DOMAIN_TEXTS = {
+    "recipes": "Whisk {i} eggs with sugar, fold in flour and bake for {i} minutes at 180 degrees.",
+    "finance": "Shares rose {i} percent after the bank reported quarterly earnings of {i} million.",
+    "sports": "The striker scored {i} goals as the home team won the league match {i} to nil.",
+}
+
+
+@pytest.mark.slow
+def test_real_model_path_from_gguf_to_a_served_bf16_moe(smollm_checkpoint, tmp_path):
+    """What a user with a pretrained instruct model does (README, "From a pretrained model"):
+    branch FFN-only experts of SmolLM2-135M-Instruct on two domains, upcycle them with Nexus
+    (calibrated on the corpus, routing per token so that it exports), extend with a third,
+    export to Mixtral in bf16, and serve it with transformers alone: the chat template applies
+    and greedy generation stops at <|im_end|>."""
+    from dataclasses import replace
+
+    import transformers
+
+    from nexus_moe.corpus import build_corpus
+    from nexus_moe.embed import DomainEmbeddings
+    from nexus_moe.extend import extend
+    from nexus_moe.pipeline import branch_expert, tokens_for
+    from nexus_moe.train import FFN_PARAMETERS, TrainConfig
+
+    data = tmp_path / "data"
+    for domain, template in DOMAIN_TEXTS.items():
+        (data / domain).mkdir(parents=True)
+        for i in range(20):
+            text = " ".join(template.format(i=(i * 7 + j) % 97) for j in range(12))
+            (data / domain / f"doc{i}.txt").write_text(text)
+    corpus = tmp_path / "corpus"
+    build_corpus(corpus, domains=list(DOMAIN_TEXTS), source_dir=data, val_fraction=0.1, seed=0)
+    train = TrainConfig(
+        steps=2, batch_size=2, seq_len=32, lr=1e-5, eval_tokens=64, checkpoint_every=0
+    )
+    train = replace(train, train_only=list(FFN_PARAMETERS))
+    experts = {
+        d: branch_expert(smollm_checkpoint, corpus, d, train, tmp_path / "experts" / d)
+        for d in DOMAIN_TEXTS
+    }
+    vectors = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    emb = DomainEmbeddings(list(DOMAIN_TEXTS), vectors, embedder="test", dim=16, num_chunks=4)
+    shards = tokens_for(corpus, smollm_checkpoint / TOKENIZER_FILE)
+    moe_dir = upcycle(
+        "nexus",
+        smollm_checkpoint,
+        [experts["recipes"], experts["finance"]],
+        tmp_path / "moe",
+        domain_embeddings=emb,
+        moe_overrides={"router_context": 0},
+        calibration_shards=shards,
+        calibration_tokens=256,
+    )
+    extended = extend(
+        moe_dir,
+        experts["sports"],
+        tmp_path / "moe3",
+        domain_embeddings=emb,
+        calibration_shards=shards,
+        calibration_tokens=256,
+    )
+    hf_dir = export_hf(extended, tmp_path / "hf", dtype=torch.bfloat16)
+
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert model.config.model_type == "mixtral" and model.config.num_local_experts == 3
+    assert model.dtype == torch.bfloat16
+    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=48, do_sample=False)
+    answer = out[0, ids.shape[1] :].tolist()
+    assert answer[-1] == tok.convert_tokens_to_ids("<|im_end|>"), tok.decode(answer)
+    assert "Paris" in tok.decode(answer)
+
+
 # --------------------------------------------------------------------------------------------
 # bad input (fast)
 

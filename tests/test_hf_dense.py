@@ -3,6 +3,7 @@ converter users run (``import_hf`` / ``export_hf``), round trips, sharding, and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -163,14 +164,61 @@ def test_import_writes_native_checkpoint_with_tokenizer(tmp_path):
     assert (_our_logits(model, ids) - _hf_logits(hf_dir, ids)).abs().max() <= TOL
 
 
-def test_mistral_sliding_window_caps_context(tmp_path):
-    hf = _hf_model("mistral", False, sliding_window=32)
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [
+        ("mistral", {}),
+        ("qwen2", {"use_sliding_window": True, "max_window_layers": 0}),
+        ("qwen3", {"use_sliding_window": True, "max_window_layers": 0}),
+    ],
+)
+def test_sliding_window_matches_transformers_past_the_window(tmp_path, model_type, overrides):
+    """A window of 16 on 100 tokens: ours masks like transformers (full forward, the KV cache in
+    generation, and the export back), so logits agree far past the window."""
+    hf = _hf_model(model_type, False, sliding_window=16, **overrides)
     hf_dir = _save_hf(hf, tmp_path / "hf")
-    with pytest.warns(UserWarning, match="sliding_window=32"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ours = import_hf(hf_dir)
-    assert ours.cfg.max_seq_len == 32
-    ids = _ids(32)  # within the window, sliding and full attention agree
-    assert (_our_logits(ours, ids) - _hf_logits(hf_dir, ids, "eager")).abs().max() <= TOL
+    assert ours.cfg.sliding_window == 16 and ours.cfg.max_seq_len == 128
+    ids = _ids(100)
+    logits = _our_logits(ours, ids)
+    for attn in ("eager", "sdpa"):
+        diff = (logits - _hf_logits(hf_dir, ids, attn)).abs().max().item()
+        assert diff <= TOL, f"{model_type} {attn}: max |diff| {diff:.2e}"
+    full = Transformer(dataclasses.replace(ours.cfg, sliding_window=None))
+    full.load_state_dict(ours.state_dict())
+    assert (_our_logits(full, ids) - logits).abs().max() > 100 * TOL  # the window matters
+
+    hf.generation_config.eos_token_id = None
+    prompt = ids[:1, :10]
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=30), theirs)
+
+    back = export_hf(ours, tmp_path / "back", fmt=model_type)
+    diff = (logits - _hf_logits(back, ids)).abs().max().item()
+    assert diff <= TOL, f"{model_type} export: max |diff| {diff:.2e}"
+    assert import_hf(back).cfg == ours.cfg
+    auto = export_hf(ours, tmp_path / "auto")
+    assert json.loads((auto / "config.json").read_text())["model_type"] == model_type
+    if model_type != "qwen3":  # (qwen3 is refused by llama for its q/k norms first)
+        with pytest.raises(NexusError, match="sliding window of 16.*--format mistral"):
+            export_hf(ours, tmp_path / "llama", fmt="llama")
+
+
+def test_window_on_some_layers_only_is_refused(tmp_path):
+    hf = _hf_model("qwen2", False, sliding_window=16, use_sliding_window=True, max_window_layers=1)
+    with pytest.raises(NexusError, match=r"sliding-window attention on layers \[1\] only"):
+        import_hf(_save_hf(hf, tmp_path / "hf"))
+
+
+def test_longer_input_than_max_seq_len_is_an_error():
+    ours = _tiny_ours()
+    with pytest.raises(NexusError, match="129 tokens exceed the model's max_seq_len=128"):
+        ours(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(NexusError, match="max_seq_len=128"):
+        ours.generate(torch.zeros(1, 120, dtype=torch.long), max_new_tokens=20)
 
 
 def test_qwen2_unused_sliding_window_is_ignored(tmp_path):
@@ -366,3 +414,93 @@ def test_corrupt_and_missing_files(llama_dir, tmp_path):
         import_hf(llama_dir)
     with pytest.raises(NexusError, match="not found"):
         import_hf(tmp_path / "nowhere")
+
+
+# Text whose split depends on the pre-tokenizer: digit runs, newlines, spaces, punctuation.
+TOKENIZER_TEXT = "x = 12345 + 678\n\n  def f(a):\n\treturn a*2  # ok?\nCafé 2024-01-02!"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "overrides"),
+    [
+        ("llama", {}),
+        ("mistral", {}),
+        ("qwen2", {}),
+        ("qwen3", {"qk_norm": True}),
+        ("qwen2_moe", {"moe": True}),
+        ("mixtral", {"moe": True}),
+    ],
+)
+def test_every_format_tokenizes_like_ours_under_autotokenizer(tmp_path, fmt, overrides):
+    """transformers picks a model-specific tokenizer class for some model types (Qwen2Tokenizer
+    for qwen2, which splits digits and newlines its own way); the export makes AutoTokenizer
+    load our tokenizer.json unchanged, with a pad token."""
+    from tokenizers import Tokenizer
+
+    from nexus_moe.checkpoint import save_checkpoint
+    from nexus_moe.config import MoEConfig
+
+    texts = [TOKENIZER_TEXT * 3, "hello world 123\n\n 4567", "def g():\n    return 10"]
+    tokenizer = tiny_bpe_file(tmp_path / "tokenizer.json", texts * 20, 300)
+    if overrides.pop("moe", False):
+        moe = MoEConfig(num_experts=2, top_k=2, shared_expert=fmt == "qwen2_moe", renormalize=True)
+        overrides["moe"] = moe
+    ours = Transformer(tiny_config(vocab_size=300, **overrides))
+    ckpt = save_checkpoint(tmp_path / "ckpt", ours, tokenizer_path=tokenizer)
+    hf_dir = export_hf(ckpt, tmp_path / "hf", fmt=fmt)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    expected = Tokenizer.from_file(str(tokenizer)).encode(TOKENIZER_TEXT).ids
+    assert tok(TOKENIZER_TEXT)["input_ids"] == expected
+    trusting = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+    assert trusting(TOKENIZER_TEXT)["input_ids"] == expected
+    assert tok.decode(expected) == TOKENIZER_TEXT
+    assert tok.pad_token == "<|endoftext|>"
+    batch = tok(["a", TOKENIZER_TEXT], padding=True)
+    assert len(batch["input_ids"][0]) == len(batch["input_ids"][1])
+
+
+def test_hf_folder_import_keeps_chat_template_special_tokens_and_generation_config(tmp_path):
+    """A folder's tokenizer_config.json (chat template, bos/eos/pad) and generation_config.json
+    travel into the checkpoint, through a re-save, and out of the export to transformers."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from nexus_moe.checkpoint import save_checkpoint
+
+    tok = Tokenizer.from_file(str(_tokenizer_file(tmp_path / "tokenizer.json")))
+    tok.add_special_tokens([AddedToken("<|im_start|>"), AddedToken("<|im_end|>")])
+    hf_dir = _save_hf(_hf_model("llama", False), tmp_path / "hf")
+    tok.save(str(hf_dir / "tokenizer.json"))
+    im_end = tok.token_to_id("<|im_end|>")
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",  # a model-specific class: replaced on export
+        "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|im_end|>", "special": True},
+        "chat_template": template,
+    }
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (hf_dir / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [im_end, 0], "temperature": 0.7, "do_sample": True})
+    )
+    ckpt = import_hf(hf_dir, tmp_path / "ckpt")
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert (ckpt / name).read_bytes() == (hf_dir / name).read_bytes(), name
+    model, _ = load_checkpoint(ckpt)
+    again = save_checkpoint(tmp_path / "again", model, tokenizer_path=ckpt / "tokenizer.json")
+    assert (again / "tokenizer_config.json").is_file()
+
+    out = export_hf(again, tmp_path / "out")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.eos_token, hf_tok.eos_token_id) == ("<|im_end|>", im_end)
+    assert hf_tok.pad_token == "<|im_end|>" and hf_tok.bos_token == "<|im_start|>"
+    chat = [{"role": "user", "content": "hello"}]
+    text = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == [im_end, 0] and generation.temperature == 0.7
+    assert generation.pad_token_id == im_end
+    doc = json.loads((out / "config.json").read_text())
+    assert (doc["eos_token_id"], doc["pad_token_id"]) == (im_end, im_end)

@@ -1,4 +1,4 @@
-"""Hugging Face interop for MoE models (qwen2_moe, mixtral): native -> HF -> native round trips,
+"""Hugging Face interop for MoE models (qwen2_moe, qwen3_moe, mixtral): native -> HF -> native round trips,
 logits and greedy-generation parity with ``transformers`` through the production converter, and
 what cannot be expressed."""
 
@@ -113,6 +113,15 @@ def _assert_same_weights(expected: Transformer, actual: Transformer) -> None:
         ("mixtral", dict(shared_expert=False, top_k=1, renormalize=True)),
         ("mixtral", dict(shared_expert=False, top_k=2, renormalize=True)),
         ("mixtral", dict(shared_expert=False, top_k=2, renormalize=True, head_dim=16)),
+        ("qwen3_moe", dict(shared_expert=False, top_k=2, qk_norm=True)),
+        (
+            "qwen3_moe",
+            dict(shared_expert=False, renormalize=True, qk_norm=True, moe_every=2, num_layers=3),
+        ),
+        (
+            "qwen3_moe",
+            dict(shared_expert=False, top_k=1, qk_norm=True, attention_bias=True, head_dim=16),
+        ),
     ],
 )
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the empty shared expert
@@ -183,6 +192,7 @@ def test_shared_expert_gate_is_zero_and_down_proj_doubled(tmp_path):
         ("qwen2_moe", dict(router="nexus", top_k=1)),
         ("mixtral", dict(router="linear", shared_expert=False, top_k=2, renormalize=True)),
         ("mixtral", dict(router="nexus", shared_expert=False, top_k=1, renormalize=True)),
+        ("qwen3_moe", dict(router="nexus", shared_expert=False, renormalize=True, qk_norm=True)),
     ],
 )
 def test_transformers_parity_on_text(tmp_path, fmt, settings):
@@ -236,6 +246,11 @@ def _hf_moe(model_type: str, **overrides):
             **overrides,
         )
         model = transformers.Qwen2MoeForCausalLM(config)
+    elif model_type == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, num_experts=4, moe_intermediate_size=48, head_dim=16, **overrides
+        )
+        model = transformers.Qwen3MoeForCausalLM(config)
     else:
         config = transformers.MixtralConfig(**common, num_local_experts=4, **overrides)
         model = transformers.MixtralForCausalLM(config)
@@ -245,21 +260,45 @@ def _hf_moe(model_type: str, **overrides):
     return model.eval()
 
 
-def test_import_transformers_qwen2_moe(tmp_path):
+def test_import_transformers_qwen2_moe_with_its_learned_shared_expert_gate(tmp_path):
+    """A transformers-made Qwen2-MoE (random, non-zero shared_expert_gate) imports with a learned
+    sigmoid gate on the shared expert: same logits, and it exports back unchanged."""
     hf = _hf_moe("qwen2_moe", norm_topk_prob=True, mlp_only_layers=[1])
-    hf.save_pretrained(tmp_path / "gated")
-    with pytest.raises(NexusError, match=r"'model\.layers\.0\.mlp\.shared_expert_gate\.weight'"):
-        import_hf(tmp_path / "gated")
-
-    with torch.no_grad():
-        hf.model.layers[0].mlp.shared_expert_gate.weight.zero_()  # a constant 1/2
+    assert hf.model.layers[0].mlp.shared_expert_gate.weight.abs().min() > 0
     hf.save_pretrained(tmp_path / "hf")
     ours = import_hf(tmp_path / "hf")
     moe = ours.cfg.moe
     assert (moe.num_experts, moe.top_k, moe.renormalize, moe.shared_expert) == (4, 2, True, True)
+    assert moe.shared_expert_gate
     assert ours.cfg.expert_intermediate_size == 48 and ours.cfg.attention_bias
     assert [ours.cfg.is_moe_layer(i) for i in range(2)] == [True, False]
-    assert _max_diff(ours, hf, _ids()) <= TOL
+    ids = _ids()
+    assert _max_diff(ours, hf, ids) <= TOL
+    with torch.no_grad():  # the gate matters: without it the logits differ
+        gate = ours.model.layers[0].mlp.shared_expert_gate
+        ours.model.layers[0].mlp.shared_expert_gate = None
+        assert _max_diff(ours, hf, ids) > 100 * TOL
+        ours.model.layers[0].mlp.shared_expert_gate = gate
+
+    back_dir = export_hf(ours, tmp_path / "back", fmt="qwen2_moe")
+    exported = load_file(back_dir / "model.safetensors")
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    for name in ("shared_expert_gate.weight", "shared_expert.down_proj.weight"):
+        name = f"model.layers.0.mlp.{name}"
+        assert torch.equal(exported[name], original[name]), name
+    assert _max_diff(ours, _load_hf(back_dir), ids) <= TOL
+    _assert_same_weights(ours, import_hf(back_dir))
+
+
+def test_always_on_shared_expert_exports_with_a_zero_gate_and_refuses_an_edited_one(tmp_path):
+    ours = _moe_model(top_k=1)
+    hf_dir = export_hf(ours, tmp_path / "hf", fmt="qwen2_moe")
+    assert not import_hf(hf_dir).cfg.moe.shared_expert_gate
+    weights = load_file(hf_dir / "model.safetensors")
+    weights["model.layers.0.mlp.shared_expert_gate.weight"] += 0.1
+    save_file(weights, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NexusError, match=r"shared_expert_gate\.weight' is non-zero.*'nexus_moe'"):
+        import_hf(hf_dir)
 
 
 def test_import_transformers_mixtral(tmp_path):
@@ -267,6 +306,23 @@ def test_import_transformers_mixtral(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     ours = import_hf(tmp_path / "hf")
     assert ours.cfg.tie_embeddings and ours.cfg.moe.renormalize and ours.cfg.moe.top_k == 2
+    assert _max_diff(ours, hf, _ids()) <= TOL
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_import_transformers_qwen3_moe(tmp_path, renormalize):
+    hf = _hf_moe("qwen3_moe", norm_topk_prob=renormalize, mlp_only_layers=[1])
+    hf.save_pretrained(tmp_path / "hf")
+    ours = import_hf(tmp_path / "hf")
+    moe = ours.cfg.moe
+    assert (moe.num_experts, moe.top_k, moe.renormalize, moe.shared_expert) == (
+        4,
+        2,
+        renormalize,
+        False,
+    )
+    assert ours.cfg.qk_norm and ours.cfg.head_dim == 16 and ours.cfg.expert_intermediate_size == 48
+    assert [ours.cfg.is_moe_layer(i) for i in range(2)] == [True, False]
     assert _max_diff(ours, hf, _ids()) <= TOL
 
 
@@ -304,7 +360,7 @@ def test_ac_router_is_refused(tmp_path):
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_mixtral_refuses_unnormalised_gates(tmp_path, top_k):
     ours = _moe_model(shared_expert=False, top_k=top_k, renormalize=False)
-    with pytest.raises(NexusError, match="renormalize=false.*fmt='qwen2_moe'"):
+    with pytest.raises(NexusError, match="renormalize=false.*--format qwen2_moe"):
         export_hf(ours, tmp_path / "hf", fmt="mixtral")
     assert not any(tmp_path.iterdir())
     export_hf(ours, tmp_path / "auto")  # auto picks qwen2_moe, which keeps g_i = p_i
@@ -334,8 +390,40 @@ def test_mixtral_refuses_shared_expert_bias_and_dense_blocks(tmp_path):
 def test_auto_format(tmp_path):
     export_hf(_moe_model(shared_expert=False, renormalize=True), tmp_path / "a")
     export_hf(_moe_model(), tmp_path / "b")
-    kinds = [json.loads((tmp_path / n / "config.json").read_text())["model_type"] for n in "ab"]
-    assert kinds == ["mixtral", "qwen2_moe"]
+    export_hf(_moe_model(shared_expert=False, qk_norm=True), tmp_path / "c")
+    kinds = [json.loads((tmp_path / n / "config.json").read_text())["model_type"] for n in "abc"]
+    assert kinds == ["mixtral", "qwen2_moe", "qwen3_moe"]
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["norm_topk_prob"] is False
+
+
+def test_qwen3_seed_with_a_shared_expert_is_refused_naming_the_alternatives(tmp_path):
+    ours = _moe_model(qk_norm=True, renormalize=True)
+    for fmt in ("qwen3_moe", "qwen2_moe", "mixtral", "auto"):
+        with pytest.raises(
+            NexusError,
+            match=r"no Hugging Face MoE format holds both.*"
+            r"--set shared_expert=false.*--format qwen3_moe",
+        ):
+            export_hf(ours, tmp_path / fmt, fmt=fmt)
+    with pytest.raises(NexusError, match="qk_norm=false.*--format mixtral or qwen2_moe"):
+        export_hf(_moe_model(shared_expert=False), tmp_path / "x", fmt="qwen3_moe")
+    assert not any(tmp_path.iterdir())
+
+
+def test_qwen2_moe_without_a_shared_expert_is_refused_when_mixtral_fits(tmp_path):
+    ours = _moe_model(shared_expert=False, renormalize=True)
+    with pytest.raises(NexusError, match="no shared expert.*zero-width.*--format mixtral"):
+        export_hf(ours, tmp_path / "hf", fmt="qwen2_moe")
+    assert not any(tmp_path.iterdir())
+
+
+def test_context_routing_is_refused_naming_the_fix(tmp_path):
+    ours = _moe_model(shared_expert=False, renormalize=True)
+    ours.cfg.moe.router_context = 0.5
+    for fmt in ("mixtral", "qwen2_moe", "auto"):
+        with pytest.raises(NexusError, match=r"router_context=0\.5.*--set router_context=0"):
+            export_hf(ours, tmp_path / fmt, fmt=fmt)
+    assert not any(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,6 +596,11 @@ def test_direct_upcycle_refuses_bad_hf_inputs(tmp_path):
             "moe-linear", hf[0], hf[1:], tmp_path / "out", domains=["a"],
             moe_overrides={"router": "ac", "ac_base": "linear"}, out_format="qwen2_moe",
         )  # fmt: skip
+    with pytest.raises(NexusError, match="shared_expert_gate comes from importing"):
+        upcycle(
+            "moe-linear", hf[0], hf[1:], tmp_path / "out", domains=["a"],
+            moe_overrides={"shared_expert_gate": True}, out_format="qwen2_moe",
+        )  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 
@@ -517,3 +610,48 @@ def test_direct_upcycle_names_an_unknown_format(tmp_path):
     hf = _dense_hf_inputs(tmp_path, ["seed", "a"])
     with pytest.raises(NexusError, match="output format 'qwen2moe' is unknown.*qwen2_moe"):
         upcycle("moe-linear", hf[0], hf[1:], tmp_path / "o", domains=["a"], out_format="qwen2moe")
+
+
+def test_cli_export_and_upcycle_write_bf16_shards_with_an_index(tmp_path):
+    """--dtype and --max-shard-size on `export` and `upcycle --format`; auto says its choice."""
+    ours = _moe_model(shared_expert=False, renormalize=True)
+    tokenizer = _tokenizer_file(tmp_path / "tokenizer.json")
+    ckpt = save_checkpoint(tmp_path / "ckpt", ours, tokenizer_path=tokenizer)
+    cli = [sys.executable, "-m", "nexus_moe.cli"]
+    out = tmp_path / "hf"
+    args = ["export", str(ckpt), "--out", str(out), "--dtype", "bf16", "--max-shard-size", "40KB"]
+    result = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "--format auto chose mixtral" in " ".join(result.stdout.split())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.dtype == torch.bfloat16
+    back = import_hf(out)  # every weight is ours rounded to bf16, nothing else
+    for name, tensor in model_state_dict(back).items():
+        assert torch.equal(tensor, model_state_dict(ours)[name].to(torch.bfloat16).float()), name
+
+    hf_in = _dense_hf_inputs(tmp_path, ["seed", "a", "b"])
+    direct = tmp_path / "direct"
+    args = ["upcycle", "--method", "btx", "--seed", str(hf_in[0]), "--out", str(direct)]
+    args += ["--expert", str(hf_in[1]), "--expert", str(hf_in[2]), "--domains", "a,b"]
+    args += ["--format", "mixtral", "--dtype", "fp16", "--max-shard-size", "30KB"]
+    result = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (direct / "model.safetensors.index.json").is_file()
+    weights = {}
+    for shard in direct.glob("*.safetensors"):
+        weights.update(load_file(shard))
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+
+    args = ["upcycle", "--method", "btx", "--seed", str(hf_in[0]), "--out", str(tmp_path / "n")]
+    args += ["--expert", str(hf_in[1]), "--domains", "a", "--dtype", "bf16"]
+    result = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--dtype and --max-shard-size apply to a Hugging" in (
+        " ".join(result.stderr.split())
+    )
+    bad = ["export", str(ckpt), "--out", str(tmp_path / "x"), "--max-shard-size", "lots"]
+    result = subprocess.run([*cli, *bad], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--max-shard-size 'lots'" in result.stderr

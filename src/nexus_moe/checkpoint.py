@@ -4,7 +4,10 @@ Layout of a checkpoint directory::
 
     config.json          {"format": "nexus-moe", "model": ModelConfig, "metadata": {...}}
     model.safetensors    weights (tied lm_head stored once, as the embedding)
-    tokenizer.json       the tokenizer the model was trained with (when known)
+    tokenizer.json       the tokenizer the model was trained with (when known), with the
+                         Hugging Face files that travel with it when the source had them:
+                         tokenizer_config.json (chat template, special tokens),
+                         chat_template.jinja, special_tokens_map.json, generation_config.json
     routing_stats.safetensors   MoE only, optional: the domain statistics its router rows were
                          calibrated from (``nexus_moe.calibrate``), used to place new experts
 
@@ -39,10 +42,12 @@ from nexus_moe.safetensors_io import (
 __all__ = [
     "CONFIG_FILE",
     "FORMAT",
+    "TOKENIZER_COMPANIONS",
     "TOKENIZER_FILE",
     "WEIGHTS_FILE",
     "check_tensor_table",
     "checkpoint_tokenizer",
+    "copy_tokenizer",
     "find_tokenizer",
     "load_checkpoint",
     "load_config",
@@ -61,6 +66,14 @@ __all__ = [
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+# Files that describe how a tokenizer.json is used (chat template, bos/eos/pad, generation
+# defaults); wherever a tokenizer.json is copied, those beside it go with it.
+TOKENIZER_COMPANIONS = (
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 FORMAT = "nexus-moe"
 
 
@@ -91,7 +104,7 @@ def save_checkpoint(
             tmp / CONFIG_FILE, _config_doc(model.cfg, metadata, file_sha256(tmp / WEIGHTS_FILE))
         )
         if tokenizer_path is not None:
-            shutil.copyfile(find_tokenizer(tokenizer_path), tmp / TOKENIZER_FILE)
+            copy_tokenizer(find_tokenizer(tokenizer_path), tmp)
         stats = [layer.domain_stats for layer in model.moe_layers()]
         if stats and all(s is not None for s in stats):
             save_file(stats_to_tensors(stats), str(tmp / STATS_FILE))
@@ -120,7 +133,7 @@ def write_checkpoint(
         write_safetensors(tmp / WEIGHTS_FILE, storage_order(specs), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, _config_doc(cfg, metadata, file_sha256(tmp / WEIGHTS_FILE)))
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            copy_tokenizer(tokenizer, tmp)
         if finish is not None:
             finish(tmp)
             doc = _config_doc(cfg, metadata, file_sha256(tmp / WEIGHTS_FILE))
@@ -192,6 +205,16 @@ def checkpoint_tokenizer(ckpt_dir: str | Path) -> Path:
             "trained with into the checkpoint folder"
         )
     return path
+
+
+def copy_tokenizer(tokenizer_file: Path, folder: Path) -> None:
+    """Copy ``tokenizer_file`` as ``folder/tokenizer.json``, with the
+    :data:`TOKENIZER_COMPANIONS` that lie beside it."""
+    shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
+    for name in TOKENIZER_COMPANIONS:
+        companion = tokenizer_file.parent / name
+        if companion.is_file():
+            shutil.copyfile(companion, folder / name)
 
 
 def find_tokenizer(path: str | Path) -> Path:

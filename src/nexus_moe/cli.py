@@ -29,7 +29,7 @@ from nexus_moe.config import (
 )
 from nexus_moe.corpus import DEFAULT_MAX_MB_PER_DOMAIN, DEFAULT_VAL_FRACTION, load_manifest
 from nexus_moe.errors import NexusError
-from nexus_moe.hf.formats import ExportFormat, UpcycleFormat
+from nexus_moe.hf.formats import ExportDtype, ExportFormat, UpcycleFormat
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
@@ -53,6 +53,20 @@ DeviceOpt = Annotated[
     str,
     typer.Option(
         "--device", help=f"Where to run: {DEVICE_CHOICES}; auto: CUDA when available, else CPU."
+    ),
+]
+DtypeOpt = Annotated[
+    ExportDtype | None,
+    typer.Option(
+        "--dtype", help="dtype of the exported weights (default: the model's, float32 here)."
+    ),
+]
+MaxShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-shard-size",
+        help="Largest safetensors file, e.g. 2GB, 500MB (default 2GiB); larger models are "
+        "sharded with a model.safetensors.index.json.",
     ),
 ]
 OverwriteOpt = Annotated[
@@ -575,7 +589,8 @@ def upcycle(
         typer.Option(
             "--format",
             help="native: our checkpoint; else the Hugging Face format written directly (auto: "
-            "mixtral when it can express the MoE, else qwen2_moe; btm: a dense one).",
+            "qwen3_moe for a Qwen3 seed, mixtral when it can express the MoE, else qwen2_moe; "
+            "btm: a dense one).",
         ),
     ] = UpcycleFormat.native,
     corpus: Annotated[
@@ -597,6 +612,8 @@ def upcycle(
     calibration_tokens: Annotated[
         int, typer.Option(help="Training tokens per domain used to calibrate the router.")
     ] = DEFAULT_CALIBRATION_TOKENS,
+    dtype: DtypeOpt = None,
+    max_shard_size: MaxShardOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Build an MoE from a seed and dense experts (docs/design.md §5); --set overrides MoEConfig fields.
@@ -605,6 +622,7 @@ def upcycle(
     is a Hugging Face folder, written in one pass without intermediate checkpoints.
     """
     from nexus_moe.embed import DomainEmbeddings
+    from nexus_moe.hf.formats import parse_size
     from nexus_moe.pipeline import resolve_model_dir
     from nexus_moe.upcycle import upcycle as run_upcycle
 
@@ -626,6 +644,8 @@ def upcycle(
         corpus=corpus,
         calibrate=calibrate,
         calibration_tokens=calibration_tokens,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
     )
     _check_out(out, [seed_dir, *expert_dirs, embeddings, corpus])
     result = run_upcycle(
@@ -643,8 +663,10 @@ def upcycle(
         calibration_shards=_calibration_shards(corpus, seed_dir),
         calibration_tokens=calibration_tokens,
         calibrate_router=calibrate,
+        out_dtype=dtype,
+        max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
     )
-    console.print(f"{method} model written to {result}")
+    console.print(f"{method} model written to {result}{_chosen_format(fmt, result)}")
 
 
 def _calibration_shards(corpus: Path | None, model_dir: Path):
@@ -826,21 +848,41 @@ def export(
         ExportFormat,
         typer.Option(
             "--format",
-            help="auto: mixtral when it can express the MoE, else qwen2_moe; llama (qwen3 with "
-            "qk_norm) for a dense model.",
+            help="auto: qwen3_moe with q/k norms, mixtral when it can express the MoE, else "
+            "qwen2_moe; llama (qwen3 with q/k norms, mistral/qwen2 with a sliding window) for "
+            "a dense model.",
         ),
     ] = ExportFormat.auto,
+    dtype: DtypeOpt = None,
+    max_shard_size: MaxShardOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write a transformers checkpoint (config, sharded safetensors, tokenizer, model card)."""
+    """Write a transformers checkpoint (config, sharded safetensors, tokenizer, chat template,
+    generation config, model card)."""
     from nexus_moe.hf import export_hf
+    from nexus_moe.hf.formats import parse_size
+    from nexus_moe.hf.writer import DEFAULT_MAX_SHARD_SIZE
     from nexus_moe.pipeline import resolve_model_dir
 
     ckpt = resolve_model_dir(checkpoint)
-    _claim("export", overwrite, checkpoint=ckpt, fmt=format_)
+    shard_size = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD_SIZE
+    _claim(
+        "export", overwrite, checkpoint=ckpt, fmt=format_, dtype=dtype, max_shard_size=shard_size
+    )
     _check_out(out, [ckpt])
-    export_hf(ckpt, out, fmt=format_)
-    console.print(f"{format_} export written to {out}")
+    export_hf(ckpt, out, fmt=format_, dtype=dtype, max_shard_size=shard_size)
+    console.print(f"{format_} export written to {out}{_chosen_format(format_, out)}")
+
+
+def _chosen_format(fmt: str, out: Path) -> str:
+    """`` (auto chose mixtral)`` after --format auto wrote a Hugging Face folder, else ""."""
+    from nexus_moe.hf.formats import AUTO
+    from nexus_moe.io_utils import read_json
+
+    config = out / "config.json"
+    if fmt != AUTO or not config.is_file():
+        return ""
+    return f" (--format auto chose {read_json(config).get('model_type')})"
 
 
 @app.command()

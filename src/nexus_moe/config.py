@@ -81,6 +81,9 @@ class MoEConfig:
     num_experts: int = 4  # routed experts, one per domain for btx / moe-linear / nexus
     top_k: int = 1  # Nexus default: top-1 + shared expert; BTX: top-2, no shared expert
     shared_expert: bool = True  # the seed's FFN, always active (moe-linear / nexus)
+    # Scale the shared expert per token by a learned sigmoid(x . w_g) (Qwen2-MoE's
+    # shared_expert_gate); set by importing a Qwen2-MoE checkpoint, off otherwise.
+    shared_expert_gate: bool = False
     renormalize: bool = False  # gate = p_i (False) or p_i / sum_topk p (True)
     router: RouterType = RouterType.nexus
     ac_base: RouterType = (
@@ -114,6 +117,8 @@ class MoEConfig:
             raise NexusError(
                 f"moe.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}"
             )
+        if self.shared_expert_gate and not self.shared_expert:
+            raise NexusError("moe.shared_expert_gate=true needs a shared expert (shared_expert)")
         if not 0.0 <= self.router_context <= 1.0:
             raise NexusError(f"moe.router_context={self.router_context} must be in [0, 1]")
         if self.domains and len(self.domains) != self.num_experts:
@@ -146,6 +151,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
+    # Every block attends to the last `sliding_window` positions only (Mistral/Qwen2 sliding
+    # window attention, the query's own position included); None: the whole causal prefix.
+    sliding_window: int | None = None
     init_std: float = 0.02
     moe: MoEConfig | None = None
 
@@ -156,6 +164,8 @@ class ModelConfig:
             raise NexusError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise NexusError(f"sliding_window={self.sliding_window} must be at least 1 (or null)")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise NexusError("hidden_size must be divisible by num_heads (or set head_dim)")

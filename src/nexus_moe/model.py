@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nexus_moe.config import ModelConfig
+from nexus_moe.errors import NexusError
 from nexus_moe.moe import MoELayer, RoutingInfo, SwiGLU
 from nexus_moe.routers.base import normal_init_
 
@@ -98,6 +99,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.window = cfg.sliding_window
 
     def forward(
         self,
@@ -122,11 +124,14 @@ class Attention(nn.Module):
                 past = past_k.shape[2]
                 k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
             cache.keys[layer], cache.values[layer] = k, v
-        if past == 0:
+        window = self.window if self.window is not None and past + seq > self.window else None
+        if past == 0 and window is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # queries at positions past..past+T-1 see keys 0..past+T-1
             total = past + seq
             mask = torch.ones(seq, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            if window is not None:  # ... and only the last `window` of them
+                mask = mask.triu(diagonal=past - window + 1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
@@ -260,6 +265,11 @@ class Transformer(nn.Module):
             if not cache.keys:
                 cache.keys = [None] * self.cfg.num_layers
                 cache.values = [None] * self.cfg.num_layers
+        if start + seq > self.cfg.max_seq_len:
+            raise NexusError(
+                f"{start + seq} tokens exceed the model's max_seq_len={self.cfg.max_seq_len}; "
+                "use a shorter seq_len (or prompt plus new tokens)"
+            )
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         positions = torch.arange(start, start + seq, device=input_ids.device)
         cos, sin = self.rotary(positions, x.dtype)  # (T, head_dim)

@@ -338,6 +338,10 @@ class MoELayer(nn.Module):
         self.router: Router = build_router(cfg, hidden_size)
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, expert_intermediate_size)
         self.shared_expert = SwiGLU(hidden_size, intermediate_size) if cfg.shared_expert else None
+        # Qwen2-MoE: the shared expert's output scaled per token by sigmoid(x . w_g).
+        self.shared_expert_gate = (
+            nn.Linear(hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+        )
         # Tokens routed to each expert (top-k assignments), accumulated in training only.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
         # Optional (E,) bool: False experts get no tokens (logit -inf), e.g. to check that adding
@@ -467,7 +471,10 @@ class MoELayer(nn.Module):
                 y = expert_out.new_zeros(num_tokens, expert_out.shape[1], dtype=torch.float32)
                 y = y.index_add_(0, token_of_pair, scaled).to(expert_out.dtype)
         if self.shared_expert is not None:
-            y = y + self.shared_expert(x_flat)
+            shared = self.shared_expert(x_flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x_flat)) * shared
+            y = y + shared
 
         if self.training:
             with torch.no_grad():

@@ -75,10 +75,13 @@ ARCHITECTURE_FIELDS = (
     "tie_embeddings",
     "attention_bias",
     "qk_norm",
+    "sliding_window",
 )
 
 # MoEConfig fields that upcycling derives from its inputs; overriding them would contradict them.
 _DERIVED_FIELDS = ("num_experts", "domains", "embedder", "domain_embedding_dim")
+# Fields only an imported checkpoint sets (Qwen2-MoE's learned shared-expert gate).
+_IMPORT_ONLY_FIELDS = ("shared_expert_gate",)
 
 SEED_DOMAIN = "seed"  # domain name of the seed FFN when btx routes to it
 
@@ -103,6 +106,8 @@ def upcycle(
     calibration_shards: TokenShards | None = None,
     calibration_tokens: int = calibrate.DEFAULT_TOKENS_PER_DOMAIN,
     calibrate_router: bool | None = None,
+    out_dtype: str | None = None,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Assemble dense checkpoints into ``out_dir`` with ``method`` (docs/design.md §5); returns ``out_dir``.
 
@@ -126,8 +131,10 @@ def upcycle(
       ``nexus-paper`` is the paper's configuration (top-1 + shared seed expert, random
       projection) and is never calibrated by default.
     * ``out_format``: ``native`` writes our checkpoint; a Hugging Face format (``auto``,
-      ``qwen2_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes that folder
-      directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in one pass.
+      ``qwen2_moe``, ``qwen3_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes
+      that folder directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in
+      one pass;
+      ``out_dtype`` (bf16, fp16, fp32) and ``max_shard_size`` apply to that folder only.
 
     Each input is a native checkpoint or a dense Hugging Face folder (Llama, Mistral, Qwen2,
     Qwen3; read in place, no import step). All inputs must be dense and share one architecture,
@@ -153,6 +160,11 @@ def upcycle(
     if btx_include_seed and method != Method.btx:
         raise NexusError(f"btx_include_seed applies to btx only, not {method.value}")
     _check_out_format(out_format)
+    if out_format == NATIVE and (out_dtype is not None or max_shard_size is not None):
+        raise NexusError(
+            "--dtype and --max-shard-size apply to a Hugging Face output; pass --format "
+            "(e.g. --format auto), or `nexus-moe export` the native checkpoint with them"
+        )
 
     calibrate_router = _check_calibration(method, calibrate_router, calibration_shards, out_format)
 
@@ -201,7 +213,12 @@ def upcycle(
         finish = functools.partial(
             _calibrate_in_place, shards=calibration_shards, num_tokens=calibration_tokens
         )
-    return _write_output(out_dir, out_format, cfg, specs, metadata, seed_in.tokenizer, finish)
+    hf_options = {"dtype": out_dtype}
+    if max_shard_size is not None:
+        hf_options["max_shard_size"] = max_shard_size
+    return _write_output(
+        out_dir, out_format, cfg, specs, metadata, seed_in.tokenizer, finish, hf_options
+    )
 
 
 def _check_out_format(out_format: str) -> None:
@@ -250,8 +267,10 @@ def _write_output(
     metadata: dict[str, Any],
     tokenizer: Path | None,
     finish: Callable[[Path], None] | None = None,
+    hf_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the planned tensors as a native checkpoint or, in one pass, a Hugging Face folder.
+    """Write the planned tensors as a native checkpoint or, in one pass, a Hugging Face folder
+    (``hf_options``: dtype and max_shard_size of :func:`nexus_moe.hf.export_streamed`).
 
     ``finish`` (native only) completes the written checkpoint before it is published, e.g. by
     calibrating its router rows.
@@ -268,6 +287,7 @@ def _write_output(
         fmt=out_format,
         metadata=metadata,
         tokenizer_path=tokenizer,
+        **(hf_options or {}),
     )
 
 
@@ -455,6 +475,12 @@ def moe_config(
         if name in overrides:
             raise NexusError(
                 f"moe.{name} is set by upcycling from its inputs and cannot be overridden"
+            )
+    for name in _IMPORT_ONLY_FIELDS:
+        if overrides.get(name):
+            raise NexusError(
+                f"moe.{name} comes from importing a Qwen2-MoE checkpoint; an upcycled MoE's "
+                "shared expert is the seed's FFN, always on (drop the setting)"
             )
     settings.update(overrides)
     settings.update(num_experts=num_routed, domains=domains)

@@ -12,11 +12,11 @@ One concern per module, imported downwards in this order:
   card of an export;
 * :mod:`~nexus_moe.hf.importing` and :mod:`~nexus_moe.hf.exporting`: the two directions.
 
-Both MoE formats score experts with a linear gate and take a float32 softmax over all routed
-experts before top-k, which is our MoE layer's math (docs/design.md §3): a linear router is
-exported as the gate, a Nexus router as its expert-embedding matrix ``E`` (``logits = x @ E^T``
-in both). Imports therefore always have a linear router. The adaptive-clustering router cannot
-be expressed. Nothing is unpickled; outputs are written to a temporary directory and renamed
+Every MoE format (qwen2_moe, qwen3_moe, mixtral) scores experts with a linear gate and takes a
+float32 softmax over all routed experts before top-k, which is our MoE layer's math
+(docs/design.md §3): a linear router is exported as the gate, a Nexus router as its
+expert-embedding matrix ``E`` (``logits = x @ E^T`` in both). Imports therefore always have a
+linear router. The adaptive-clustering router and context routing cannot be expressed. Nothing is unpickled; outputs are written to a temporary directory and renamed
 into place.
 """
 

@@ -62,7 +62,7 @@ def model_card(
         }.get(moe.router, moe.router.value)
         rows += [
             ("routed experts", f"{moe.num_experts}, top-{moe.top_k} per token, gate = {gates}"),
-            ("shared expert", "yes (always on)" if moe.shared_expert else "no"),
+            ("shared expert", _shared(moe)),
             ("router", router),
             ("MoE blocks", ", ".join(map(str, moe_blocks))),
         ]
@@ -82,7 +82,7 @@ def model_card(
                 shown = value if isinstance(value, str) else json.dumps(value)
             lines.append(f"- **{key}**: {shown}")
         lines.append("")
-    if fmt.model_type == "qwen2_moe" and moe is not None:
+    if fmt.model_type == "qwen2_moe" and moe is not None and not moe.shared_expert_gate:
         lines += [
             "## Format notes",
             "",
@@ -105,3 +105,9 @@ def model_card(
         lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{name}")')
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _shared(moe: Any) -> str:
+    if not moe.shared_expert:
+        return "no"
+    return "yes, gated per token by sigmoid(x . w)" if moe.shared_expert_gate else "yes (always on)"

@@ -18,7 +18,7 @@ import torch
 from nexus_moe import __version__
 from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.errors import NexusError
-from nexus_moe.hf.formats import DenseFormat, Format, MoEFormat
+from nexus_moe.hf.formats import FORMATS, DenseFormat, Format, MoEFormat
 from nexus_moe.io_utils import read_json
 
 CONFIG_FILE = "config.json"
@@ -97,16 +97,9 @@ def _dense_from_hf(
         head_dim = doc["hidden_size"] // heads
     max_positions = doc.get("max_position_embeddings") or fmt.default_max_positions
     notes: list[str] = []
-    window = _sliding_window(fmt, doc)
-    if window is not None and window < max_positions:
-        # Attention within the window equals full causal attention, so capping the context at
-        # the window is exact; beyond it the two would differ.
-        notes.append(
-            f"{where}: sliding_window={window} < max_position_embeddings={max_positions}; "
-            f"our model attends to the full context, so max_seq_len is capped at {window} "
-            "(exact up to that length)"
-        )
-        max_positions = window
+    window = _sliding_window(fmt, doc, where)
+    if window is not None and window >= max_positions:
+        window = None  # the window never cuts anything off: full causal attention
     if fmt.qkv_bias == "config":
         bias = bool(doc.get("attention_bias", False))
     else:
@@ -125,24 +118,42 @@ def _dense_from_hf(
         tie_embeddings=bool(doc.get("tie_word_embeddings", False)),
         attention_bias=bias,
         qk_norm=fmt.qk_norm,
+        sliding_window=window,
         init_std=float(doc.get("initializer_range", 0.02)),
     )
     return cfg, notes
 
 
-def _sliding_window(fmt: DenseFormat, doc: dict[str, Any]) -> int | None:
-    """The attention window some layer actually uses, or None for full attention."""
+def _sliding_window(fmt: DenseFormat, doc: dict[str, Any], where: str) -> int | None:
+    """The attention window every layer uses, or None for full attention; a window on some
+    layers only is refused (our blocks all attend alike)."""
     if fmt.sliding == "mistral":
-        return doc.get("sliding_window", fmt.default_sliding_window)
-    if fmt.sliding == "qwen" and doc.get("use_sliding_window", False):
+        window = doc.get("sliding_window", fmt.default_sliding_window)
+    elif fmt.sliding == "qwen" and doc.get("use_sliding_window", False):
         window = doc.get("sliding_window", 4096)
+        layers = doc["num_hidden_layers"]
         layer_types = doc.get("layer_types")
         if layer_types is not None:
-            return window if "sliding_attention" in layer_types else None
-        # Without layer_types, layers from max_window_layers on slide (transformers' rule).
-        first_sliding = doc.get("max_window_layers", 28)
-        return window if first_sliding < doc["num_hidden_layers"] else None
-    return None
+            sliding = [kind == "sliding_attention" for kind in layer_types]
+        else:  # transformers' rule: layers from max_window_layers on slide
+            first = _int_field(doc, "max_window_layers", 28, where)
+            sliding = [i >= first for i in range(layers)]
+        if not any(sliding):
+            return None
+        if not all(sliding):
+            raise NexusError(
+                f"{where}: sliding-window attention on layers "
+                f"{[i for i, s in enumerate(sliding) if s]} only (max_window_layers / "
+                "layer_types); nexus-moe's blocks attend alike, with the window on every layer "
+                "or on none"
+            )
+    else:
+        return None
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise NexusError(f"{where}: 'sliding_window' must be a positive integer, got {window!r}")
+    return window
 
 
 def _check_dense(fmt: DenseFormat, cfg: ModelConfig) -> None:
@@ -150,22 +161,32 @@ def _check_dense(fmt: DenseFormat, cfg: ModelConfig) -> None:
     if cfg.is_moe:
         raise NexusError(
             f"format '{fmt.model_type}' holds dense models only; this checkpoint is a MoE: "
-            "export it with fmt='qwen2_moe' or 'mixtral' (or fmt='auto')"
+            "export it with --format mixtral, qwen3_moe or qwen2_moe (or --format auto)"
         )
     if cfg.qk_norm and not fmt.qk_norm:
         raise NexusError(
             f"the model normalises q and k per head (qk_norm, Qwen3-style), which "
-            f"'{fmt.model_type}' cannot express; export with fmt='qwen3'"
+            f"'{fmt.model_type}' cannot express; export with --format qwen3"
         )
     if fmt.qk_norm and not cfg.qk_norm:
         raise NexusError(
             f"'{fmt.model_type}' always normalises q and k per head but this model does not "
-            "(qk_norm=false); export with fmt='llama' or 'qwen2'"
+            "(qk_norm=false); export with --format llama or qwen2"
         )
     if cfg.attention_bias and fmt.qkv_bias == "never":
         raise NexusError(
             f"the model has q/k/v biases, which '{fmt.model_type}' cannot express; "
-            "export with fmt='qwen2' or 'llama'"
+            "export with --format qwen2 or llama"
+        )
+    _check_window(fmt, cfg)
+
+
+def _check_window(fmt: DenseFormat, cfg: ModelConfig) -> None:
+    if cfg.sliding_window is not None and fmt.sliding == "none":
+        raise NexusError(
+            f"the model attends within a sliding window of {cfg.sliding_window} positions, "
+            f"which '{fmt.model_type}' cannot express; export with --format mistral, qwen2 or "
+            "qwen3 (MoE: mixtral, qwen2_moe, qwen3_moe)"
         )
 
 
@@ -207,13 +228,16 @@ def _dense_to_hf(
     }
     if fmt.qkv_bias == "config":
         doc["attention_bias"] = cfg.attention_bias
+    window = cfg.sliding_window
     if fmt.sliding == "mistral":
-        doc["sliding_window"] = None
+        doc["sliding_window"] = window
     elif fmt.sliding == "qwen":
-        doc["use_sliding_window"] = False
-        doc["sliding_window"] = None
-        doc["max_window_layers"] = cfg.num_layers
-        doc["layer_types"] = ["full_attention"] * cfg.num_layers
+        doc["use_sliding_window"] = window is not None
+        doc["sliding_window"] = window
+        # Layers from max_window_layers on slide (transformers 4.x); layer_types (5.x).
+        doc["max_window_layers"] = 0 if window is not None else cfg.num_layers
+        kind = "sliding_attention" if window is not None else "full_attention"
+        doc["layer_types"] = [kind] * cfg.num_layers
     doc.update(fmt.extra_config)
     return doc
 
@@ -229,7 +253,10 @@ def _moe_from_hf(
     where = f"{source}"
     base, notes = _dense_from_hf(fmt.dense, doc, source)
     layers = base.num_layers
-    num_experts = _int_field(doc, fmt.num_experts_key, fmt.default_num_experts, where)
+    key = fmt.num_experts_key
+    if key not in doc and fmt.num_experts_alias in doc:
+        key = fmt.num_experts_alias
+    num_experts = _int_field(doc, key, fmt.default_num_experts, where)
     top_k = _int_field(doc, "num_experts_per_tok", fmt.default_top_k, where)
     if fmt.sparse_layers == "all":
         sparse = list(range(layers)) if num_experts > 0 else []
@@ -275,6 +302,9 @@ def _moe_from_hf(
             num_experts=num_experts,
             top_k=top_k,
             shared_expert=shared_size > 0,
+            # A Qwen2-MoE shared expert is gated by a learned sigmoid; our own exports record
+            # (in the sidecar) when theirs is the always-on expert with an all-zero gate.
+            shared_expert_gate=shared_size > 0,
             renormalize=renormalize,
             router=RouterType.linear,
             moe_every=moe_every,
@@ -295,54 +325,85 @@ def _check_moe(fmt: MoEFormat, cfg: ModelConfig) -> None:
     if cfg.moe is None:
         raise NexusError(
             f"format '{name}' holds MoE models; this model is dense: export it with "
-            "fmt='llama', 'mistral', 'qwen2' or 'qwen3' (or fmt='auto')"
+            "--format llama, mistral, qwen2 or qwen3 (or --format auto)"
         )
     moe = cfg.moe
     if moe.router == RouterType.ac:
         raise NexusError(
             "the adaptive-clustering (AC) router rescales each token by statistics of the "
-            "previous MoE layer's routing; no Hugging Face MoE format (qwen2_moe, mixtral) "
-            "can express that, so an AC model cannot be exported"
+            "previous MoE layer's routing; no Hugging Face MoE format (qwen2_moe, qwen3_moe, "
+            "mixtral) can express that, so an AC model cannot be exported"
+        )
+    if moe.router_context > 0:
+        raise NexusError(
+            f"the router scores the causal mean of the layer's inputs "
+            f"(router_context={moe.router_context}), but Hugging Face MoE formats route each "
+            "token on its own hidden state, so this model cannot be exported exactly; upcycle "
+            "it again with `--set router_context=0` to make it exportable"
+        )
+    if cfg.qk_norm and moe.shared_expert:
+        raise NexusError(
+            "the model normalises q and k per head (qk_norm, a Qwen3 seed) and has a shared "
+            "expert; no Hugging Face MoE format holds both (qwen3_moe has no shared expert, "
+            "qwen2_moe and mixtral no q/k norms): upcycle with `--set shared_expert=false` and "
+            "export with --format qwen3_moe, or keep the nexus-moe checkpoint"
         )
     if cfg.qk_norm and not fmt.dense.qk_norm:
         raise NexusError(
-            f"the model normalises q and k per head (qk_norm), which '{name}' cannot express"
+            f"the model normalises q and k per head (qk_norm), which '{name}' cannot express; "
+            "export with --format qwen3_moe"
         )
     if fmt.dense.qk_norm and not cfg.qk_norm:
         raise NexusError(
-            f"'{name}' always normalises q and k per head but this model does not (qk_norm=false)"
+            f"'{name}' always normalises q and k per head but this model does not "
+            "(qk_norm=false); export with --format mixtral or qwen2_moe"
         )
     if cfg.attention_bias and fmt.dense.qkv_bias == "never":
         raise NexusError(
             f"the model has q/k/v biases, which '{name}' cannot express; export with "
-            "fmt='qwen2_moe'"
+            "--format qwen2_moe"
         )
     if moe.shared_expert and not fmt.has_shared_expert:
         raise NexusError(
             f"the model has a shared expert, which '{name}' cannot express; export with "
-            "fmt='qwen2_moe'"
+            "--format qwen2_moe"
         )
     if fmt.always_renormalize and not moe.renormalize:
         top1 = " (with top_k=1 its gate would be 1 instead of p_i)" if moe.top_k == 1 else ""
         raise NexusError(
             f"'{name}' always renormalises the top-k gates (g_i = p_i / sum_topk p){top1}, "
             "but this model uses g_i = p_i (renormalize=false); export with "
-            "fmt='qwen2_moe', which keeps norm_topk_prob=false"
+            "--format qwen2_moe, which keeps norm_topk_prob=false"
         )
     dense_layers = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
     if dense_layers and fmt.sparse_layers == "all":
         raise NexusError(
             f"'{name}' makes every block a MoE block, but this model's blocks "
             f"{dense_layers} are dense (moe_every={moe.moe_every}); export with "
-            "fmt='qwen2_moe', whose mlp_only_layers lists them"
+            "--format qwen2_moe, whose mlp_only_layers lists them"
         )
     if fmt.head_dim_from_hidden and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         # transformers 4.x and other runtimes of this format derive head_dim from hidden_size.
         raise NexusError(
             f"head_dim={cfg.head_dim} is not hidden_size / num_heads "
             f"({cfg.hidden_size} / {cfg.num_heads}), which '{name}' cannot express "
-            "portably; export with fmt='mixtral' if the model has no shared expert"
+            "portably; export with --format mixtral if the model has no shared expert"
         )
+    if fmt.has_shared_expert and not moe.shared_expert:
+        fits = [other for other in ("mixtral",) if _fits(other, cfg)]
+        if fits:
+            raise NexusError(
+                f"the model has no shared expert, which '{name}' would write as zero-width "
+                f"tensors; export with --format {fits[0]} (or --format auto)"
+            )
+
+
+def _fits(model_type: str, cfg: ModelConfig) -> bool:
+    try:
+        check_exportable(FORMATS[model_type], cfg)
+    except NexusError:
+        return False
+    return True
 
 
 def _moe_to_hf(
@@ -434,6 +495,7 @@ def _restore_from_sidecar(cfg: ModelConfig, doc: dict[str, Any], where: str) -> 
         return cfg
     if old.router == RouterType.linear:
         restored = dataclasses.replace(old, load_balance_weight=moe.load_balance_weight)
+        # (the recorded shared_expert_gate comes with it)
     else:  # the router became linear: keep only what still applies to it
         restored = dataclasses.replace(
             moe,
@@ -441,6 +503,7 @@ def _restore_from_sidecar(cfg: ModelConfig, doc: dict[str, Any], where: str) -> 
             domains=list(old.domains),
             z_loss_weight=old.z_loss_weight,
             router_init_std=old.router_init_std,
+            shared_expert_gate=old.shared_expert_gate,
         )
     return dataclasses.replace(
         cfg,

@@ -10,6 +10,7 @@ case in the mapping).
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,9 @@ class DenseFormat:
     extra_config: dict[str, Any] = field(default_factory=dict)  # static fields on export
     default_sliding_window: int | None = 4096  # "mistral" style: window when the key is absent
     default_rope_theta: float = 10000.0  # transformers' default when config.json names none
+    # transformers 5 loads its own tokenizer class for this model_type whatever
+    # tokenizer_config.json declares (Qwen2Tokenizer, which splits text its own way)
+    tokenizer_class_overridden: bool = False
 
     @property
     def dense(self) -> DenseFormat:
@@ -47,7 +51,7 @@ class DenseFormat:
 class MoEFormat:
     """A Hugging Face MoE ``model_type``: the dense sibling ``dense`` plus the MoE blocks.
 
-    Both formats here compute ``softmax(x @ gate^T)`` in float32 over all routed experts, take
+    Every format here computes ``softmax(x @ gate^T)`` in float32 over all routed experts, take
     the top-k and (optionally) renormalise, exactly as our MoE layer (docs/design.md §3).
     """
 
@@ -71,6 +75,8 @@ class MoEFormat:
     # runtimes derive head_dim from hidden_size / num_heads (transformers 4.x Qwen2-MoE)
     head_dim_from_hidden: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)  # static MoE fields on export
+    # another config.json key some transformers versions write for the number of experts
+    num_experts_alias: str | None = None
 
     @property
     def always_renormalize(self) -> bool:
@@ -115,6 +121,7 @@ DENSE_FORMATS: dict[str, DenseFormat] = {
         sliding="qwen",
         default_head_dim=None,
         default_max_positions=32768,
+        tokenizer_class_overridden=True,
     ),
     "qwen3": _dense(
         "qwen3",
@@ -155,6 +162,31 @@ MOE_FORMATS: dict[str, MoEFormat] = {
         qkv_bias_key="qkv_bias",
         head_dim_from_hidden=True,
     ),
+    "qwen3_moe": MoEFormat(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        dense=_dense(
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            qkv_bias="config",
+            o_proj_bias_follows_qkv=True,
+            qk_norm=True,
+            sliding="qwen",
+            default_head_dim=None,
+            default_max_positions=32768,
+        ),
+        moe_module="mlp",
+        expert_names=("gate_proj", "up_proj", "down_proj"),
+        has_shared_expert=False,
+        num_experts_key="num_experts",
+        default_num_experts=128,
+        default_top_k=8,
+        sparse_layers="mlp_only_layers",
+        expert_width_key="moe_intermediate_size",
+        default_expert_width=768,
+        renormalize_key="norm_topk_prob",
+        num_experts_alias="num_local_experts",  # transformers 5's save_pretrained
+    ),
     "mixtral": MoEFormat(
         "mixtral",
         "MixtralForCausalLM",
@@ -191,6 +223,31 @@ ExportFormat = enum.StrEnum("ExportFormat", {name: name for name in (AUTO, *FORM
 UpcycleFormat = enum.StrEnum("UpcycleFormat", {name: name for name in (NATIVE, AUTO, *FORMATS)})
 
 
+# `--dtype` of exported weights (default: the model's own dtype).
+ExportDtype = enum.StrEnum("ExportDtype", {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"})
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*((?:[KMGT]I?)?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
+    """Bytes of a size such as ``2GB``, ``500MB``, ``1GiB`` or ``1000000`` (for ``option``)."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE.match(text)
+        if match is None:
+            raise NexusError(
+                f"{option} {text!r}: expected a size such as 2GB, 500MB, 1GiB or a number of bytes"
+            )
+        number, unit = match.groups()
+        unit = unit.upper()
+        base = 1024 if "I" in unit else 1000
+        power = "BKMGT".index(unit[0]) if unit and unit[0] != "B" else 0
+        size = int(float(number) * base**power)
+    if size <= 0:
+        raise NexusError(f"{option} {text!r}: must be positive")
+    return size
+
+
 def format_for(model_type: Any, where: str) -> Format:
     """The format named ``model_type`` (from a config.json at ``where``, or an option)."""
     if model_type not in FORMATS:
@@ -203,10 +260,16 @@ def format_for(model_type: Any, where: str) -> Format:
 
 
 def auto_format(cfg: ModelConfig) -> str:
-    """The format ``fmt='auto'`` picks: the plainest one that expresses ``cfg`` exactly."""
+    """The format ``--format auto`` picks: the plainest one that expresses ``cfg`` exactly."""
     if cfg.moe is None:
-        return "qwen3" if cfg.qk_norm else "llama"
+        if cfg.qk_norm:
+            return "qwen3"
+        if cfg.sliding_window is not None:  # llama has no window
+            return "qwen2" if cfg.attention_bias else "mistral"
+        return "llama"
     moe = cfg.moe
+    if cfg.qk_norm:
+        return "qwen3_moe"  # the only MoE format with q/k norms (refuses a shared expert)
     mixtral_fits = (
         not moe.shared_expert
         and moe.renormalize
@@ -218,4 +281,4 @@ def auto_format(cfg: ModelConfig) -> str:
 
 def export_format(fmt: str, cfg: ModelConfig) -> Format:
     """The format to export ``cfg`` in for option ``fmt`` (a format name or ``auto``)."""
-    return format_for(auto_format(cfg) if fmt == AUTO else fmt, "export_hf(fmt=...)")
+    return format_for(auto_format(cfg) if fmt == AUTO else fmt, "--format")

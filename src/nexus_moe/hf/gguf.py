@@ -19,8 +19,10 @@ import torch
 
 from nexus_moe.checkpoint import TOKENIZER_FILE
 from nexus_moe.errors import NexusError
+from nexus_moe.io_utils import write_json
 from nexus_moe.safetensors_io import MemoryTensors
 
+GENERATION_CONFIG_FILE = "generation_config.json"
 _LOAD_ERRORS = (ValueError, OSError, KeyError, NotImplementedError)
 # transformers' GGUF reader fails this way on a file cut short after a valid magic
 _TRUNCATED_ERRORS = (struct.error, EOFError, IndexError, UnicodeDecodeError, OverflowError)
@@ -45,21 +47,30 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], MemoryTensors]:
     return hf_model.config.to_dict(), MemoryTensors(hf_model.state_dict(), path)
 
 
-def gguf_tokenizer(path: Path, tmp: Path) -> Path | None:
-    """The GGUF file's tokenizer, written as ``tmp/tokenizer.json`` (None, with a warning, if
-    transformers cannot turn it into a fast tokenizer)."""
+def gguf_tokenizer(path: Path, tmp: Path, doc: dict[str, Any]) -> Path | None:
+    """The GGUF file's tokenizer, written as ``tmp/tokenizer.json`` with its
+    ``tokenizer_config.json`` (special tokens), chat template and a ``generation_config.json``
+    holding the bos/eos/pad ids of config ``doc`` (None, with a warning, if transformers cannot
+    turn it into a fast tokenizer)."""
     transformers = _gguf_support(path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except _LOAD_ERRORS as exc:
         warnings.warn(f"{path}: tokenizer not imported ({exc})", stacklevel=3)
         return None
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
         warnings.warn(f"{path}: tokenizer has no tokenizer.json form; not imported", stacklevel=3)
         return None
+    tokenizer.save_pretrained(str(tmp))
     target = tmp / TOKENIZER_FILE
-    backend.save(str(target))
+    if not target.is_file():  # save_pretrained wrote another form: keep the backend's file
+        tokenizer.backend_tokenizer.save(str(target))
+    generation = {
+        key: doc[key]
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if doc.get(key) is not None
+    }
+    write_json(tmp / GENERATION_CONFIG_FILE, {"_from_model_config": True, **generation})
     return target
 
 

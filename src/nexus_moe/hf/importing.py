@@ -123,15 +123,16 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Transfor
     atomically, tensor by tensor without building the model, and ``out_dir`` is returned. A path
     to a ``.gguf`` file goes to :func:`import_gguf`.
 
-    MoE folders (``qwen2_moe``, ``mixtral``) import with a linear router whose weight is the HF
-    gate, so a Nexus model exported and imported again routes identically through a linear router.
-    A Qwen2-MoE shared expert is accepted only with an all-zero ``shared_expert_gate`` (what
-    :func:`export_hf` writes); its ``down_proj`` is then halved back.
+    MoE folders (``qwen2_moe``, ``qwen3_moe``, ``mixtral``) import with a linear router whose
+    weight is the HF gate, so a Nexus model exported and imported again routes identically
+    through a linear router. A Qwen2-MoE shared expert keeps its learned sigmoid gate
+    (``shared_expert_gate``), except in our own exports of an always-on shared expert (recorded
+    in config.json), whose all-zero gate is checked and whose ``down_proj`` is halved back.
 
     Raises NexusError for an unsupported architecture, RoPE scaling, a config.json that
     disagrees with the tensors (naming the first such tensor), pickled-only weights, and missing
-    or corrupt files. A sliding window shorter than the context is accepted with a warning:
-    ``max_seq_len`` is capped at the window, within which full attention is exact.
+    or corrupt files, and sliding-window attention on some layers only (a window on every layer
+    becomes ``sliding_window``).
     """
     hf_dir = Path(hf_dir)
     if hf_dir.suffix == ".gguf" and not hf_dir.is_dir():
@@ -161,7 +162,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Tra
     if out_dir is None:
         return build_model(model.cfg, model.tensors)
     with tempfile.TemporaryDirectory() as tmp:
-        model.tokenizer = gguf_tokenizer(path, Path(tmp))
+        model.tokenizer = gguf_tokenizer(path, Path(tmp), doc)
         return save_imported(model, Path(out_dir))
 
 

@@ -129,14 +129,16 @@ def _moe_block(
 def _qwen2_shared_expert(
     cfg: ModelConfig, mine: str, prefix: str, ours: dict[str, tuple[int, ...]]
 ) -> list[Rule]:
-    """Qwen2-MoE scales its shared expert by sigmoid(x . w). With w = 0 the scale is exactly
-    1/2, so down_proj is doubled (exact in floating point) and the block computes ours. Without
-    a shared expert the block gets an empty (width 0) one, which adds exactly nothing."""
+    """Qwen2-MoE scales its shared expert by sigmoid(x . w). A model with that learned gate
+    (``shared_expert_gate``, an imported Qwen2-MoE) maps one to one. Otherwise w = 0 makes the
+    scale exactly 1/2, so down_proj is doubled (exact in floating point) and the block computes
+    ours; without a shared expert the block gets an empty (width 0) one, which adds nothing."""
     assert cfg.moe is not None
     hidden = cfg.hidden_size
     shared = f"{prefix}.shared_expert"
+    learned = cfg.moe.shared_expert_gate
     rules = []
-    for name, scale in zip(_PROJECTIONS, (1, 1, 2), strict=True):
+    for name, scale in zip(_PROJECTIONS, (1, 1, 1 if learned else 2), strict=True):
         hf = f"{shared}.{name}.weight"
         if cfg.moe.shared_expert:
             mine_name = f"{mine}.shared_expert.{name}.weight"
@@ -144,12 +146,17 @@ def _qwen2_shared_expert(
         else:
             shape = (hidden, 0) if name == "down_proj" else (0, hidden)
             rules.append(Rule("zero", hf, shape, why="the shared expert is empty (width 0)"))
+    gate = f"{prefix}.shared_expert_gate.weight"
+    if learned:
+        mine_gate = f"{mine}.shared_expert_gate.weight"
+        rules.append(Rule("copy", gate, ours[mine_gate], ours=mine_gate))
+        return rules
     why = (
-        "Qwen2-MoE scales the shared expert by sigmoid(x . w) per token, which our model (an "
-        "always-on shared expert) cannot express; only an all-zero gate (a constant 1/2, as "
-        "nexus-moe exports write) can be imported"
+        "the checkpoint records (nexus_moe.model.moe.shared_expert_gate=false) an always-on "
+        "shared expert, exported with an all-zero gate (a constant 1/2); remove the "
+        "'nexus_moe' entry of config.json to import the gate as learned"
     )
-    rules.append(Rule("zero", f"{prefix}.shared_expert_gate.weight", (1, hidden), why=why))
+    rules.append(Rule("zero", gate, (1, hidden), why=why))
     return rules
 
 
