@@ -4,10 +4,12 @@ Extending appends a new dense expert (trained from the same seed, or brought by 
 
 1. its FFN becomes a new routed expert in every MoE layer;
 2. every other weight is merged ``phi = (1 - lambda) phi_moe + lambda phi_new``, ``lambda = 1/(n+1)``
-   (FFNs of dense blocks included; the shared expert and routers are left alone);
+   (FFNs of dense blocks included; the shared expert and routers are left alone); an expert
+   branched with only its FFNs trained is not merged (lambda 0: its other weights are the seed's);
 3. the router grows: Nexus appends the new domain embedding (its expert embedding comes from the
    trained projection, no new parameter), linear appends a random row or is re-initialised (the
-   paper's baseline), AC grows its base router.
+   paper's baseline), AC grows its base router. An MoE upcycled with a calibrated router and
+   given the new domain's text gets the new row placed from that text instead (§5.6).
 
 The extended checkpoint keeps an *undo record* (the pre-merge values of the merged weights), so
 ``remove_expert`` of the expert just added gives back the original model bit-exactly. Removing any
