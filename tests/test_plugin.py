@@ -19,7 +19,7 @@ from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.evaluate import EvalConfig
 from nexus_moe.extend import extend, remove_expert
 from nexus_moe.model import KVCache, Transformer
-from nexus_moe.pipeline import branch_expert, pretrain_seed, tokens_for
+from nexus_moe.pipeline import branch_expert, pretrain_seed, tokens_for, train_model
 from nexus_moe.train import FFN_PARAMETERS, TrainConfig
 from nexus_moe.upcycle import upcycle
 
@@ -278,3 +278,25 @@ def test_rows_are_discriminant_directions_scaled_by_the_fitted_temperature():
     tau = calibrate.fit_temperature(rows, xs)
     probs = torch.softmax(tau * torch.cat(xs).double() @ rows.t(), dim=-1)
     assert probs[:400, 0].mean() > 0.95 and probs[400:, 1].mean() > 0.95
+
+
+def test_training_refreshes_the_routing_statistics_and_keeps_the_rows(world, tmp_path):
+    """After MoE training the stored statistics describe the trained hidden states (new experts
+    are placed against the trained rows), computed as calibration computes them."""
+    moe_dir = _upcycled(world)
+    model, meta = load_checkpoint(moe_dir)
+    before = model.moe_layers()[0].domain_stats.centroids.clone()
+    cfg = TrainConfig(
+        steps=3, batch_size=4, seq_len=32, lr=3e-3, eval_tokens=128, checkpoint_every=0
+    )
+    final = train_model(
+        model, world["corpus"], moe_dir / "tokenizer.json", DOMAINS, cfg, tmp_path / "ft"
+    )
+    trained, _ = load_checkpoint(final)
+    after = trained.moe_layers()[0].domain_stats
+    assert not torch.allclose(after.centroids, before)
+    windows = [
+        calibrate.domain_windows(world["shards"], d, trained.cfg.max_seq_len, 8192) for d in DOMAINS
+    ]
+    expected = calibrate.domain_statistics(trained, windows)[0]
+    torch.testing.assert_close(after.centroids, expected.centroids, atol=1e-5, rtol=1e-5)

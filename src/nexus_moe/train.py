@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nexus_moe import calibrate
 from nexus_moe import distributed as dist_utils
 from nexus_moe.checkpoint import (
     WEIGHTS_FILE,
@@ -618,6 +619,9 @@ class Trainer:
         self._log({"step": self.step, "eval": scores})
         full = self._full_model_and_optimizer()  # every rank: a collective under FSDP
         if full is not None:
+            # An MoE with a calibrated router: describe the trained hidden states, against
+            # which experts added later are placed (docs/design.md §5.6).
+            calibrate.refresh_statistics(full[0], self.shards, device=self.device)
             self._write_checkpoint(full)
             save_checkpoint(
                 self.final_dir,
