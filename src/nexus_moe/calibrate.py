@@ -42,7 +42,6 @@ from nexus_moe.moe import MoELayer
 
 # File in a checkpoint directory that holds the statistics (see :func:`stats_to_tensors`).
 STATS_FILE = "routing_stats.safetensors"
-DEFAULT_TOKENS_PER_DOMAIN = DEFAULT_CALIBRATION_TOKENS
 CALIBRATION_SEQ_LEN = 128  # window length of the calibration text (capped by max_seq_len)
 DEFAULT_RIDGE = 0.05  # shrinkage of the pooled covariance towards its mean variance
 _TAU_GRID = torch.logspace(-3, 2.5, 56)  # candidate temperatures for the rows (unit vectors)
@@ -64,7 +63,6 @@ class LayerStats:
     temperature: float  # tau of the rows
 
 
-@torch.no_grad()
 def sample_windows(tokens: np.ndarray, seq_len: int, num_tokens: int) -> torch.Tensor:
     """(rows, seq_len) int64 windows spread evenly over ``tokens`` (about ``num_tokens``)."""
     rows = max(1, num_tokens // seq_len)
@@ -228,11 +226,9 @@ def new_expert_row(
     """
     centroid = new_inputs.double().mean(0)
     direction = directions(centroid[None], stats.center, stats.covariance, ridge)[0].float()
-    old = directions(stats.centroids, stats.center, stats.covariance, ridge).float()
-    # As trained, the rows may have grown or shrunk from tau * old: follow them.
-    ratio = current_rows.float().norm(dim=-1).mean() / old.norm(dim=-1).mean().clamp_min(1e-12)
     scale = NEW_ROW_SCALE if scale is None else scale
-    row = scale * ratio * direction
+    # A unit direction at the norm of the rows as trained (which may have moved from tau).
+    row = scale * current_rows.float().norm(dim=-1).mean() * direction
     grown = LayerStats(
         torch.cat([stats.centroids, centroid[None]]),
         stats.covariance,
@@ -289,7 +285,7 @@ def stats_from_tensors(tensors: dict[str, torch.Tensor], num_layers: int) -> lis
 def calibrate_model(
     model: Transformer,
     shards: TokenShards,
-    num_tokens: int = DEFAULT_TOKENS_PER_DOMAIN,
+    num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     ridge: float = DEFAULT_RIDGE,
     device: str | torch.device = "cpu",
 ) -> list[LayerStats]:
@@ -303,8 +299,7 @@ def calibrate_model(
             "router calibration needs the domain of every routed expert (moe.domains); "
             "name them with --domains"
         )
-    windows = [domain_windows(shards, d, model.cfg.max_seq_len, num_tokens) for d in moe.domains]
-    stats = domain_statistics(model, windows, ridge, device=device)
+    stats = _statistics_of_domains(model, shards, num_tokens, ridge, device)
     for layer, layer_stats in zip(model.moe_layers(), stats, strict=True):
         layer.router.set_rows(router_rows(layer_stats, ridge).to(device))
         layer.domain_stats = layer_stats
@@ -315,7 +310,7 @@ def calibrate_model(
 def refresh_statistics(
     model: Transformer,
     shards: TokenShards,
-    num_tokens: int = DEFAULT_TOKENS_PER_DOMAIN,
+    num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     ridge: float = DEFAULT_RIDGE,
     device: str | torch.device = "cpu",
 ) -> bool:
@@ -333,9 +328,22 @@ def refresh_statistics(
         return False
     if not moe.domains or any(d not in shards.domains for d in moe.domains):
         return False
-    windows = [domain_windows(shards, d, model.cfg.max_seq_len, num_tokens) for d in moe.domains]
-    for layer, layer_stats in zip(
-        layers, domain_statistics(model, windows, ridge, device=device), strict=True
-    ):
+    stats = _statistics_of_domains(model, shards, num_tokens, ridge, device)
+    for layer, layer_stats in zip(layers, stats, strict=True):
         layer.domain_stats = layer_stats
     return True
+
+
+def _statistics_of_domains(
+    model: Transformer,
+    shards: TokenShards,
+    num_tokens: int,
+    ridge: float,
+    device: str | torch.device,
+) -> list[LayerStats]:
+    """:func:`domain_statistics` of each expert's domain (``model.cfg.moe.domains``)."""
+    assert model.cfg.moe is not None
+    windows = [
+        domain_windows(shards, d, model.cfg.max_seq_len, num_tokens) for d in model.cfg.moe.domains
+    ]
+    return domain_statistics(model, windows, ridge, device=device)

@@ -105,9 +105,7 @@ def save_checkpoint(
         )
         if tokenizer_path is not None:
             copy_tokenizer(find_tokenizer(tokenizer_path), tmp)
-        stats = [layer.domain_stats for layer in model.moe_layers()]
-        if stats and all(s is not None for s in stats):
-            save_file(stats_to_tensors(stats), str(tmp / STATS_FILE))
+        write_routing_stats(model, tmp)
         for name, content in (extra_files or {}).items():
             _write_extra(tmp / name, content)
     return out_dir
@@ -313,6 +311,13 @@ def load_checkpoint(
     load_state_into(model, state, ckpt_dir / WEIGHTS_FILE)
     load_routing_stats(model, ckpt_dir)
     return model, metadata
+
+
+def write_routing_stats(model: Transformer, ckpt_dir: Path) -> None:
+    """Write ``ckpt_dir``'s routing statistics file when every MoE layer carries statistics."""
+    stats = [layer.domain_stats for layer in model.moe_layers()]
+    if stats and all(s is not None for s in stats):
+        save_file(stats_to_tensors(stats), str(ckpt_dir / STATS_FILE))
 
 
 def load_routing_stats(model: Transformer, ckpt_dir: Path) -> None:

@@ -30,7 +30,7 @@ from nexus_moe.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
-from nexus_moe.config import ModelConfig, MoEConfig, RouterType
+from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS, ModelConfig, MoEConfig, RouterType
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
@@ -110,6 +110,8 @@ def extend_model(
         )
     layers = moe.moe_layers()
     stats = [layer.domain_stats for layer in layers]
+    if calibration_windows is not None and reset_linear_router:
+        raise NexusError("--reset-router re-initialises every row; it cannot be calibrated")
     if calibration_windows is not None and any(s is None for s in stats):
         raise NexusError(
             "this MoE carries no routing statistics (it was not upcycled with a calibrated "
@@ -127,7 +129,6 @@ def extend_model(
 
     domains = list(cfg.moe.domains) or [f"expert{j}" for j in range(n)]
     grown_cfg = _grown_config(cfg.moe, n + 1, domains + [domain])
-    current_rows = [layer.router.expert_embeddings().detach().float().clone() for layer in layers]
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # a new linear-router row is random: make it reproducible
     try:
@@ -151,8 +152,9 @@ def extend_model(
         # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
         # MoE computes when it routes them there.
         inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
-        for layer, layer_stats, x, rows in zip(layers, stats, inputs, current_rows, strict=True):
-            row, layer.domain_stats = calibrate.new_expert_row(layer_stats, x, rows)
+        for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
+            earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
+            row, layer.domain_stats = calibrate.new_expert_row(layer_stats, x, earlier)
             layer.router.set_row(n, row)
     return moe, undo
 
@@ -191,7 +193,7 @@ def extend(
     merge_lambda: float | None = None,
     seed: int = 0,
     calibration_shards: TokenShards | None = None,
-    calibration_tokens: int = calibrate.DEFAULT_TOKENS_PER_DOMAIN,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
 ) -> Path:
     """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (docs/design.md §7).
 
@@ -246,8 +248,6 @@ def extend(
         merge_lambda = 0.0
     windows = None
     if calibration_shards is not None:
-        if reset_linear_router:
-            raise NexusError("--reset-router re-initialises every row; it cannot be calibrated")
         windows = calibrate.domain_windows(
             calibration_shards, domain, moe.cfg.max_seq_len, calibration_tokens
         )

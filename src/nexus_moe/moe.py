@@ -360,22 +360,20 @@ class MoELayer(nn.Module):
         cfg: MoEConfig,
         domain_embedding: torch.Tensor | None = None,
         reset_router: bool = False,
-        row: torch.Tensor | None = None,
-        domain_stats: Any = None,
     ) -> None:
         """Append a routed expert with these SwiGLU weights ((I, H), (I, H), (H, I)); its router
-        entry from ``domain_embedding`` / ``row`` (see Router.add_expert). ``cfg`` is the grown
-        config (one more expert), shared with the other layers; ``domain_stats`` the grown
-        statistics (None drops them: they would describe the wrong experts)."""
+        entry from ``domain_embedding`` (see Router.add_expert). ``cfg`` is the grown config (one
+        more expert), shared with the other layers. The domain statistics are dropped (they
+        would describe the wrong experts) until the caller sets grown ones."""
         experts = self.experts
         for name, new in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             old = getattr(experts, name)
             stacked = torch.cat([old.detach(), new.detach().to(old)[None]])
             setattr(experts, name, nn.Parameter(stacked))
         experts.num_experts += 1
-        self.router.add_expert(domain_embedding, reset=reset_router, row=row)
+        self.router.add_expert(domain_embedding, reset=reset_router)
         self._set_config(cfg)
-        self.domain_stats = domain_stats
+        self.domain_stats = None
 
     @torch.no_grad()
     def remove_expert(self, index: int, cfg: MoEConfig, domain_stats: Any = None) -> None:

@@ -48,8 +48,17 @@ from nexus_moe.checkpoint import (
     open_weights,
     seed_hash,
     write_checkpoint,
+    write_routing_stats,
 )
-from nexus_moe.config import Method, ModelConfig, MoEConfig, RouterType, from_dict, to_dict
+from nexus_moe.config import (
+    DEFAULT_CALIBRATION_TOKENS,
+    Method,
+    ModelConfig,
+    MoEConfig,
+    RouterType,
+    from_dict,
+    to_dict,
+)
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.hf.formats import AUTO, FORMATS, NATIVE
@@ -104,7 +113,7 @@ def upcycle(
     seed: int = 0,
     out_format: str = NATIVE,
     calibration_shards: TokenShards | None = None,
-    calibration_tokens: int = calibrate.DEFAULT_TOKENS_PER_DOMAIN,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     calibrate_router: bool | None = None,
     out_dtype: str | None = None,
     max_shard_size: int | str | None = None,
@@ -236,7 +245,7 @@ def _check_calibration(
     calibration_shards: TokenShards | None,
     out_format: str,
 ) -> bool:
-    """Whether the router rows are calibrated (docs/design.md §5.5); refuses what cannot be."""
+    """Whether the router rows are calibrated (docs/design.md §5.6); refuses what cannot be."""
     if calibrate_router is None:
         calibrate_router = method.calibrates_by_default or calibration_shards is not None
     if not calibrate_router:
@@ -299,8 +308,7 @@ def _calibrate_in_place(ckpt_dir: Path, shards: TokenShards, num_tokens: int) ->
     model, _ = load_checkpoint(ckpt_dir)
     calibrate.calibrate_model(model, shards, num_tokens)
     save_file(model_state_dict(model), str(ckpt_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    stats = [layer.domain_stats for layer in model.moe_layers()]
-    save_file(calibrate.stats_to_tensors(stats), str(ckpt_dir / calibrate.STATS_FILE))
+    write_routing_stats(model, ckpt_dir)
 
 
 def _parse_method(method: str | Method) -> Method:

@@ -87,13 +87,8 @@ class ACRouter(Router):
         self.base.set_row(index, row)
 
     @torch.no_grad()
-    def add_expert(
-        self,
-        domain_embedding: torch.Tensor | None = None,
-        reset: bool = False,
-        row: torch.Tensor | None = None,
-    ) -> None:
-        self.base.add_expert(domain_embedding, reset=reset, row=row)
+    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
+        self.base.add_expert(domain_embedding, reset=reset)
         self.num_experts += 1
         ones = torch.ones_like(self.running_weights[:1])
         self.running_weights = torch.cat([self.running_weights, ones])

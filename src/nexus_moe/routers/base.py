@@ -43,14 +43,9 @@ class Router(nn.Module):
         raise NotImplementedError
 
     # Growing and shrinking (docs/design.md §7). Subclasses implement these for their own parameters.
-    def add_expert(
-        self,
-        domain_embedding: torch.Tensor | None = None,
-        reset: bool = False,
-        row: torch.Tensor | None = None,
-    ) -> None:
-        """Append an expert: ``row`` (hidden,) places its embedding (calibrated), else the
-        router's own rule applies (random row, or the Nexus projection of its domain)."""
+    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
+        """Append an expert by the router's own rule (random row, or the Nexus projection of its
+        domain); :meth:`set_row` then places a calibrated one."""
         raise NotImplementedError
 
     def remove_expert(self, index: int) -> None:

@@ -36,22 +36,13 @@ class LinearRouter(Router):
         self.weight[index].copy_(row.to(self.weight.dtype))
 
     @torch.no_grad()
-    def add_expert(
-        self,
-        domain_embedding: torch.Tensor | None = None,
-        reset: bool = False,
-        row: torch.Tensor | None = None,
-    ) -> None:
-        """Append ``row`` or a random one; ``reset`` re-initialises the whole router (the
-        paper's baseline)."""
-        new = torch.empty(
+    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
+        """Append a random row; ``reset`` re-initialises the whole router (the paper's baseline)."""
+        row = torch.empty(
             1, self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device
         )
-        if row is None:
-            nn.init.normal_(new, std=self.init_std)
-        else:
-            new.copy_(row.reshape(1, -1))
-        self.weight = nn.Parameter(torch.cat([self.weight.detach(), new]))
+        nn.init.normal_(row, std=self.init_std)
+        self.weight = nn.Parameter(torch.cat([self.weight.detach(), row]))
         self.num_experts += 1
         if reset:
             self.reset_parameters()

@@ -115,14 +115,9 @@ class NexusRouter(Router):
         self._cache = None
 
     @torch.no_grad()
-    def add_expert(
-        self,
-        domain_embedding: torch.Tensor | None = None,
-        reset: bool = False,
-        row: torch.Tensor | None = None,
-    ) -> None:
-        """Append the new domain's embedding (no new parameters; ``reset`` does not apply) and
-        its anchor: ``row`` when given (calibrated), else zero (the paper's rule, E = P(d))."""
+    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
+        """Append the new domain's embedding (no new parameters; ``reset`` does not apply) with
+        a zero anchor, so E = P(d) (the paper's rule) until :meth:`set_row` places one."""
         if domain_embedding is None:
             raise ValueError("the Nexus router needs the new domain's embedding")
         d = domain_embedding.detach().float().reshape(1, -1).to(self.domain_embeddings.device)
@@ -132,8 +127,6 @@ class NexusRouter(Router):
                 f"{self.domain_embeddings.shape[1]}"
             )
         anchor = torch.zeros_like(self.expert_anchors[:1])
-        if row is not None:
-            anchor.copy_(row.reshape(1, -1))
         self.domain_embeddings = torch.cat([self.domain_embeddings, d])
         self.expert_anchors = torch.cat([self.expert_anchors, anchor])
         self.num_experts += 1
