@@ -496,3 +496,23 @@ def test_real_package_sources(tmp_path: Path):
     for domain in DEFAULT_DOMAINS:
         docs = split_texts(tmp_path / "corpus", domain)
         assert docs["train"] and docs["validation"]
+
+
+def test_atomic_dir_leaves_symlinks_alone(tmp_path: Path):
+    """A package unpacked with ``dpkg -x`` holds dangling links (pari-doc's ``examples``) and
+    links out of the folder: finishing the cache folder must neither fail on the first nor
+    chmod what the second points at."""
+    from nexus_moe.io_utils import atomic_dir
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours\n")
+    outside.chmod(0o600)
+    target = tmp_path / "cache" / "pkg"
+    with atomic_dir(target, guard=False) as tmp:
+        (tmp / "doc").mkdir()
+        (tmp / "doc" / "a.tex").write_text("x\n")
+        (tmp / "doc" / "examples").symlink_to("../missing/examples")
+        (tmp / "doc" / "out").symlink_to(outside)
+    assert (target / "doc" / "a.tex").read_text() == "x\n"
+    assert (target / "doc" / "examples").is_symlink()
+    assert outside.stat().st_mode & 0o777 == 0o600

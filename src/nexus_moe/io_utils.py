@@ -308,14 +308,22 @@ def atomic_dir(
 
 
 def _finish_modes(folder: Path) -> None:
-    """Ordinary permissions for everything written (mkdtemp and some writers make it private)."""
+    """Ordinary permissions for everything written (mkdtemp and some writers make it private).
+
+    Symbolic links are left alone: chmod would follow them, out of the folder or, for a link
+    that dangles (Debian packages unpacked with ``dpkg -x`` have such links), fail.
+    """
     mask = _umask()
     folder.chmod(0o777 & ~mask)
     for root, dirs, files in os.walk(folder):
         for name in dirs:
-            Path(root, name).chmod(0o777 & ~mask)
+            path = Path(root, name)
+            if not path.is_symlink():
+                path.chmod(0o777 & ~mask)
         for name in files:
-            Path(root, name).chmod(0o666 & ~mask)
+            path = Path(root, name)
+            if not path.is_symlink():
+                path.chmod(0o666 & ~mask)
 
 
 def _umask() -> int:
