@@ -72,6 +72,7 @@ def tiny_recipe(tmp_path):
         "extend": {
             "variants": ["nexus", "moe-linear", "nexus-ffn"],
             "budgets": [256],
+            "append_linear_baseline": True,
             "train": {**train, "steps": 1},
         },
         "evaluate": {"seq_len": 32, "batch_size": 4, "max_tokens": 512},
@@ -151,8 +152,27 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
 
     # Extension: each held-out domain separately, budget 0 always scored, both seeds.
     ext = results["extension"]
-    assert set(ext) == {f"{n}+{d}" for n in ("nexus", "moe-linear", "nexus-ffn")
-                        for d in ("music", "weather")}  # fmt: skip
+    extended = ("nexus", "moe-linear", "moe-linear (appended row)", "nexus-ffn")
+    assert set(ext) == {f"{n}+{d}" for n in extended for d in ("music", "weather")}
+    assert results["extension_models"]["moe-linear (appended row)"] == "moe-linear"
+    # Gap recovered and earlier-domain change against the same seed's MoE before extension.
+    import math
+
+    summary = results["extension_summary"]["nexus+music"]["0"]["1"]
+    before, dense = models["nexus"]["1"], models["expert:music"]["0"]["music"]["perplexity"]
+    after = ext["nexus+music"]["0"]["1"]["scores"]
+    expected_gap = (math.log(before["music"]["perplexity"]) - math.log(after["music"]["perplexity"])
+                    ) / (math.log(before["music"]["perplexity"]) - math.log(dense))  # fmt: skip
+    assert summary["gap_recovered"] == pytest.approx(expected_gap)
+    mean = {
+        m: sum(x[d]["perplexity"] for d in domains) / 3 for m, x in (("b", before), ("a", after))
+    }
+    assert summary["earlier_change"] == pytest.approx(mean["a"] / mean["b"] - 1)
+    # The probes' bounds are scored on the probes' tokens.
+    probed = results["bounds_models"]
+    assert probed["expert[ffn]:sports"]["0"]["sports"]["tokens"] == 256
+    assert probed["seed"]["0"]["finance"]["tokens"] == 256
+    assert probed["nexus"]["1"]["recipes"]["tokens"] == 256
     assert set(ext["nexus+weather"]) == {"0", "256"}
     assert set(ext["moe-linear+music"]["0"]) == {"0", "1"}
     assert 0.0 <= ext["nexus+music"]["256"]["1"]["new_expert_share"] <= 1.0
@@ -175,6 +195,14 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
     ]
     key = next(k for k in routers[0] if ".router." in k)
     assert not torch.equal(routers[0][key], routers[1][key])
+    # The appended-row baseline keeps the trained router's rows and adds one.
+    run = tmp_path / "run" / "s0"
+    trained = load_file(run / "moe" / "moe-linear" / "trained" / "model" / "model.safetensors")
+    appended = load_file(
+        run / "extend" / "moe-linear-append-music" / "extended" / "model.safetensors"
+    )
+    assert appended[key].shape[0] == trained[key].shape[0] + 1
+    assert torch.equal(appended[key][: trained[key].shape[0]], trained[key])
 
     timings = results["timings"]
     assert timings["by_kind"]["seed"] > 0 and timings["wall_s"] > 0
@@ -202,6 +230,9 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
         "Extension with a held-out domain",
         "| nexus before extension |",
         "| dense expert expert:music |",
+        "| moe-linear (appended row)+weather | 256 |",
+        "gap recovered | earlier domains change |",
+        "worst domain vs dense |",
         "## Wall time",
     ):
         assert heading in report, heading

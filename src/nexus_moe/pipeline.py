@@ -144,6 +144,9 @@ class ExtendSection:
     domains: list[str] = field(default_factory=list)  # default: corpus.heldout
     variants: list[str] = field(default_factory=lambda: ["nexus", "moe-linear"])
     reset_linear_router: bool = True  # the paper's linear baseline re-initialises its router
+    # Also extend every linear-router variant with its trained rows kept and one new row
+    # appended (the second linear baseline), reported as "<variant> (appended row)".
+    append_linear_baseline: bool = False
     budgets: list[int] = field(default_factory=lambda: [65536])  # finetuning tokens; 0 = none
     new_domain_share: float = 0.5  # share of the finetuning mix from the new domain
     train: TrainConfig = field(default_factory=TrainConfig)  # `steps` is set from each budget

@@ -59,6 +59,7 @@ from nexus_moe.pipeline import (
 from nexus_moe.train import TrainConfig
 
 Scores = dict[str, dict[str, float]]  # domain -> {loss, perplexity, bits_per_byte, tokens}
+APPENDED = "(appended row)"  # label suffix of the linear baseline that keeps its trained rows
 
 
 def tokens_per_step(cfg: TrainConfig) -> int:
@@ -353,12 +354,16 @@ class Study:
         out: Path,
         corpus_dir: Path,
         seed: int = 0,
+        reset: bool | None = None,
     ) -> Path:
+        """Extend ``trained`` with ``new_expert``; ``reset``: re-initialise a linear router
+        (default: ``extend.reset_linear_router``) instead of appending a row."""
         from nexus_moe.calibrate import STATS_FILE
         from nexus_moe.embed import DomainEmbeddings
         from nexus_moe.extend import extend
 
-        reset = self.recipe.extend.reset_linear_router
+        if reset is None:
+            reset = self.recipe.extend.reset_linear_router
         calibrates = (trained / STATS_FILE).is_file()  # reads the corpus
         key = fingerprint(
             # an untrained variant's upcycled folder is itself a stage folder
@@ -498,7 +503,9 @@ class Study:
             "corrupted": {},  # name -> share -> seed -> {"scores", "clean_loss"}
             "routing_share": {"step0": {}, "trained": {}},  # name -> seed -> {domain: share}
             "curves": {},  # name -> seed -> [[step, mean validation loss], ...]
-            "extension": {},
+            "extension": {},  # "<label>+<domain>" -> budget -> seed -> scores, share
+            "extension_models": {},  # extension label -> the variant it extends
+            "bounds_models": {},  # the seed and dense experts on the probes' tokens
         }
         models = results["models"]
         models["seed"] = {"0": self.scores(seed_model, corpus_dir, all_domains)}
@@ -507,6 +514,18 @@ class Study:
         for s, by_domain in experts.items():
             for d, path in by_domain.items():
                 models[expert_label(s, d)] = {"0": self.scores(path, corpus_dir, [d])}
+        # The same bounds on the probes' tokens (step 0, oracle, random), so that those tables
+        # compare every model on the same text.
+        if self.bounds_config() != r.evaluate:
+            probe = self.bounds_config()
+            bounds_models = results["bounds_models"]
+            bounds_models["seed"] = {
+                "0": self.evaluation(seed_model, corpus_dir, domains, cfg=probe)["scores"]
+            }
+            for s, by_domain in experts.items():
+                for d, path in by_domain.items():
+                    ev = self.evaluation(path, corpus_dir, [d], cfg=probe)
+                    bounds_models[expert_label(s, d)] = {"0": ev["scores"]}
 
         seeds = r.seeds or [r.seed]
         if variants:
@@ -539,19 +558,28 @@ class Study:
                     if name not in trained:
                         continue
                     v = next(v for v in variants if v.name == name)
-                    for d in heldout:
-                        self.run_extension(
-                            name,
-                            d,
-                            seed,
-                            trained[name],
-                            new_experts[v.experts][d],
-                            embeddings,
-                            corpus_dir,
-                            domains,
-                            results["extension"],
-                        )
+                    uses_linear = results["variants"][name]["router"] == "linear"
+                    ways = [(name, r.extend.reset_linear_router)]
+                    if uses_linear and r.extend.append_linear_baseline and ways[0][1]:
+                        ways.append((f"{name} {APPENDED}", False))
+                    for label, reset in ways:
+                        results["extension_models"][label] = name
+                        for d in heldout:
+                            self.run_extension(
+                                name,
+                                d,
+                                seed,
+                                trained[name],
+                                new_experts[v.experts][d],
+                                embeddings,
+                                corpus_dir,
+                                domains,
+                                results["extension"],
+                                label=label,
+                                reset=reset,
+                            )
         results["paired"] = paired_summary(results)
+        results["extension_summary"] = extension_summary(results)
         results["convergence"] = convergence_summary(results)
         results["timings"] = self.timing_summary(time.perf_counter() - started)
         self.write_results(results)
@@ -630,6 +658,11 @@ class Study:
             if seed == seeds[0]:
                 write_routing_report(main["routing"], out, v.name)
         bounds = self.bounds_config()
+        if bounds != r.evaluate and (r.study.bounds or r.study.corrupt):
+            # The model's own routing on the probes' tokens: what oracle, random and corrupted
+            # scores are compared with.
+            own = self.evaluation(final, corpus_dir, domains, cfg=bounds)["scores"]
+            results["bounds_models"].setdefault(v.name, {})[s] = own
         if is_moe and r.study.bounds:
             for mode in ("oracle", "random"):
                 ev = self.evaluation(
@@ -641,8 +674,7 @@ class Study:
             if bounds == r.evaluate:  # the same tokens as the model's own scores
                 clean_loss = statistics.fmean(main["scores"][d]["loss"] for d in domains)
             else:
-                clean = self.evaluation(final, corpus_dir, domains, cfg=bounds)["scores"]
-                clean_loss = clean["mean"]["loss"]
+                clean_loss = results["bounds_models"][v.name][s]["mean"]["loss"]
             for share in r.study.corrupt:
                 ev = self.evaluation(
                     final, corpus_dir, domains, cfg=bounds, corrupt=share, seed=seed
@@ -664,16 +696,22 @@ class Study:
         corpus_dir: Path,
         domains: list[str],
         extension: dict[str, Any],
+        label: str | None = None,
+        reset: bool | None = None,
     ) -> None:
         """Extend MoE ``name`` with the held-out ``domain``, finetune at each budget, score.
 
-        Budget 0 (the extended model before any finetuning) is always scored."""
+        Budget 0 (the extended model before any finetuning) is always scored. ``label``: the
+        results' name of this extension (default ``name``); ``reset``: see :meth:`stage_extend`.
+        """
         from nexus_moe.analyse import write_routing_report
 
         r = self.recipe
-        base = self.workdir / f"s{seed}" / "extend" / f"{name}-{domain}"
+        label = label or name
+        folder = name if label == name else f"{name}-append"
+        base = self.workdir / f"s{seed}" / "extend" / f"{folder}-{domain}"
         extended = self.stage_extend(
-            trained, new_expert, domain, embeddings, base / "extended", corpus_dir, seed
+            trained, new_expert, domain, embeddings, base / "extended", corpus_dir, seed, reset
         )
         all_domains = domains + [domain]
         share = r.extend.new_domain_share
@@ -688,7 +726,7 @@ class Study:
                 steps = max(1, budget // per_step)
                 cfg = replace(tcfg, steps=steps, seed=seed, domain_weights=weights)
                 model_dir = self.stage_train(
-                    f"finetune:{name}-{domain}:{budget}:s{seed}",
+                    f"finetune:{folder}-{domain}:{budget}:s{seed}",
                     extended,
                     base / f"ft{budget}",
                     corpus_dir,
@@ -696,10 +734,10 @@ class Study:
                     cfg,
                     {"stage": "extend-finetune", "budget_tokens": steps * per_step},
                 )
-            entry = extension.setdefault(f"{name}+{domain}", {}).setdefault(str(budget), {})
+            entry = extension.setdefault(f"{label}+{domain}", {}).setdefault(str(budget), {})
             ev = self.evaluation(model_dir, corpus_dir, all_domains, route=True)
             out = self.workdir / ("results" if first_seed else f"s{seed}/routing")
-            write_routing_report(ev["routing"], out, f"{name}+{domain}-ft{budget}")
+            write_routing_report(ev["routing"], out, f"{folder}+{domain}-ft{budget}")
             entry[str(seed)] = {
                 "scores": ev["scores"],
                 "new_expert_share": float(ev["routing"]["accuracy"][domain] or 0.0),
@@ -848,11 +886,11 @@ def paired_summary(results: dict[str, Any]) -> dict[str, Any]:
                 out["upcycling"].setdefault(key, {})[name] = paired_interval(diffs)
     extension = results.get("extension", {})
     for key, by_budget in extension.items():
-        name, domain = key.split("+", 1)
+        name, domain = _split_extension(key)
         if name != ref:
             continue
         for other_key, other in extension.items():
-            other_name, other_domain = other_key.split("+", 1)
+            other_name, other_domain = _split_extension(other_key)
             if other_domain != domain or other_name == ref:
                 continue
             for budget, by_seed in by_budget.items():
@@ -866,6 +904,58 @@ def paired_summary(results: dict[str, Any]) -> dict[str, Any]:
                          for s, e in other[budget].items()}  # fmt: skip
                     entry[what] = paired_interval(relative_differences(r, b))
                 out["extension"].setdefault(domain, {}).setdefault(budget, {})[other_name] = entry
+    return out
+
+
+def _split_extension(key: str) -> tuple[str, str]:
+    """``"<label>+<domain>"`` -> (label, domain); labels may hold "+" (domain names do not)."""
+    label, domain = key.rsplit("+", 1)
+    return label, domain
+
+
+def extension_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Per extension, budget and seed: the new expert's share, the share of the new domain's
+    gap closed and the earlier domains' change, each against the same seed's MoE before the
+    extension.
+
+    Gap recovered = (ln ppl_before - ln ppl_after) / (ln ppl_before - ln ppl_dense) on the new
+    domain, where ppl_dense is the new dense expert on its own domain; log perplexities are
+    bits/byte up to the same factor on the same text, so this is also the bits/byte gap.
+    Earlier change = mean earlier-domain perplexity after / before - 1.
+    """
+    domains = results["domains"]
+    models = results["models"]
+    variants = results.get("variants", {})
+    owners = results.get("extension_models", {})
+    out: dict[str, Any] = {}
+    for key, by_budget in results.get("extension", {}).items():
+        label, domain = _split_extension(key)
+        name = owners.get(label, label)
+        before = models.get(name, {})
+        expert_set = variants.get(name, {}).get("experts", DEFAULT_EXPERT_SET)
+        dense = models.get(expert_label(expert_set, domain), {}).get("0", {}).get(domain)
+        for budget, by_seed in by_budget.items():
+            rows = {}
+            for s, e in by_seed.items():
+                b = before.get(s)
+                if b is None or domain not in b:
+                    continue
+                after = e["scores"]
+                gap = None
+                if dense is not None:
+                    full = math.log(b[domain]["perplexity"]) - math.log(dense["perplexity"])
+                    closed = math.log(b[domain]["perplexity"]) - math.log(
+                        after[domain]["perplexity"]
+                    )
+                    gap = closed / full if full > 0 else None
+                old = statistics.fmean(b[d]["perplexity"] for d in domains)
+                new_old = statistics.fmean(after[d]["perplexity"] for d in domains)
+                rows[s] = {
+                    "share": e["new_expert_share"],
+                    "gap_recovered": gap,
+                    "earlier_change": new_old / old - 1,
+                }
+            out.setdefault(key, {})[budget] = rows
     return out
 
 
@@ -934,10 +1024,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.1f}%"
 
 
-def _bound_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, list[float]]]]:
-    """The seed and each expert set's dense experts on their own domains."""
+def _bound_rows(
+    results: dict[str, Any], probes: bool = False
+) -> list[tuple[str, dict[str, list[float]]]]:
+    """The seed and each expert set's dense experts on their own domains; ``probes``: scored on
+    the probes' tokens (``bounds_models``) where the run has those."""
     domains = results["domains"]
-    models = results["models"]
+    models = _bound_models(results, probes)
     seed = models["seed"]["0"]
     rows = [("seed", {**{d: [seed[d]["perplexity"]] for d in domains},
                       "mean": [statistics.fmean(seed[d]["perplexity"] for d in domains)]})]  # fmt: skip
@@ -954,14 +1047,26 @@ def _bound_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, list[float
     return rows
 
 
-def _dense_bound(results: dict[str, Any], expert_set: str) -> float | None:
-    domains, models = results["domains"], results["models"]
-    labels = [expert_label(expert_set, d) for d in domains]
-    if not all(label in models for label in labels):
+def _bound_models(results: dict[str, Any], probes: bool) -> dict[str, Any]:
+    bounds = results.get("bounds_models") or {}
+    return bounds if probes and "seed" in bounds else results["models"]
+
+
+def _dense_own(results: dict[str, Any], expert_set: str, probes: bool = False) -> dict[str, float]:
+    """Each domain's dense expert (of ``expert_set``) on its own domain: domain -> perplexity."""
+    models = _bound_models(results, probes)
+    return {
+        d: models[expert_label(expert_set, d)]["0"][d]["perplexity"]
+        for d in results["domains"]
+        if expert_label(expert_set, d) in models
+    }
+
+
+def _dense_bound(results: dict[str, Any], expert_set: str, probes: bool = False) -> float | None:
+    own = _dense_own(results, expert_set, probes)
+    if len(own) < len(results["domains"]):
         return None
-    return statistics.fmean(
-        models[lab]["0"][d]["perplexity"] for lab, d in zip(labels, domains, strict=True)
-    )
+    return statistics.fmean(own.values())
 
 
 def _variant_rows(
@@ -1039,21 +1144,38 @@ def results_markdown(results: dict[str, Any]) -> str:
     """The study's Markdown report; every table repeats the bounds (seed, dense experts)."""
     domains = results["domains"]
     variants = results.get("variants", {})
-    bounds = _bound_rows(results)
     oracle = {n: _mean_ppl(v, domains) for n, v in results.get("oracle", {}).items()}
+    probed = results.get("bounds_models") or {}
 
-    def vs_dense(name: str, values: dict[str, list[float]]) -> str:
+    def vs_dense(name: str, values: dict[str, list[float]], probes: bool = False) -> str:
         base = name.split(" (", 1)[0]
         expert_set = variants.get(base, {}).get("experts", DEFAULT_EXPERT_SET)
-        bound = _dense_bound(results, expert_set)
+        bound = _dense_bound(results, expert_set, probes)
         if bound is None or not values.get("mean") or base not in variants:
             return "-"
         return _pct(statistics.fmean(values["mean"]) / bound - 1)
 
+    def worst_vs_dense(name: str, values: dict[str, list[float]]) -> str:
+        """The largest per-domain excess over that domain's dense expert (mean over seeds)."""
+        base = name.split(" (", 1)[0]
+        expert_set = variants.get(base, {}).get("experts", DEFAULT_EXPERT_SET)
+        own = _dense_own(results, expert_set, probes=True)
+        if base not in variants or len(own) < len(domains) or not values.get("mean"):
+            return "-"
+        excess = {d: statistics.fmean(values[d]) / own[d] - 1 for d in domains}
+        d = max(excess, key=excess.__getitem__)
+        return f"{_pct(excess[d])} ({d})"
+
+    def probe_vs_dense(name: str, values: dict[str, list[float]]) -> str:
+        return vs_dense(name, values, probes=True)
+
     def vs_oracle(name: str, values: dict[str, list[float]]) -> str:
+        """The MoE against itself under oracle routing, on the same (the probes') tokens."""
         if name not in oracle or not oracle[name] or not values.get("mean"):
             return "-"
-        return _pct(statistics.fmean(values["mean"]) / statistics.fmean(oracle[name].values()) - 1)
+        own = _mean_ppl(probed[name], domains) if name in probed else None
+        mean = statistics.fmean(own.values()) if own else statistics.fmean(values["mean"])
+        return _pct(mean / statistics.fmean(oracle[name].values()) - 1)
 
     def tokens(name: str, values: dict[str, list[float]]) -> str:
         n = variants.get(name, {}).get("train_tokens")
@@ -1083,12 +1205,12 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             *_ppl_table(
                 results,
-                bounds
+                _bound_rows(results, probes=True)
                 + _variant_rows(results, results["step0"], " (step 0)")
                 + _variant_rows(
                     results, results.get("oracle_step0", {}), " (step 0, oracle routing)"
                 ),
-                {"vs dense experts": vs_dense},
+                {"vs dense experts": probe_vs_dense, "worst domain vs dense": worst_vs_dense},
             ),
         ]
     if results.get("oracle") or results.get("random"):
@@ -1103,9 +1225,10 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             *_ppl_table(
                 results,
-                bounds
+                _bound_rows(results, probes=True)
                 + _variant_rows(results, results.get("oracle", {}), " (oracle routing)")
                 + _variant_rows(results, results.get("random", {}), " (random routing)"),
+                {"vs dense experts": probe_vs_dense},
             ),
         ]
     lines += _paired_markdown(results)
@@ -1266,25 +1389,35 @@ def _extension_markdown(results: dict[str, Any]) -> list[str]:
         "Perplexity on the new domain and mean over the earlier domains after "
         "finetuning on the given token budget (budget 0: right after extension, no training); "
         "routing share = share of the new domain's tokens sent to the new expert. Bounds: the "
-        "MoE before extension, and the new dense expert on its own domain.",
+        "MoE before extension, and the new dense expert on its own domain. Gap recovered: the "
+        "share of the new domain's log-perplexity (equivalently bits/byte) gap between the MoE "
+        "before extension and the new dense expert that the extension closes; earlier domains "
+        "change: their mean perplexity against the same seed's MoE before extension. Mean ± sd "
+        "over seeds.",
         "",
-        "| model | budget (tokens) | new domain ppl | earlier domains ppl | routing share |",
-        "|---|---:|---:|---:|---:|",
+        "| model | budget (tokens) | new domain ppl | earlier domains ppl | routing share | "
+        "gap recovered | earlier domains change |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    summary = results.get("extension_summary") or extension_summary(results)
+    owners = results.get("extension_models", {})
+    shown: set[tuple[str, str]] = set()
     for key, by_budget in extension.items():
-        name, domain = key.split("+", 1)
+        label, domain = _split_extension(key)
+        name = owners.get(label, label)
         before = models.get(name, {})
-        if before:
+        if before and (name, domain) not in shown:
             new = [s[domain]["perplexity"] for s in before.values() if domain in s]
             old = [statistics.fmean(s[d]["perplexity"] for d in domains) for s in before.values()]
-            lines.append(f"| {name} before extension | - | {_fmt(new)} | {_fmt(old)} | - |")
+            lines.append(f"| {name} before extension | - | {_fmt(new)} | {_fmt(old)} | - | - | - |")
         expert_set = variants.get(name, {}).get("experts", DEFAULT_EXPERT_SET)
         dense = models.get(expert_label(expert_set, domain), {}).get("0")
-        if dense:
+        if dense and (expert_set, domain) not in shown:
             lines.append(
                 f"| dense expert {expert_label(expert_set, domain)} | - | "
-                f"{dense[domain]['perplexity']:.2f} | - | - |"
+                f"{dense[domain]['perplexity']:.2f} | - | - | - | - |"
             )
+        shown |= {(name, domain), (expert_set, domain)}
         for budget, by_seed in by_budget.items():
             new = [e["scores"][domain]["perplexity"] for e in by_seed.values()]
             old = [
@@ -1292,7 +1425,13 @@ def _extension_markdown(results: dict[str, Any]) -> list[str]:
                 for e in by_seed.values()
             ]
             share = [e["new_expert_share"] for e in by_seed.values()]
-            lines.append(f"| {key} | {int(budget):,} | {_fmt(new)} | {_fmt(old)} | {_fmt(share)} |")
+            rows = summary.get(key, {}).get(budget, {}).values()
+            gap = [x["gap_recovered"] for x in rows if x["gap_recovered"] is not None]
+            change = [100 * x["earlier_change"] for x in rows]
+            lines.append(
+                f"| {key} | {int(budget):,} | {_fmt(new)} | {_fmt(old)} | {_fmt(share)} | "
+                f"{_fmt(gap)} | {_fmt(change, 1)}% |"
+            )
     paired = (results.get("paired") or paired_summary(results)).get("extension", {})
     ref = results.get("reference", "nexus")
     if paired:
