@@ -1,0 +1,147 @@
+"""Zero-shot extension with a domain the user brings, through the command line only.
+
+Takes a finished study (`make paper`: its seed, trained MoEs and domain embeddings) and a folder
+of the user's own text (one sub-folder per domain, as `nexus-moe corpus build --from` reads it),
+and for each seed adds the new domain to the trained `nexus` MoE (calibrated row from the new
+domain's text) and to the trained `moe-linear` MoE (the two linear baselines: router
+re-initialised, and the trained rows kept with one appended), with no training step. Every step is
+a `nexus-moe` command, as a user would run it:
+
+    corpus build --from DATA     the user's corpus
+    branch [--ffn-only]          the new dense experts (the study's expert settings)
+    embed-domains --merge-into   the new domain's embedding next to the study's
+    extend [--corpus]            per seed and variant
+    evaluate --json / analyse    the new domain, the earlier domains, the routing share
+
+Printed per seed: the share of the new domain's tokens on the new expert (mean over MoE layers),
+the share of the bits/byte gap between the MoE before extension and the new dense expert that the
+extension closes, and the change of the earlier domains' mean perplexity.
+
+    .venv/bin/python benchmarks/user_domain.py --study runs/paper-small --data my-data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "nexus_moe.cli"]
+
+
+def run(*args: str) -> None:
+    start = time.perf_counter()
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"nexus-moe {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    print(
+        f"  nexus-moe {args[0]} {args[1] if args[1:] else ''} ({time.perf_counter() - start:.0f}s)"
+    )
+
+
+def scores(model: Path, corpus: Path, out: Path, tokens: int, domains: list[str]) -> dict:
+    if not out.is_file():
+        run("evaluate", str(model), "--corpus", str(corpus), "--domains", ",".join(domains),
+            "--max-tokens", str(tokens), "--seq-len", "128", "--json", str(out), "--device", "cpu")  # fmt: skip
+    data = json.loads(out.read_text())
+    return next(iter(data.values())) if str(model) not in data else data[str(model)]
+
+
+def share(model: Path, corpus: Path, out: Path, domain: str, tokens: int) -> float:
+    report = out / "routing-ext.json"
+    if not report.is_file():
+        run("analyse", str(model), "--corpus", str(corpus), "--domains", domain, "--out", str(out),
+            "--max-tokens", str(tokens), "--seq-len", "128", "--name", "ext", "--device", "cpu")  # fmt: skip
+    return float(json.loads(report.read_text())["accuracy"][domain])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", type=Path, default=Path("runs/paper-small"))
+    parser.add_argument("--data", type=Path, required=True, help="one sub-folder per domain")
+    parser.add_argument("--domain", help="the sub-folder to add (default: the only one)")
+    parser.add_argument("--work", type=Path, default=Path("runs/user-domain"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval-tokens", type=int, default=131072)
+    parser.add_argument("--branch-steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    study, work = args.study, args.work
+    domain = args.domain or next(p.name for p in sorted(args.data.iterdir()) if p.is_dir())
+    earlier = json.loads((study / "results" / "scores.json").read_text())["domains"]
+    corpus, study_corpus = work / "corpus", study / "corpus"
+    work.mkdir(parents=True, exist_ok=True)
+    if not (corpus / "manifest.json").is_file():
+        run("corpus", "build", "--from", str(args.data), "--domains", domain, "--out", str(corpus),
+            "--max-mb", "3", "--val-fraction", "0.16")  # fmt: skip
+    branch = ["--set", f"steps={args.branch_steps}", "--set", "batch_size=16", "--set",
+              "seq_len=128", "--set", "lr=1e-3", "--set", "warmup_frac=0.05", "--set",
+              "checkpoint_every=0", "--device", "cpu"]  # fmt: skip
+    experts = {"ffn": work / "experts-ffn", "full": work / "experts"}
+    for kind, out in experts.items():
+        if not (out / domain / "model").is_dir():
+            flags = ["--ffn-only"] if kind == "ffn" else []
+            run("branch", "--seed", str(study / "seed"), "--corpus", str(corpus), "--out",
+                str(out), *flags, *branch)  # fmt: skip
+    embeddings = work / "domain_embeddings"
+    if not (embeddings / "domain_embeddings.safetensors").is_file():
+        run("embed-domains", "--corpus", str(corpus), "--out", str(embeddings), "--merge-into",
+            str(study / "domain_embeddings" / "domain_embeddings.safetensors"), "--num-chunks",
+            "128")  # fmt: skip
+
+    tokens = args.eval_tokens
+    dense = {
+        kind: scores(out / domain / "model", corpus, work / f"dense-{kind}.json", tokens, [domain])
+        for kind, out in experts.items()
+    }
+    ways = {  # label: (variant, expert set, extend flags)
+        "nexus": ("nexus", "ffn", ["--corpus", str(corpus)]),
+        "moe-linear, re-initialised": ("moe-linear", "full", ["--reset-router"]),
+        "moe-linear, appended row": ("moe-linear", "full", ["--no-reset-router"]),
+    }
+    rows: dict[str, dict[int, dict]] = {label: {} for label in ways}
+    for seed in args.seeds:
+        for label, (variant, kind, flags) in ways.items():
+            trained = study / f"s{seed}" / "moe" / variant / "trained" / "model"
+            out = work / f"s{seed}" / label.replace(", ", "-").replace(" ", "-")
+            extended = out / "model"
+            if not (extended / "config.json").is_file():
+                run("extend", "--moe", str(trained), "--expert", str(experts[kind] / domain),
+                    "--domain", domain, "--embeddings", str(embeddings), "--random-seed",
+                    str(seed), "--out", str(extended), *flags)  # fmt: skip
+            base = work / f"s{seed}" / f"{variant}-before"
+            base.mkdir(parents=True, exist_ok=True)
+            before_new = scores(trained, corpus, base / "new.json", tokens, [domain])
+            before_old = scores(trained, study_corpus, base / "old.json", tokens, earlier)
+            after_new = scores(extended, corpus, out / "after-new.json", tokens, [domain])
+            after_old = scores(extended, study_corpus, out / "after-old.json", tokens, earlier)
+            b, a, d = (x[domain]["bits_per_byte"] for x in (before_new, after_new, dense[kind]))
+            mean = lambda s: statistics.fmean(s[x]["perplexity"] for x in earlier)  # noqa: E731
+            rows[label][seed] = {
+                "share": share(extended, corpus, out, domain, tokens),
+                "gap_recovered": (b - a) / (b - d),
+                "earlier_change": mean(after_old) / mean(before_old) - 1,
+                "bits_per_byte": {"before": b, "after": a, "dense": d},
+            }
+    (work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\nnew domain {domain!r}; dense experts: ffn-only {dense['ffn'][domain]['bits_per_byte']:.3f},"
+          f" full {dense['full'][domain]['bits_per_byte']:.3f} bits/byte\n")  # fmt: skip
+    print(
+        "| extension (zero-shot) | seed | share on new expert | gap recovered | earlier domains |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for label, by_seed in rows.items():
+        for seed, r in by_seed.items():
+            print(f"| {label} | {seed} | {r['share']:.2f} | {r['gap_recovered']:.2f} | "
+                  f"{100 * r['earlier_change']:+.2f}% |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
