@@ -1,0 +1,79 @@
+"""MoE training learning rate: retrain upcycled MoEs of a finished study at other learning rates.
+
+Takes the step-0 MoEs of `make paper` (`runs/paper-small/s<seed>/moe/<variant>/upcycled`) and
+trains each with the recipe's `moe.train` settings except the learning rate (no intermediate
+evaluations), then scores it on the recipe's validation tokens per domain. Prints the mean
+perplexity over the training domains per variant, learning rate and seed, and the paired
+difference of the first variant against the others at each learning rate.
+
+    .venv/bin/python benchmarks/moe_lr.py --lrs 3e-4 1e-4 --seeds 0
+    .venv/bin/python benchmarks/moe_lr.py --lrs 3e-4 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
+from nexus_moe.evaluate import evaluate_domains, scores_to_dict
+from nexus_moe.pipeline import load_recipe, tokens_for, train_model
+from nexus_moe.study import paired_interval
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", type=Path, default=Path("configs/paper-small.yaml"))
+    parser.add_argument("--variants", nargs="+", default=["nexus", "moe-linear"])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/moe-lr"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    recipe = load_recipe(args.recipe)
+    run, domains = recipe.workdir, recipe.corpus.domains
+    means: dict[str, dict[float, dict[int, float]]] = {v: {} for v in args.variants}
+    for seed in args.seeds:
+        for variant in args.variants:
+            init = run / f"s{seed}" / "moe" / variant / "upcycled"
+            for lr in args.lrs:
+                out = args.out / f"s{seed}" / f"{variant}-lr{lr:g}"
+                cfg = replace(recipe.moe.train, seed=seed, lr=lr, eval_every=0)
+                model, meta = load_checkpoint(init)
+                final = train_model(model, run / "corpus", init / TOKENIZER_FILE, domains, cfg,
+                                    out, metadata=meta, show_progress=False)  # fmt: skip
+                trained, _ = load_checkpoint(final)
+                shards = tokens_for(run / "corpus", final / TOKENIZER_FILE)
+                scores = scores_to_dict(evaluate_domains(trained, shards, domains, recipe.evaluate))
+                mean = statistics.fmean(scores[d]["perplexity"] for d in domains)
+                means[variant].setdefault(lr, {})[seed] = mean
+                print(f"{variant} lr {lr:g} seed {seed}: mean perplexity {mean:.3f}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(means, indent=2) + "\n")
+    ref = args.variants[0]
+    print("\n| variant | lr | per seed | mean | vs " + ref + " (paired, 95% interval) |")
+    print("|---|---:|---|---:|---|")
+    for variant in args.variants:
+        for lr in args.lrs:
+            by_seed = means[variant][lr]
+            diffs = [(by_seed[s] - means[ref][lr][s]) / by_seed[s] for s in args.seeds]
+            p = paired_interval(diffs)
+            interval = (
+                "-" if p["low"] is None else f"[{100 * p['low']:+.1f}%, {100 * p['high']:+.1f}%]"
+            )
+            cell = "-" if variant == ref else f"{100 * p['mean']:+.1f}% {interval}"
+            per_seed = ", ".join(f"{by_seed[s]:.2f}" for s in args.seeds)
+            print(
+                f"| {variant} | {lr:g} | {per_seed} | {statistics.fmean(by_seed.values()):.2f} | {cell} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
