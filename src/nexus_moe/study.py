@@ -505,7 +505,7 @@ class Study:
             "curves": {},  # name -> seed -> [[step, mean validation loss], ...]
             "extension": {},  # "<label>+<domain>" -> budget -> seed -> scores, share
             "extension_models": {},  # extension label -> the variant it extends
-            "bounds_models": {},  # the seed and dense experts on the probes' tokens
+            "bounds_models": {},  # seed, dense experts, trained MoEs: on the probes' tokens
         }
         models = results["models"]
         models["seed"] = {"0": self.scores(seed_model, corpus_dir, all_domains)}
