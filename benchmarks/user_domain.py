@@ -48,8 +48,7 @@ def scores(model: Path, corpus: Path, out: Path, tokens: int, domains: list[str]
     if not out.is_file():
         run("evaluate", str(model), "--corpus", str(corpus), "--domains", ",".join(domains),
             "--max-tokens", str(tokens), "--seq-len", "128", "--json", str(out), "--device", "cpu")  # fmt: skip
-    data = json.loads(out.read_text())
-    return next(iter(data.values())) if str(model) not in data else data[str(model)]
+    return json.loads(out.read_text())[str(model)]  # evaluate --json keys by the path given
 
 
 def share(model: Path, corpus: Path, out: Path, domain: str, tokens: int) -> float:

@@ -558,12 +558,16 @@ class Study:
                     if name not in trained:
                         continue
                     v = next(v for v in variants if v.name == name)
-                    uses_linear = results["variants"][name]["router"] == "linear"
-                    ways = [(name, r.extend.reset_linear_router)]
-                    if uses_linear and r.extend.append_linear_baseline and ways[0][1]:
-                        ways.append((f"{name} {APPENDED}", False))
-                    for label, reset in ways:
-                        results["extension_models"][label] = name
+                    # The appended-row baseline only where the main one re-initialises.
+                    appends = [False]
+                    if (
+                        results["variants"][name]["router"] == "linear"
+                        and r.extend.append_linear_baseline
+                        and r.extend.reset_linear_router
+                    ):
+                        appends.append(True)
+                    for appended in appends:
+                        results["extension_models"][extension_label(name, appended)] = name
                         for d in heldout:
                             self.run_extension(
                                 name,
@@ -575,8 +579,7 @@ class Study:
                                 corpus_dir,
                                 domains,
                                 results["extension"],
-                                label=label,
-                                reset=reset,
+                                appended=appended,
                             )
         results["paired"] = paired_summary(results)
         results["extension_summary"] = extension_summary(results)
@@ -696,22 +699,29 @@ class Study:
         corpus_dir: Path,
         domains: list[str],
         extension: dict[str, Any],
-        label: str | None = None,
-        reset: bool | None = None,
+        appended: bool = False,
     ) -> None:
         """Extend MoE ``name`` with the held-out ``domain``, finetune at each budget, score.
 
-        Budget 0 (the extended model before any finetuning) is always scored. ``label``: the
-        results' name of this extension (default ``name``); ``reset``: see :meth:`stage_extend`.
+        Budget 0 (the extended model before any finetuning) is always scored. ``appended``: keep
+        a linear router's trained rows and append one (the second linear baseline) instead of
+        following ``extend.reset_linear_router``.
         """
         from nexus_moe.analyse import write_routing_report
 
         r = self.recipe
-        label = label or name
-        folder = name if label == name else f"{name}-append"
+        label = extension_label(name, appended)
+        folder = f"{name}-append" if appended else name
         base = self.workdir / f"s{seed}" / "extend" / f"{folder}-{domain}"
         extended = self.stage_extend(
-            trained, new_expert, domain, embeddings, base / "extended", corpus_dir, seed, reset
+            trained,
+            new_expert,
+            domain,
+            embeddings,
+            base / "extended",
+            corpus_dir,
+            seed,
+            reset=False if appended else None,
         )
         all_domains = domains + [domain]
         share = r.extend.new_domain_share
@@ -905,6 +915,11 @@ def paired_summary(results: dict[str, Any]) -> dict[str, Any]:
                     entry[what] = paired_interval(relative_differences(r, b))
                 out["extension"].setdefault(domain, {}).setdefault(budget, {})[other_name] = entry
     return out
+
+
+def extension_label(name: str, appended: bool = False) -> str:
+    """The results' name of variant ``name`` extended (``appended``: the appended-row baseline)."""
+    return f"{name} {APPENDED}" if appended else name
 
 
 def _split_extension(key: str) -> tuple[str, str]:
