@@ -16,7 +16,7 @@ from nexus_moe.checkpoint import load_checkpoint, save_checkpoint
 from nexus_moe.config import MoEConfig
 from nexus_moe.corpus import build_corpus
 from nexus_moe.embed import DomainEmbeddings
-from nexus_moe.evaluate import EvalConfig
+from nexus_moe.evaluate import EvalConfig, evaluate_domains
 from nexus_moe.extend import extend, remove_expert
 from nexus_moe.model import KVCache, Transformer
 from nexus_moe.pipeline import branch_expert, pretrain_seed, tokens_for, train_model
@@ -167,6 +167,7 @@ def test_calibrated_router_routes_each_domain_to_its_expert_at_step0(world):
 
 
 def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs(world):
+    """The fixed row norm (``leak_budget=None``): the new expert takes its domain's tokens."""
     context = 0.5  # the plug-in default
     moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
     before = _own_share(load_checkpoint(moe_dir)[0], world["shards"], DOMAINS)
@@ -178,6 +179,7 @@ def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs
         domain_embeddings=world["emb"],
         calibration_shards=world["shards"],
         calibration_tokens=512,
+        leak_budget=None,
     )
     model, _ = load_checkpoint(out)
     share = _own_share(model, world["shards"], [*DOMAINS, NEW])
@@ -201,6 +203,38 @@ def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs
         removed.moe_layers()[0].domain_stats.centroids,
         old.moe_layers()[0].domain_stats.centroids,
     )
+
+
+def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world, tmp_path):
+    """The default row norm, fitted to a leak budget: this tiny model's "music" and "sports"
+    texts share most of their words, so the fixed norm hands music sports' tokens (sports'
+    perplexity rises by half); the fitted norm keeps every earlier domain within a few percent
+    of its perplexity and routing, and music still gains from its new expert."""
+    moe_dir = _upcycled(world, "moe-ctx0.5", router_context=0.5)
+    everything = [*DOMAINS, NEW]
+    ppl = {}
+    for name, budget in (("fixed", None), ("fitted", calibrate.LEAK_BUDGET)):
+        extend(
+            moe_dir,
+            world["experts"][NEW],
+            tmp_path / name,
+            domain_embeddings=world["emb"],
+            calibration_shards=world["shards"],
+            calibration_tokens=512,
+            leak_budget=budget,
+        )
+        model, _ = load_checkpoint(tmp_path / name)
+        ppl[name] = {d: s.perplexity for d, s in evaluate_domains(model, world["shards"],
+                     everything, EVAL).items()}  # fmt: skip
+    before_model, _ = load_checkpoint(moe_dir)
+    before = {d: s.perplexity for d, s in evaluate_domains(before_model, world["shards"],
+              everything, EVAL).items()}  # fmt: skip
+    assert ppl["fixed"]["sports"] > 1.2 * before["sports"], (before, ppl)
+    assert all(ppl["fitted"][d] < 1.05 * before[d] for d in DOMAINS), (before, ppl)
+    assert ppl["fitted"][NEW] < 0.8 * before[NEW], (before, ppl)
+    shares = _own_share(load_checkpoint(tmp_path / "fitted")[0], world["shards"], DOMAINS)
+    old_shares = _own_share(before_model, world["shards"], DOMAINS)
+    assert all(shares[d] >= old_shares[d] - 0.05 for d in DOMAINS), (old_shares, shares)
 
 
 def test_extend_refuses_calibration_for_an_uncalibrated_moe(world, tmp_path):
@@ -300,3 +334,55 @@ def test_training_refreshes_the_routing_statistics_and_keeps_the_rows(world, tmp
     ]
     expected = calibrate.domain_statistics(trained, windows)[0]
     torch.testing.assert_close(after.centroids, expected.centroids, atol=1e-5, rtol=1e-5)
+
+
+def _gaussian_stats(centres: torch.Tensor) -> calibrate.LayerStats:
+    """Statistics of unit-covariance Gaussian domains around ``centres`` (E, H)."""
+    size = centres.shape[1]
+    return calibrate.LayerStats(
+        centres.double(),
+        torch.eye(size, dtype=torch.float64),
+        torch.full((centres.shape[0],), 1000.0, dtype=torch.float64),
+        centres.double().mean(0),
+        1.0,
+    )
+
+
+@pytest.mark.parametrize("top_k,renormalize", [(2, True), (1, False)])
+def test_fitted_row_norm_keeps_the_leak_within_budget_and_grows_with_distance(top_k, renormalize):
+    """The new row's norm is the largest whose estimated loss of the earlier domains' own gates
+    stays within the budget; the leak it reports is what the MoE layer's gating gives on fresh
+    samples of those domains; a domain far from the earlier ones gets a larger norm (and more
+    of its tokens) than one that overlaps them."""
+    generator = torch.Generator().manual_seed(1)
+    centres = 3.0 * torch.eye(4)[:3]
+    stats = _gaussian_stats(centres)
+    rows = 2.0 * calibrate.directions(stats.centroids, stats.center, stats.covariance, 0.05)
+    own = torch.arange(3).repeat_interleave(4000)
+    fits = {}
+    for name, centre in {"far": [0.0, 0.0, 0.0, 4.0], "near": [1.5, 1.5, 0.0, 1.0]}.items():
+        new = torch.tensor(centre) + torch.randn(4000, 4, generator=generator)
+        direction = calibrate.directions(
+            new.double().mean(0)[None], stats.center, stats.covariance, 0.05
+        )[0]
+        norm, info = calibrate.fit_row_scale(
+            stats, direction, new, rows, top_k, renormalize, leak_budget=0.03, seed=0
+        )
+        assert info["leak"] <= 0.03
+        # The estimate holds on fresh samples of the earlier domains.
+        fresh = torch.cat([c + torch.randn(4000, 4, generator=generator) for c in centres])
+        old = fresh.double() @ rows.t()
+        grown = calibrate.with_new_expert(old, norm * (fresh.double() @ direction)[None])
+        loss = calibrate.gates_of(old, own, top_k, renormalize) - calibrate.gates_of(
+            grown, own, top_k, renormalize
+        )
+        assert float(loss.min()) >= -1e-6  # a new expert never adds to another's gate
+        assert float(loss.mean()) <= 0.04, (name, float(loss.mean()))
+        fits[name] = (norm, info)
+    assert fits["far"][0] > fits["near"][0]
+    assert fits["far"][1]["share"] > 0.9 > fits["near"][1]["share"]
+    # A budget of 0 admits no candidate that takes anything: the smallest norm is returned.
+    norm, _ = calibrate.fit_row_scale(
+        stats, direction, new, rows, top_k, renormalize, leak_budget=0.0, seed=0
+    )
+    assert norm == pytest.approx(float(calibrate._SCALE_GRID[0]) * float(rows.norm(dim=-1).mean()))

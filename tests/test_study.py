@@ -73,6 +73,7 @@ def tiny_recipe(tmp_path):
             "variants": ["nexus", "moe-linear", "nexus-ffn"],
             "budgets": [256],
             "append_linear_baseline": True,
+            "earlier_tokens": 256,
             "train": {**train, "steps": 1},
         },
         "evaluate": {"seq_len": 32, "batch_size": 4, "max_tokens": 512},
@@ -161,11 +162,17 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
     summary = results["extension_summary"]["nexus+music"]["0"]["1"]
     before, dense = models["nexus"]["1"], models["expert:music"]["0"]["music"]["perplexity"]
     after = ext["nexus+music"]["0"]["1"]["scores"]
+    # The new domain on evaluate.max_tokens; the earlier domains on extend.earlier_tokens, and
+    # so the MoE before extension that their change is measured against.
+    assert after["music"]["tokens"] == 512 and after["sports"]["tokens"] == 256
+    earlier_before = results["extension_before"]["nexus"]["1"]
+    assert earlier_before["sports"]["tokens"] == 256
     expected_gap = (math.log(before["music"]["perplexity"]) - math.log(after["music"]["perplexity"])
                     ) / (math.log(before["music"]["perplexity"]) - math.log(dense))  # fmt: skip
     assert summary["gap_recovered"] == pytest.approx(expected_gap)
     mean = {
-        m: sum(x[d]["perplexity"] for d in domains) / 3 for m, x in (("b", before), ("a", after))
+        m: sum(x[d]["perplexity"] for d in domains) / 3
+        for m, x in (("b", earlier_before), ("a", after))
     }
     assert summary["earlier_change"] == pytest.approx(mean["a"] / mean["b"] - 1)
     # The probes' bounds are scored on the probes' tokens.
@@ -176,6 +183,14 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
     assert set(ext["nexus+weather"]) == {"0", "256"}
     assert set(ext["moe-linear+music"]["0"]) == {"0", "1"}
     assert 0.0 <= ext["nexus+music"]["256"]["1"]["new_expert_share"] <= 1.0
+    # One routing report over the earlier domains and the new one, scored on different tokens.
+    routing = json.loads(
+        (tmp_path / "run" / "results" / "routing-nexus+music-ft0.json").read_text()
+    )
+    assert routing["domains"] == [*domains, "music"]
+    assert routing["tokens"]["music"] == 512 and routing["tokens"]["sports"] == 256
+    assert sum(routing["load"].values()) == pytest.approx(1.0)
+    assert routing["accuracy"]["music"] == ext["nexus+music"]["0"]["0"]["new_expert_share"]
     ext_paired = results["paired"]["extension"]["weather"]["256"]["moe-linear"]
     assert ext_paired["new"]["n"] == 2 and "verdict" in ext_paired["earlier"]
     # The seed reaches extend: the re-initialised linear router differs between seeds.
@@ -232,6 +247,7 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
         "| dense expert expert:music |",
         "| moe-linear (appended row)+weather | 256 |",
         "gap recovered | earlier domains change |",
+        "Validation tokens per domain: new domain 512, earlier domains 256",
         "worst domain vs dense |",
         "## Wall time",
     ):

@@ -92,6 +92,29 @@ def routing_report(counts: torch.Tensor, domains: list[str], experts: list[str])
     }
 
 
+def merge_routing_reports(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """One report over the domains of both (same experts and layers), e.g. domains scored on
+    different numbers of tokens; the load is weighted by each domain's tokens."""
+    if first["experts"] != second["experts"] or len(first["per_layer"]) != len(second["per_layer"]):
+        raise ValueError("routing reports of different experts or layers cannot be merged")
+    domains = first["domains"] + second["domains"]
+    tokens = {**first["tokens"], **second["tokens"]}
+    per_layer = [a + b for a, b in zip(first["per_layer"], second["per_layer"], strict=True)]
+    shares = torch.tensor(per_layer, dtype=torch.float64)  # (L, D, E)
+    weights = torch.tensor([float(tokens[d]) for d in domains], dtype=torch.float64)
+    load = (shares * weights[None, :, None]).sum(dim=(0, 1))
+    load = load / load.sum().clamp_min(1e-12)
+    return {
+        "domains": domains,
+        "experts": first["experts"],
+        "per_layer": per_layer,
+        "mean": first["mean"] + second["mean"],
+        "accuracy": {**first["accuracy"], **second["accuracy"]},
+        "load": dict(zip(first["experts"], load.tolist(), strict=True)),
+        "tokens": tokens,
+    }
+
+
 def plot_heatmap(
     matrix: list[list[float]], rows: list[str], cols: list[str], title: str, path: Path
 ) -> Path:

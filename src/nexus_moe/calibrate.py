@@ -17,8 +17,12 @@ module measures that and turns it into router rows:
    missing bias term equal for every expert. ``e_i = tau * r_i`` with ``tau`` the temperature
    that maximises the log-likelihood of the true domain on the calibration tokens.
 3. **Growing.** A new expert's row is the discriminant direction of its domain's centroid under
-   the stored ``W`` and ``g`` of each layer, so the rows of the earlier experts are unchanged,
-   at ``NEW_ROW_SCALE`` times their norm.
+   the stored ``W`` and ``g`` of each layer, so the rows of the earlier experts are unchanged.
+   Its norm is fitted per layer (:func:`fit_row_scale`): the largest that lets the new expert
+   take at most ``LEAK_BUDGET`` of the earlier domains' own gates, estimated on samples drawn
+   from the stored statistics (``N(c_i, S)``), so no earlier text is needed; a domain far from
+   the earlier ones gets a larger row than one that overlaps them, and a domain that overlaps
+   an earlier one is kept off that domain's tokens (and gets fewer of its own).
 
 The statistics are kept with the checkpoint (``routing_stats.safetensors``), so ``extend`` can
 place a new expert's row from the new domain's text alone.
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
+from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS, DEFAULT_LEAK_BUDGET
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
@@ -46,10 +50,17 @@ CALIBRATION_SEQ_LEN = 128  # window length of the calibration text (capped by ma
 DEFAULT_RIDGE = 0.05  # shrinkage of the pooled covariance towards its mean variance
 _TAU_GRID = torch.logspace(-3, 2.5, 56)  # candidate temperatures for the rows (unit vectors)
 _KEEP_FOR_TAU = 1024  # tokens per domain and layer kept to fit the temperature
-# Norm of a new expert's row relative to the earlier rows. Chosen on the held-out math domain
-# (docs/design.md §5.6): at 1.0 the new expert also takes borderline tokens of the earlier
-# domains (+1.4% on their perplexity), at 0.9 it stays near 1% and still gets ~4/5 of math.
+# Norm of a new expert's row relative to the earlier rows when it is not fitted (``leak_budget``
+# None). Chosen on the held-out math domain (docs/design.md §5.6): at 1.0 the new expert also
+# takes borderline tokens of the earlier domains (+1.4% on their perplexity), at 0.9 it stays
+# near 1% and still gets ~4/5 of math.
 NEW_ROW_SCALE = 0.9
+# Share of the earlier domains' gates on their own experts that a new expert's row may take
+# (estimated on samples of the stored statistics; see fit_row_scale). Chosen on the held-out
+# math domain only (docs/design.md §5.6).
+LEAK_BUDGET = DEFAULT_LEAK_BUDGET
+_SCALE_GRID = torch.linspace(0.3, 2.5, 45)  # candidate row norms, times the earlier rows' mean
+_SAMPLES_PER_DOMAIN = 2048  # samples of N(c_i, S) per earlier domain that estimate the leak
 
 
 @dataclass
@@ -208,27 +219,109 @@ def router_rows(stats: LayerStats, ridge: float = DEFAULT_RIDGE) -> torch.Tensor
     return (stats.temperature * rows).float()
 
 
+def gates_of(logits: torch.Tensor, expert: torch.Tensor, top_k: int, renormalize: bool):
+    """Gate of expert ``expert[n]`` for token n, as the MoE layer gates (softmax, top-k,
+    renormalised over the top-k when ``renormalize``; 0 outside the top-k). ``logits``
+    (..., N, E), ``expert`` (N,) -> (..., N)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_probs, top_idx = probs.topk(top_k, dim=-1)
+    gates = top_probs / top_probs.sum(-1, keepdim=True) if renormalize else top_probs
+    return (gates * (top_idx == expert[:, None])).sum(-1)
+
+
+def with_new_expert(old_logits: torch.Tensor, new_scores: torch.Tensor) -> torch.Tensor:
+    """(S, N, E + 1) logits: ``old_logits`` (N, E) with the new expert's ``new_scores`` (S, N)
+    appended, one set per candidate norm."""
+    s = new_scores.shape[0]
+    return torch.cat([old_logits.expand(s, -1, -1), new_scores.unsqueeze(-1)], dim=-1)
+
+
+def fit_row_scale(
+    stats: LayerStats,
+    direction: torch.Tensor,
+    new_inputs: torch.Tensor,
+    current_rows: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    leak_budget: float = LEAK_BUDGET,
+    seed: int = 0,
+) -> tuple[float, dict[str, float]]:
+    """Norm of a new expert's row along ``direction`` (unit, (H,)): the largest candidate
+    (``_SCALE_GRID`` times the earlier rows' mean norm) whose row takes at most
+    ``leak_budget`` of the earlier domains' own gates, else the smallest candidate.
+
+    The leak is what a token of earlier domain i loses on its own expert i: its gate before
+    the new expert minus its gate after (a new expert that only displaces another wrong expert
+    from a token's top-k takes nothing from the right one). The earlier domains are
+    represented by samples of ``N(c_i, S)`` from the stored statistics (centroids of the
+    earlier experts, pooled within-domain covariance), ``_SAMPLES_PER_DOMAIN`` each, drawn from
+    a generator seeded by ``seed``; the leak is the mean over domains of the mean loss. Returns
+    the norm and what it gives: ``leak`` (estimated), ``gate`` (the new expert's mean gate on
+    ``new_inputs``) and ``share`` (its top-1 share of them).
+    """
+    rows = current_rows.double()
+    n = rows.shape[0]
+    base = rows.norm(dim=-1).mean()
+    candidates = (_SCALE_GRID.double() * base).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    size = stats.covariance.shape[0]
+    jitter = 1e-9 * stats.covariance.diagonal().mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(stats.covariance + jitter * torch.eye(size, dtype=torch.float64))
+    noise = torch.randn(n, _SAMPLES_PER_DOMAIN, size, generator=generator, dtype=torch.float64)
+    samples = (stats.centroids[:n, None, :].double() + noise @ chol.t()).reshape(-1, size)
+    own = torch.arange(n).repeat_interleave(_SAMPLES_PER_DOMAIN)
+    direction = direction.double()
+    scale_t = torch.tensor(candidates, dtype=torch.float64)[:, None]
+    old_logits = samples @ rows.t()
+    before = gates_of(old_logits, own, top_k, renormalize)
+    after = gates_of(
+        with_new_expert(old_logits, scale_t * (samples @ direction)[None]), own, top_k, renormalize
+    )
+    leak = (before[None] - after).reshape(len(candidates), n, -1).mean(-1).mean(-1)  # (S,)
+    x = new_inputs.double()
+    new_logits = with_new_expert(x @ rows.t(), scale_t * (x @ direction)[None])
+    gate = gates_of(new_logits, torch.full((len(x),), n), top_k, renormalize)
+    ok = (leak <= leak_budget).nonzero()
+    pick = int(ok[-1]) if len(ok) else 0
+    share = float((new_logits[pick].argmax(-1) == n).double().mean())
+    info = {"leak": float(leak[pick]), "gate": float(gate[pick].mean()), "share": share}
+    return candidates[pick], info
+
+
 def new_expert_row(
     stats: LayerStats,
     new_inputs: torch.Tensor,
     current_rows: torch.Tensor,
     ridge: float = DEFAULT_RIDGE,
     scale: float | None = None,
+    *,
+    top_k: int = 1,
+    renormalize: bool = False,
+    leak_budget: float | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, LayerStats]:
     """The row of a new expert whose domain gives ``new_inputs`` (N, H) at this layer.
 
     The earlier rows (``current_rows``, as trained) are untouched. The new row is the
-    discriminant direction of the new centroid under the stored W and g, with ``scale`` times
-    the mean norm of the current rows (below 1: a new expert should win its domain's tokens
-    without winning the borderline tokens of the earlier domains). Returns the row (H,) float32
-    and the statistics grown by the new domain (the pooled covariance keeps the earlier
-    domains', which the earlier rows were made with).
+    discriminant direction of the new centroid under the stored W and g. Its norm: with
+    ``leak_budget``, fitted by :func:`fit_row_scale` for a layer with these ``top_k`` and
+    ``renormalize``; otherwise ``scale`` (default ``NEW_ROW_SCALE``) times the mean norm of the
+    current rows (below 1: a new expert should win its domain's tokens without winning the
+    borderline tokens of the earlier domains). Returns the row (H,) float32 and the statistics
+    grown by the new domain (the pooled covariance keeps the earlier domains', which the
+    earlier rows were made with).
     """
     centroid = new_inputs.double().mean(0)
     direction = directions(centroid[None], stats.center, stats.covariance, ridge)[0].float()
-    scale = NEW_ROW_SCALE if scale is None else scale
-    # A unit direction at the norm of the rows as trained (which may have moved from tau).
-    row = scale * current_rows.float().norm(dim=-1).mean() * direction
+    if leak_budget is not None and scale is None:
+        norm, _ = fit_row_scale(
+            stats, direction, new_inputs, current_rows, top_k, renormalize, leak_budget, seed
+        )
+        row = norm * direction
+    else:
+        scale = NEW_ROW_SCALE if scale is None else scale
+        # A unit direction at the norm of the rows as trained (which may have moved from tau).
+        row = scale * current_rows.float().norm(dim=-1).mean() * direction
     grown = LayerStats(
         torch.cat([stats.centroids, centroid[None]]),
         stats.covariance,

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from nexus_moe.config import (
     DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_LEAK_BUDGET,
     DEFAULT_VOCAB_SIZE,
     DEVICE_CHOICES,
     Device,
@@ -705,6 +706,14 @@ def extend_cmd(
     calibration_tokens: Annotated[
         int, typer.Option(help="Training tokens of the new domain used to place its row.")
     ] = DEFAULT_CALIBRATION_TOKENS,
+    leak_budget: Annotated[
+        float,
+        typer.Option(
+            help="With --corpus: share of the earlier domains' gates on their own experts that "
+            "the new row may take; fits the row's norm per layer (docs/design.md §5.6). 0 or "
+            "less: a fixed norm, 0.9 times the earlier rows'.",
+        ),
+    ] = DEFAULT_LEAK_BUDGET,
     merge_weight: Annotated[
         float | None,
         typer.Option(
@@ -731,6 +740,7 @@ def extend_cmd(
         random_seed=random_seed,
         corpus=corpus,
         calibration_tokens=calibration_tokens,
+        leak_budget=leak_budget,
         merge_weight=merge_weight,
     )
     _check_out(out, [moe_dir, expert_dir, embeddings, corpus])
@@ -745,6 +755,7 @@ def extend_cmd(
         seed=random_seed,
         calibration_shards=_calibration_shards(corpus, moe_dir),
         calibration_tokens=calibration_tokens,
+        leak_budget=leak_budget if leak_budget > 0 else None,
     )
     console.print(f"extended MoE written to {result}")
 

@@ -90,12 +90,15 @@ def extend_model(
     merge_lambda: float | None = None,
     seed: int = 0,
     calibration_windows: torch.Tensor | None = None,
+    leak_budget: float | None = calibrate.LEAK_BUDGET,
 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
     """Add ``expert`` to ``moe`` in place; returns (moe, undo record of the merged weights).
 
     ``calibration_windows`` (rows, seq_len) of the new domain's training tokens place the new
     router row from the domain's hidden states (the MoE must carry routing statistics, see
-    ``nexus_moe.calibrate``); without them the router's own rule applies.
+    ``nexus_moe.calibrate``); without them the router's own rule applies. ``leak_budget``: the
+    share of the earlier domains' gates on their own experts that the calibrated row may take,
+    which fits its norm per layer (``calibrate.fit_row_scale``); None: the fixed ``calibrate.NEW_ROW_SCALE``.
     """
     cfg = moe.cfg
     assert cfg.moe is not None
@@ -154,7 +157,15 @@ def extend_model(
         inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
         for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
             earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
-            row, layer.domain_stats = calibrate.new_expert_row(layer_stats, x, earlier)
+            row, layer.domain_stats = calibrate.new_expert_row(
+                layer_stats,
+                x,
+                earlier,
+                top_k=layer.top_k,
+                renormalize=layer.cfg.renormalize,
+                leak_budget=leak_budget,
+                seed=seed,
+            )
             layer.router.set_row(n, row)
     return moe, undo
 
@@ -194,6 +205,7 @@ def extend(
     seed: int = 0,
     calibration_shards: TokenShards | None = None,
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    leak_budget: float | None = calibrate.LEAK_BUDGET,
 ) -> Path:
     """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (docs/design.md §7).
 
@@ -205,7 +217,9 @@ def extend(
     shards holding the new domain, made with the MoE's tokenizer; see ``pipeline.tokens_for``)
     and an MoE with a calibrated router, the
     new expert's router row is placed from ``calibration_tokens`` tokens of the domain's
-    training text, so the MoE routes the domain to it before any finetuning.
+    training text, so the MoE routes the domain to it before any finetuning; its norm is
+    fitted so that it takes at most ``leak_budget`` of the earlier domains' gates on their
+    own experts (None: a fixed ``calibrate.NEW_ROW_SCALE`` times the earlier rows' norm).
     """
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)
@@ -252,7 +266,15 @@ def extend(
             calibration_shards, domain, moe.cfg.max_seq_len, calibration_tokens
         )
     moe, undo = extend_model(
-        moe, expert, domain, embedding, reset_linear_router, merge_lambda, seed, windows
+        moe,
+        expert,
+        domain,
+        embedding,
+        reset_linear_router,
+        merge_lambda,
+        seed,
+        windows,
+        leak_budget,
     )
     merged_now = {k: v for k, v in moe.state_dict().items() if k in undo}
     metadata = {

@@ -374,6 +374,7 @@ class Study:
             stage_key(embeddings),
             seed,
             stage_key(corpus_dir) if calibrates else None,
+            self.recipe.extend.leak_budget if calibrates else None,
         )
 
         def build() -> None:
@@ -390,6 +391,7 @@ class Study:
                     tokens_for(corpus_dir, trained / TOKENIZER_FILE) if calibrates else None
                 ),
                 seed=seed,  # the new linear-router row (or re-initialised router)
+                leak_budget=self.recipe.extend.leak_budget,
             )
 
         self._stage(f"extend:{out.parent.name}:s{seed}", out, key, build)
@@ -461,6 +463,15 @@ class Study:
         report = self.evaluation(ckpt, corpus_dir, domains, route=True)["routing"]
         return write_routing_report(report, out or self.workdir / "results", name)
 
+    def earlier_config(self) -> EvalConfig:
+        """How extended models' earlier domains are scored (``extend.earlier_tokens``)."""
+        tokens = self.recipe.extend.earlier_tokens
+        return (
+            self.recipe.evaluate
+            if tokens is None
+            else replace(self.recipe.evaluate, max_tokens=tokens)
+        )
+
     def bounds_config(self) -> EvalConfig:
         tokens = self.recipe.study.bounds_tokens
         return (
@@ -505,6 +516,9 @@ class Study:
             "curves": {},  # name -> seed -> [[step, mean validation loss], ...]
             "extension": {},  # "<label>+<domain>" -> budget -> seed -> scores, share
             "extension_models": {},  # extension label -> the variant it extends
+            # variant -> seed -> the earlier domains' scores before extension, on the tokens
+            # the extended models' earlier domains are scored on (extend.earlier_tokens)
+            "extension_before": {},
             "bounds_models": {},  # seed, dense experts, trained MoEs: on the probes' tokens
         }
         models = results["models"]
@@ -578,7 +592,7 @@ class Study:
                                 embeddings,
                                 corpus_dir,
                                 domains,
-                                results["extension"],
+                                results,
                                 appended=appended,
                             )
         results["paired"] = paired_summary(results)
@@ -698,16 +712,18 @@ class Study:
         embeddings: Path,
         corpus_dir: Path,
         domains: list[str],
-        extension: dict[str, Any],
+        results: dict[str, Any],
         appended: bool = False,
     ) -> None:
         """Extend MoE ``name`` with the held-out ``domain``, finetune at each budget, score.
 
         Budget 0 (the extended model before any finetuning) is always scored. ``appended``: keep
         a linear router's trained rows and append one (the second linear baseline) instead of
-        following ``extend.reset_linear_router``.
+        following ``extend.reset_linear_router``. The earlier domains are scored on
+        ``extend.earlier_tokens`` per domain, and so is the MoE before extension
+        (``results["extension_before"]``), so their change is paired on the same tokens.
         """
-        from nexus_moe.analyse import write_routing_report
+        from nexus_moe.analyse import merge_routing_reports, write_routing_report
 
         r = self.recipe
         label = extension_label(name, appended)
@@ -724,6 +740,9 @@ class Study:
             reset=False if appended else None,
         )
         all_domains = domains + [domain]
+        earlier_cfg = self.earlier_config()
+        before = self.evaluation(trained, corpus_dir, domains, cfg=earlier_cfg)["scores"]
+        results["extension_before"].setdefault(name, {})[str(seed)] = before
         share = r.extend.new_domain_share
         weights = {domain: share, **{d: (1 - share) / len(domains) for d in domains}}
         first_seed = seed == (r.seeds or [r.seed])[0]
@@ -744,13 +763,22 @@ class Study:
                     cfg,
                     {"stage": "extend-finetune", "budget_tokens": steps * per_step},
                 )
-            entry = extension.setdefault(f"{label}+{domain}", {}).setdefault(str(budget), {})
-            ev = self.evaluation(model_dir, corpus_dir, all_domains, route=True)
+            entry = (
+                results["extension"].setdefault(f"{label}+{domain}", {}).setdefault(str(budget), {})
+            )
+            if earlier_cfg == r.evaluate:
+                ev = self.evaluation(model_dir, corpus_dir, all_domains, route=True)
+                scores, report = ev["scores"], ev["routing"]
+            else:
+                new = self.evaluation(model_dir, corpus_dir, [domain], route=True)
+                old = self.evaluation(model_dir, corpus_dir, domains, cfg=earlier_cfg, route=True)
+                scores = {d: old["scores"][d] for d in domains} | {domain: new["scores"][domain]}
+                report = merge_routing_reports(old["routing"], new["routing"])
             out = self.workdir / ("results" if first_seed else f"s{seed}/routing")
-            write_routing_report(ev["routing"], out, f"{folder}+{domain}-ft{budget}")
+            write_routing_report(report, out, f"{folder}+{domain}-ft{budget}")
             entry[str(seed)] = {
-                "scores": ev["scores"],
-                "new_expert_share": float(ev["routing"]["accuracy"][domain] or 0.0),
+                "scores": scores,
+                "new_expert_share": float(report["accuracy"][domain] or 0.0),
             }
 
     # -- reporting ------------------------------------------------------------------------------
@@ -942,11 +970,14 @@ def extension_summary(results: dict[str, Any]) -> dict[str, Any]:
     models = results["models"]
     variants = results.get("variants", {})
     owners = results.get("extension_models", {})
+    earlier_before = results.get("extension_before", {})
     out: dict[str, Any] = {}
     for key, by_budget in results.get("extension", {}).items():
         label, domain = _split_extension(key)
         name = owners.get(label, label)
         before = models.get(name, {})
+        # The earlier domains before extension, on the tokens the extended models were scored on.
+        before_old = earlier_before.get(name, before)
         expert_set = variants.get(name, {}).get("experts", DEFAULT_EXPERT_SET)
         dense = models.get(expert_label(expert_set, domain), {}).get("0", {}).get(domain)
         for budget, by_seed in by_budget.items():
@@ -963,7 +994,7 @@ def extension_summary(results: dict[str, Any]) -> dict[str, Any]:
                         after[domain]["perplexity"]
                     )
                     gap = closed / full if full > 0 else None
-                old = statistics.fmean(b[d]["perplexity"] for d in domains)
+                old = statistics.fmean(before_old[s][d]["perplexity"] for d in domains)
                 new_old = statistics.fmean(after[d]["perplexity"] for d in domains)
                 rows[s] = {
                     "share": e["new_expert_share"],
@@ -1028,11 +1059,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fmt(values: list[float], digits: int = 2) -> str:
+def _fmt(values: list[float], digits: int = 2, signed: bool = False) -> str:
+    """Mean ± sd of ``values`` (the mean alone for one value); ``signed``: the mean with its
+    sign (a change)."""
     if not values:
         return "-"
     mean, std = _mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    shown = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return f"{shown} ± {std:.{digits}f}" if len(values) > 1 else shown
 
 
 def _pct(x: float | None) -> str:
@@ -1416,6 +1450,16 @@ def _extension_markdown(results: dict[str, Any]) -> list[str]:
     ]
     summary = results.get("extension_summary") or extension_summary(results)
     owners = results.get("extension_models", {})
+    earlier_before = results.get("extension_before", {})
+    first = next(iter(next(iter(extension.values())).values()))
+    entry = next(iter(first.values()))["scores"]
+    new_domain = next(d for d in entry if d not in domains and d != "mean")
+    lines[4:4] = [  # after the paragraph above
+        "",
+        f"Validation tokens per domain: new domain {int(entry[new_domain]['tokens']):,}, "
+        f"earlier domains {int(entry[domains[0]]['tokens']):,} (the MoE before extension is "
+        "scored on the same tokens, so their change is paired).",
+    ]
     shown: set[tuple[str, str]] = set()
     for key, by_budget in extension.items():
         label, domain = _split_extension(key)
@@ -1423,7 +1467,10 @@ def _extension_markdown(results: dict[str, Any]) -> list[str]:
         before = models.get(name, {})
         if before and (name, domain) not in shown:
             new = [s[domain]["perplexity"] for s in before.values() if domain in s]
-            old = [statistics.fmean(s[d]["perplexity"] for d in domains) for s in before.values()]
+            old = [
+                statistics.fmean(s[d]["perplexity"] for d in domains)
+                for s in earlier_before.get(name, before).values()
+            ]
             lines.append(f"| {name} before extension | - | {_fmt(new)} | {_fmt(old)} | - | - | - |")
         expert_set = variants.get(name, {}).get("experts", DEFAULT_EXPERT_SET)
         dense = models.get(expert_label(expert_set, domain), {}).get("0")
@@ -1445,7 +1492,7 @@ def _extension_markdown(results: dict[str, Any]) -> list[str]:
             change = [100 * x["earlier_change"] for x in rows]
             lines.append(
                 f"| {key} | {int(budget):,} | {_fmt(new)} | {_fmt(old)} | {_fmt(share)} | "
-                f"{_fmt(gap)} | {_fmt(change, 1)}% |"
+                f"{_fmt(gap)} | {_fmt(change, 1, signed=True)}% |"
             )
     paired = (results.get("paired") or paired_summary(results)).get("extension", {})
     ref = results.get("reference", "nexus")

@@ -1,0 +1,115 @@
+"""Zero-shot extension of the study's trained Nexus MoEs: the new row's norm, fixed or fitted.
+
+Takes a finished study (`make paper`) and, for each seed and held-out domain, extends the trained
+`nexus` MoE with that domain's FFN-only expert (calibrated row from the domain's text, no training
+step) under each rule for the new row's norm: the fixed 0.9 times the earlier rows' norm
+(`--leak-budget 0` on the command line) and the norm fitted to each leak budget given. Printed per
+seed, as the study measures them: the share of the new domain's tokens on the new expert (mean
+over MoE layers), the share of the gap between the MoE before extension and the new dense expert
+that the extension closes (log perplexity, i.e. bits/byte), and the change of the earlier
+domains' mean perplexity (scored on the same tokens before and after).
+
+    .venv/bin/python benchmarks/leak_budget.py --study runs/paper-small --budgets 0 0.005 0.01 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nexus_moe.analyse import RoutingCounter, expert_names, routing_report
+from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
+from nexus_moe.config import EvalConfig
+from nexus_moe.embed import DomainEmbeddings
+from nexus_moe.evaluate import evaluate_domains
+from nexus_moe.extend import extend
+from nexus_moe.pipeline import tokens_for
+from nexus_moe.train import tune_cpu_allocator
+
+
+def score(path: Path, shards, domains: list[str], tokens: int, new: str | None = None):
+    """Per-domain perplexity of ``path`` on ``tokens`` per domain; with ``new``, also the share
+    of that domain's tokens whose top-1 expert is its own (mean over MoE layers)."""
+    model, _ = load_checkpoint(path)
+    cfg = EvalConfig(seq_len=128, batch_size=16, max_tokens=tokens)
+    if new is None:
+        return {d: s.perplexity for d, s in evaluate_domains(model, shards, domains, cfg).items()}
+    counter = RoutingCounter(model, len(domains))
+    scores = evaluate_domains(model, shards, domains, cfg, on_routing=counter)
+    share = routing_report(counter.counts, domains, expert_names(model))["accuracy"][new]
+    return {d: s.perplexity for d, s in scores.items()}, share
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", type=Path, default=Path("runs/paper-small"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02])
+    parser.add_argument("--new-tokens", type=int, default=131072, help="per new domain")
+    parser.add_argument("--earlier-tokens", type=int, default=8192, help="per earlier domain")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tune_cpu_allocator()
+
+    study = args.study
+    saved = json.loads((study / "results" / "scores.json").read_text())
+    earlier, heldout = saved["domains"], saved["heldout"]
+    corpus = study / "corpus"
+    embeddings = DomainEmbeddings.load(study / "domain_embeddings")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        for seed in args.seeds:
+            trained = study / f"s{seed}" / "moe" / "nexus" / "trained" / "model"
+            shards = tokens_for(corpus, trained / TOKENIZER_FILE)
+            before_old = score(trained, shards, earlier, args.earlier_tokens)
+            for domain in heldout:
+                expert = study / "experts-ffn" / domain / "model"
+                before_new = score(trained, shards, [domain], args.new_tokens)[domain]
+                dense = score(expert, shards, [domain], args.new_tokens)[domain]
+                for budget in args.budgets:
+                    out = Path(tmp) / f"s{seed}-{domain}-{budget}"
+                    extend(trained, expert, out, domain=domain, domain_embeddings=embeddings,
+                           calibration_shards=shards, seed=seed,
+                           leak_budget=budget if budget > 0 else None)  # fmt: skip
+                    new, share = score(out, shards, [domain], args.new_tokens, new=domain)
+                    old = score(out, shards, earlier, args.earlier_tokens)
+                    shutil.rmtree(out)
+                    full = math.log(before_new) - math.log(dense)
+                    mean = lambda s: statistics.fmean(s[d] for d in earlier)  # noqa: E731
+                    rows.append(
+                        {
+                            "seed": seed,
+                            "domain": domain,
+                            "budget": budget,
+                            "share": share,
+                            "gap_recovered": (math.log(before_new) - math.log(new[domain])) / full,
+                            "earlier_change": mean(old) / mean(before_old) - 1,
+                        }
+                    )
+                    r = rows[-1]
+                    print(f"s{seed} {domain} budget {budget:g}: share {r['share']:.2f}, gap "
+                          f"{r['gap_recovered']:.2f}, earlier {100 * r['earlier_change']:+.2f}%",
+                          flush=True)  # fmt: skip
+    print("\n| new domain | row norm | share (s0 / s1 / s2) | gap recovered | earlier domains |")
+    print("|---|---|---|---|---|")
+    for domain in heldout:
+        for budget in args.budgets:
+            sel = [r for r in rows if r["domain"] == domain and r["budget"] == budget]
+            label = "fixed (0.9x)" if budget <= 0 else f"fitted, budget {budget:g}"
+            cols = [" / ".join(f"{r[k]:.2f}" for r in sel) for k in ("share", "gap_recovered")] + [
+                " / ".join(f"{100 * r['earlier_change']:+.2f}%" for r in sel)
+            ]
+            print(f"| {domain} | {label} | " + " | ".join(cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
