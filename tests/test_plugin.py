@@ -386,3 +386,28 @@ def test_fitted_row_norm_keeps_the_leak_within_budget_and_grows_with_distance(to
         stats, direction, new, rows, top_k, renormalize, leak_budget=0.0, seed=0
     )
     assert norm == pytest.approx(float(calibrate._SCALE_GRID[0]) * float(rows.norm(dim=-1).mean()))
+
+
+def test_fitted_row_norm_from_a_covariance_of_fewer_tokens_than_dimensions():
+    """A real model calibrated on a few hundred tokens has a singular pooled covariance (more
+    hidden dimensions than tokens), which float32 storage leaves slightly indefinite: the norm
+    is still fitted, from the covariance shrunk as the rows' W is."""
+    generator = torch.Generator().manual_seed(0)
+    size, tokens = 256, 20
+    xs = [
+        torch.randn(tokens, size, generator=generator) + 4.0 * torch.eye(size)[i] for i in range(3)
+    ]
+    centroids = torch.stack([x.double().mean(0) for x in xs])
+    covariance = sum(
+        calibrate._covariance(x, c) * tokens for x, c in zip(xs, centroids, strict=True)
+    ) / (3 * tokens)
+    assert torch.linalg.matrix_rank(covariance) < size
+    covariance = covariance.float().double()  # as stored with the checkpoint (float32)
+    stats = calibrate.LayerStats(centroids, covariance, torch.full((3,), float(tokens)),
+                                 centroids.mean(0), 1.0)  # fmt: skip
+    rows = calibrate.router_rows(stats).double()
+    new = torch.randn(tokens, size, generator=generator) + 4.0 * torch.eye(size)[3]
+    row, _ = calibrate.new_expert_row(
+        stats, new, rows, top_k=2, renormalize=True, leak_budget=calibrate.LEAK_BUDGET
+    )
+    assert torch.isfinite(row).all() and row.norm() > 0

@@ -265,3 +265,10 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
     assert again.ran == []  # every stage was skipped
     assert second["paired"] == results["paired"]
     assert second["timings"]["by_kind"]["seed"] == timings["by_kind"]["seed"]  # from stage.json
+    # The whole study's time: exact on the first run, a lower bound once evaluations are cached.
+    assert timings["evaluations_cached"] == 0
+    assert timings["study_s"] == pytest.approx(
+        timings["stages_total_s"] + timings["evaluate_s"] + timings["other_s"], abs=0.05
+    )
+    assert second["timings"]["evaluations_cached"] > 0
+    assert "whole study: every stage" in (tmp_path / "run" / "results" / "results.md").read_text()

@@ -236,6 +236,21 @@ def with_new_expert(old_logits: torch.Tensor, new_scores: torch.Tensor) -> torch
     return torch.cat([old_logits.expand(s, -1, -1), new_scores.unsqueeze(-1)], dim=-1)
 
 
+def _covariance_root(covariance: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A square root L (L L^T = S) of the pooled covariance S (float64): its Cholesky factor,
+    or, when S is singular (e.g. from fewer calibration tokens than hidden dimensions, as with
+    a real model calibrated on a few hundred tokens), that of S shrunk by ``ridge`` as the rows'
+    ``W`` is."""
+    size = covariance.shape[0]
+    eye = torch.eye(size, dtype=torch.float64)
+    jitter = 1e-9 * covariance.diagonal().mean().clamp_min(1e-12)
+    root, info = torch.linalg.cholesky_ex(covariance + jitter * eye)
+    if int(info) == 0:
+        return root
+    shrink = ridge * covariance.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.cholesky(covariance + shrink * eye)
+
+
 def fit_row_scale(
     stats: LayerStats,
     direction: torch.Tensor,
@@ -245,6 +260,7 @@ def fit_row_scale(
     renormalize: bool,
     leak_budget: float = LEAK_BUDGET,
     seed: int = 0,
+    ridge: float = DEFAULT_RIDGE,
 ) -> tuple[float, dict[str, float]]:
     """Norm of a new expert's row along ``direction`` (unit, (H,)): the largest candidate
     (``_SCALE_GRID`` times the earlier rows' mean norm) whose row takes at most
@@ -254,8 +270,9 @@ def fit_row_scale(
     the new expert minus its gate after (a new expert that only displaces another wrong expert
     from a token's top-k takes nothing from the right one). The earlier domains are
     represented by samples of ``N(c_i, S)`` from the stored statistics (centroids of the
-    earlier experts, pooled within-domain covariance), ``_SAMPLES_PER_DOMAIN`` each, drawn from
-    a generator seeded by ``seed``; the leak is the mean over domains of the mean loss. Returns
+    earlier experts, pooled within-domain covariance; see :func:`_covariance_root` for one
+    estimated from fewer tokens than dimensions), ``_SAMPLES_PER_DOMAIN`` each, drawn from a
+    generator seeded by ``seed``; the leak is the mean over domains of the mean loss. Returns
     the norm and what it gives: ``leak`` (estimated), ``gate`` (the new expert's mean gate on
     ``new_inputs``) and ``share`` (its top-1 share of them).
     """
@@ -264,11 +281,10 @@ def fit_row_scale(
     base = rows.norm(dim=-1).mean()
     candidates = (_SCALE_GRID.double() * base).tolist()
     generator = torch.Generator().manual_seed(seed)
-    size = stats.covariance.shape[0]
-    jitter = 1e-9 * stats.covariance.diagonal().mean().clamp_min(1e-12)
-    chol = torch.linalg.cholesky(stats.covariance + jitter * torch.eye(size, dtype=torch.float64))
+    root = _covariance_root(stats.covariance.double(), ridge)
+    size = root.shape[0]
     noise = torch.randn(n, _SAMPLES_PER_DOMAIN, size, generator=generator, dtype=torch.float64)
-    samples = (stats.centroids[:n, None, :].double() + noise @ chol.t()).reshape(-1, size)
+    samples = (stats.centroids[:n, None, :].double() + noise @ root.t()).reshape(-1, size)
     own = torch.arange(n).repeat_interleave(_SAMPLES_PER_DOMAIN)
     direction = direction.double()
     scale_t = torch.tensor(candidates, dtype=torch.float64)[:, None]
@@ -315,7 +331,7 @@ def new_expert_row(
     direction = directions(centroid[None], stats.center, stats.covariance, ridge)[0].float()
     if leak_budget is not None and scale is None:
         norm, _ = fit_row_scale(
-            stats, direction, new_inputs, current_rows, top_k, renormalize, leak_budget, seed
+            stats, direction, new_inputs, current_rows, top_k, renormalize, leak_budget, seed, ridge
         )
         row = norm * direction
     else:

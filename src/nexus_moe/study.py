@@ -84,6 +84,8 @@ class Study:
         self.timings: dict[str, float] = {}  # seconds of the stages run in this invocation
         self.earlier: dict[str, float] = {}  # seconds recorded by skipped stages' earlier runs
         self.eval_seconds = 0.0  # evaluations computed (not read from cache) in this invocation
+        self.evals_cached = 0  # evaluations an earlier run wrote (their time is not known here)
+        self.evals_written: set[Path] = set()  # evaluation caches written by this invocation
         self.ran: list[str] = []  # stages actually run (not skipped) in this invocation
         self.sets = self._expert_sets()
 
@@ -427,6 +429,7 @@ class Study:
         )
         cache = ckpt.parent / f"eval-{ckpt.name}-{key}.json"
         if cache.is_file():
+            self.evals_cached += cache not in self.evals_written
             return read_json(cache)
         start = time.perf_counter()
         model, _ = load_checkpoint(ckpt, device=str(self.device))
@@ -447,6 +450,7 @@ class Study:
         if counter is not None:
             result["routing"] = routing_report(counter.counts, domains, expert_names(model))
         write_json(cache, result)
+        self.evals_written.add(cache)
         self.eval_seconds += time.perf_counter() - start
         return result
 
@@ -799,6 +803,15 @@ class Study:
             # This run's wall time outside its stages and evaluations: loading, heatmaps, plots.
             "other_s": round(max(0.0, wall - sum(self.timings.values()) - self.eval_seconds), 2),
             "wall_s": round(wall, 2),
+            # The whole study's time: every stage wherever it ran, plus this run's evaluations
+            # and the rest; exact when no evaluation was read from cache.
+            "evaluations_cached": self.evals_cached,
+            "study_s": round(
+                sum(stages.values())
+                + self.eval_seconds
+                + max(0.0, wall - sum(self.timings.values()) - self.eval_seconds),
+                2,
+            ),
         }
 
     def write_results(self, results: dict[str, Any]) -> None:
@@ -825,7 +838,13 @@ class Study:
         t = results["timings"]
         self.console.print(
             f"total: {t['wall_s']:.1f}s wall in this run (stages {t['stages_total_s']:.1f}s "
-            f"including earlier runs of skipped stages; evaluation {t['evaluate_s']:.1f}s)"
+            f"including earlier runs of skipped stages; evaluation {t['evaluate_s']:.1f}s); "
+            f"the whole study {t['study_s']:.1f}s"
+            + (
+                f" at least ({t['evaluations_cached']} evaluations cached)"
+                if t["evaluations_cached"]
+                else ""
+            )  # fmt: skip
         )
         self.console.print(f"results written to {out}/results.md")
 
@@ -1168,6 +1187,11 @@ def timing_table(timings: dict[str, Any]) -> Table:
     table.add_row("evaluation (this run)", f"{timings['evaluate_s']:.1f}")
     table.add_row("other: loading, heatmaps, plots (this run)", f"{timings['other_s']:.1f}")
     table.add_row("total wall (this run)", f"{timings['wall_s']:.1f}")
+    if "study_s" in timings:
+        cached = timings.get("evaluations_cached", 0)
+        label = "whole study (every stage + evaluation + other)"
+        table.add_row(label + (f", {cached} evaluations cached" if cached else ""),
+                      f"{timings['study_s']:.1f}")  # fmt: skip
     return table
 
 
@@ -1534,6 +1558,13 @@ def _timing_markdown(results: dict[str, Any]) -> list[str]:
         f"| other: loading, heatmaps, plots (this run) | {t['other_s']:.1f} |",
         f"| total wall (this run) | {t['wall_s']:.1f} |",
     ]
+    if "study_s" in t:
+        cached = t.get("evaluations_cached", 0)
+        note = "" if not cached else f" (at least: {cached} evaluations were read from cache)"
+        lines.append(
+            f"| whole study: every stage, wherever it ran, + evaluation + other{note} | "
+            f"{t['study_s']:.1f} |"
+        )
     return lines
 
 
