@@ -27,7 +27,7 @@ import torch
 
 from nexus_moe.analyse import routing_counts
 from nexus_moe.checkpoint import load_checkpoint
-from nexus_moe.config import EvalConfig, ModelConfig
+from nexus_moe.config import DEFAULT_LEAK_BUDGET, EvalConfig, ModelConfig
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.evaluate import evaluate_domains
 from nexus_moe.extend import extend
@@ -68,6 +68,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--testbed", type=Path, help="use these models instead of building them")
+    parser.add_argument(
+        "--leak-budget",
+        type=float,
+        default=DEFAULT_LEAK_BUDGET,
+        help="the new rows' leak budget (docs/design.md §5.6); 0: the fixed 0.9x norm",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -204,6 +210,7 @@ def main() -> None:
             domain=domain,
             domain_embeddings=embeddings,
             calibration_shards=shards,
+            leak_budget=args.leak_budget if args.leak_budget > 0 else None,
         )
         model, _ = load_checkpoint(path)
         ppl, bpb = scores(model, DOMAINS + [domain])

@@ -467,22 +467,18 @@ class Study:
         report = self.evaluation(ckpt, corpus_dir, domains, route=True)["routing"]
         return write_routing_report(report, out or self.workdir / "results", name)
 
+    def _scored_on(self, tokens: int | None) -> EvalConfig:
+        """``evaluate`` with ``tokens`` validation tokens per domain (None: as it is)."""
+        evaluate = self.recipe.evaluate
+        return evaluate if tokens is None else replace(evaluate, max_tokens=tokens)
+
     def earlier_config(self) -> EvalConfig:
         """How extended models' earlier domains are scored (``extend.earlier_tokens``)."""
-        tokens = self.recipe.extend.earlier_tokens
-        return (
-            self.recipe.evaluate
-            if tokens is None
-            else replace(self.recipe.evaluate, max_tokens=tokens)
-        )
+        return self._scored_on(self.recipe.extend.earlier_tokens)
 
     def bounds_config(self) -> EvalConfig:
-        tokens = self.recipe.study.bounds_tokens
-        return (
-            self.recipe.evaluate
-            if tokens is None
-            else replace(self.recipe.evaluate, max_tokens=tokens)
-        )
+        """How the probes are scored (``study.bounds_tokens``)."""
+        return self._scored_on(self.recipe.study.bounds_tokens)
 
     # -- the whole study ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -794,24 +790,20 @@ class Study:
         for name, seconds in stages.items():
             kind = name.split(":", 1)[0].split("[", 1)[0]
             kinds[kind] = kinds.get(kind, 0.0) + seconds
+        # This run's wall time outside its stages and evaluations: loading, heatmaps, plots.
+        other = max(0.0, wall - sum(self.timings.values()) - self.eval_seconds)
         return {
             "stages": {k: round(v, 2) for k, v in stages.items()},
             "ran_now": list(self.ran),
             "by_kind": {k: round(v, 2) for k, v in kinds.items()},
             "evaluate_s": round(self.eval_seconds, 2),
             "stages_total_s": round(sum(stages.values()), 2),
-            # This run's wall time outside its stages and evaluations: loading, heatmaps, plots.
-            "other_s": round(max(0.0, wall - sum(self.timings.values()) - self.eval_seconds), 2),
+            "other_s": round(other, 2),
             "wall_s": round(wall, 2),
             # The whole study's time: every stage wherever it ran, plus this run's evaluations
-            # and the rest; exact when no evaluation was read from cache.
+            # and the rest; exact when no evaluation was read from an earlier run's cache.
             "evaluations_cached": self.evals_cached,
-            "study_s": round(
-                sum(stages.values())
-                + self.eval_seconds
-                + max(0.0, wall - sum(self.timings.values()) - self.eval_seconds),
-                2,
-            ),
+            "study_s": round(sum(stages.values()) + self.eval_seconds + other, 2),
         }
 
     def write_results(self, results: dict[str, Any]) -> None:
