@@ -27,7 +27,7 @@ import torch
 
 from nexus_moe.analyse import routing_counts
 from nexus_moe.checkpoint import load_checkpoint
-from nexus_moe.config import DEFAULT_LEAK_BUDGET, EvalConfig, ModelConfig
+from nexus_moe.config import EvalConfig, ModelConfig
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.evaluate import evaluate_domains
 from nexus_moe.extend import extend
@@ -71,8 +71,8 @@ def main() -> None:
     parser.add_argument(
         "--leak-budget",
         type=float,
-        default=DEFAULT_LEAK_BUDGET,
-        help="the new rows' leak budget (docs/design.md §5.6); 0: the fixed 0.9x norm",
+        default=0.0,
+        help="the new rows' leak budget (docs/design.md §5.6); 0: the fixed 0.9x norm (default)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

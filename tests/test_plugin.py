@@ -167,7 +167,7 @@ def test_calibrated_router_routes_each_domain_to_its_expert_at_step0(world):
 
 
 def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs(world):
-    """The fixed row norm (``leak_budget=None``): the new expert takes its domain's tokens."""
+    """The default, fixed row norm: the new expert takes its domain's tokens."""
     context = 0.5  # the plug-in default
     moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
     before = _own_share(load_checkpoint(moe_dir)[0], world["shards"], DOMAINS)
@@ -206,8 +206,8 @@ def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs
 
 
 def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world, tmp_path):
-    """The default row norm, fitted to a leak budget: this tiny model's "music" and "sports"
-    texts share most of their words, so the fixed norm hands music sports' tokens (sports'
+    """A row norm fitted to a leak budget: this tiny model's "music" and "sports" texts share
+    most of their words, so the default fixed norm hands music sports' tokens (sports'
     perplexity rises by half); the fitted norm keeps every earlier domain within a few percent
     of its perplexity and routing, and music still gains from its new expert."""
     moe_dir = _upcycled(world, "moe-ctx0.5", router_context=0.5)

@@ -20,7 +20,6 @@ from rich.table import Table
 
 from nexus_moe.config import (
     DEFAULT_CALIBRATION_TOKENS,
-    DEFAULT_LEAK_BUDGET,
     DEFAULT_VOCAB_SIZE,
     DEVICE_CHOICES,
     Device,
@@ -709,11 +708,12 @@ def extend_cmd(
     leak_budget: Annotated[
         float,
         typer.Option(
-            help="With --corpus: share of the earlier domains' gates on their own experts that "
-            "the new row may take; fits the row's norm per layer (docs/design.md §5.6). 0 or "
-            "less: a fixed norm, 0.9 times the earlier rows'.",
+            help="With --corpus: 0 places the new row at 0.9 times the earlier rows' norm; a "
+            "share (e.g. 0.01) of the earlier domains' gates on their own experts that the new "
+            "row may take fits its norm per layer instead, which protects an earlier domain "
+            "the new one overlaps (docs/design.md §5.6).",
         ),
-    ] = DEFAULT_LEAK_BUDGET,
+    ] = 0.0,
     merge_weight: Annotated[
         float | None,
         typer.Option(

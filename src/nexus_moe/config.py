@@ -20,9 +20,6 @@ T = TypeVar("T")
 
 DEFAULT_VOCAB_SIZE = 4096  # tokenizer vocabulary; a new seed model takes its tokenizer's size
 DEFAULT_CALIBRATION_TOKENS = 8192  # training tokens per domain that place a router row
-# Share of the earlier domains' gates on their own experts that a new expert's calibrated row
-# may take (calibrate.fit_row_scale).
-DEFAULT_LEAK_BUDGET = 0.01
 
 
 class RouterType(enum.StrEnum):

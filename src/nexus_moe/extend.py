@@ -90,15 +90,16 @@ def extend_model(
     merge_lambda: float | None = None,
     seed: int = 0,
     calibration_windows: torch.Tensor | None = None,
-    leak_budget: float | None = calibrate.LEAK_BUDGET,
+    leak_budget: float | None = None,
 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
     """Add ``expert`` to ``moe`` in place; returns (moe, undo record of the merged weights).
 
     ``calibration_windows`` (rows, seq_len) of the new domain's training tokens place the new
     router row from the domain's hidden states (the MoE must carry routing statistics, see
-    ``nexus_moe.calibrate``); without them the router's own rule applies. ``leak_budget``: the
-    share of the earlier domains' gates on their own experts that the calibrated row may take,
-    which fits its norm per layer (``calibrate.fit_row_scale``); None: the fixed ``calibrate.NEW_ROW_SCALE``.
+    ``nexus_moe.calibrate``); without them the router's own rule applies. The calibrated row
+    gets ``calibrate.NEW_ROW_SCALE`` times the earlier rows' norm, or, with ``leak_budget`` (the
+    share of the earlier domains' gates on their own experts it may take), a norm fitted per
+    layer (``calibrate.fit_row_scale``).
     """
     cfg = moe.cfg
     assert cfg.moe is not None
@@ -205,7 +206,7 @@ def extend(
     seed: int = 0,
     calibration_shards: TokenShards | None = None,
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-    leak_budget: float | None = calibrate.LEAK_BUDGET,
+    leak_budget: float | None = None,
 ) -> Path:
     """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (docs/design.md §7).
 
@@ -218,8 +219,8 @@ def extend(
     and an MoE with a calibrated router, the
     new expert's router row is placed from ``calibration_tokens`` tokens of the domain's
     training text, so the MoE routes the domain to it before any finetuning; its norm is
-    fitted so that it takes at most ``leak_budget`` of the earlier domains' gates on their
-    own experts (None: a fixed ``calibrate.NEW_ROW_SCALE`` times the earlier rows' norm).
+    ``calibrate.NEW_ROW_SCALE`` times the earlier rows', or, with ``leak_budget``, fitted so
+    that it takes at most that share of the earlier domains' gates on their own experts.
     """
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)

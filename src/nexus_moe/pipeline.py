@@ -25,7 +25,6 @@ from nexus_moe.checkpoint import (
     weights_hash,
 )
 from nexus_moe.config import (
-    DEFAULT_LEAK_BUDGET,
     DEFAULT_VOCAB_SIZE,
     Device,
     EmbedConfig,
@@ -150,10 +149,10 @@ class ExtendSection:
     append_linear_baseline: bool = False
     budgets: list[int] = field(default_factory=lambda: [65536])  # finetuning tokens; 0 = none
     new_domain_share: float = 0.5  # share of the finetuning mix from the new domain
-    # Calibrated new rows: share of the earlier domains' gates on their own experts that the
-    # new row may take (fits its norm, docs/design.md §5.6); null: the fixed norm (0.9 times
-    # the earlier rows').
-    leak_budget: float | None = DEFAULT_LEAK_BUDGET
+    # Calibrated new rows: null, the fixed norm (0.9 times the earlier rows'); a share of the
+    # earlier domains' gates on their own experts that the new row may take fits its norm
+    # instead (docs/design.md §5.6).
+    leak_budget: float | None = None
     # Validation tokens per earlier domain for the extended models, whose change on those
     # domains is measured against the MoE before extension scored on the same tokens (a paired
     # difference); None: evaluate.max_tokens. The new domain always gets evaluate.max_tokens.
