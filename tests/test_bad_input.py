@@ -678,6 +678,22 @@ def test_extend_with_embeddings_of_the_wrong_dimension(w, tmp_path):
     )
 
 
+def test_extend_with_a_leak_budget_that_is_not_a_share(w, tmp_path):
+    fails(
+        "extend",
+        "--moe",
+        w / "moe",
+        "--expert",
+        w / "experts" / "beta",
+        "--leak-budget",
+        "1.5",
+        "--out",
+        tmp_path / "out",
+        names=["--leak-budget 1.5", "0.01"],
+        keep=[w / "moe"],
+    )
+
+
 def test_truncated_gguf(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00\x05\x00")  # valid magic and version, then nothing

@@ -728,6 +728,11 @@ def extend_cmd(
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir
 
+    if leak_budget >= 1.0:
+        raise NexusError(
+            f"--leak-budget {leak_budget}: not a share below 1; use e.g. 0.01, or 0 for the "
+            "fixed norm"
+        )
     moe_dir, expert_dir = resolve_model_dir(moe), resolve_model_dir(expert)
     _claim(
         "extend",

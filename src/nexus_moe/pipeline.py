@@ -244,6 +244,12 @@ def check_recipe(recipe: Recipe) -> None:
             f"extend.domains: {', '.join(unknown)} not in corpus.heldout "
             f"({', '.join(c.heldout) or 'empty'}); the corpus only holds the domains it lists"
         )
+    budget = recipe.extend.leak_budget
+    if budget is not None and not 0.0 < budget < 1.0:
+        raise NexusError(
+            f"extend.leak_budget: {budget} is not a share in (0, 1); use e.g. 0.01, or null for "
+            "the fixed norm"
+        )
     _check_variants(recipe)
     _check_seq_lens(recipe)
 
