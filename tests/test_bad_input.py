@@ -658,15 +658,16 @@ def test_tokenizer_larger_than_the_model(w, tmp_path):
         fails(*args, names=[str(ckpt / "tokenizer.json"), "vocab_size"], keep=[ckpt])
 
 
+def _extend_beta(w) -> list:
+    """``extend`` of the world's MoE with its ``beta`` expert (the options a test adds follow)."""
+    return ["extend", "--moe", w / "moe", "--expert", w / "experts" / "beta"]
+
+
 def test_extend_with_embeddings_of_the_wrong_dimension(w, tmp_path):
     emb = tmp_path / "emb"
     DomainEmbeddings(["gamma"], torch.randn(1, 24), "test-embedder", 24, 4).save(emb)
     fails(
-        "extend",
-        "--moe",
-        w / "moe",
-        "--expert",
-        w / "experts" / "beta",
+        *_extend_beta(w),
         "--domain",
         "gamma",
         "--embeddings",
@@ -680,11 +681,7 @@ def test_extend_with_embeddings_of_the_wrong_dimension(w, tmp_path):
 
 def test_extend_with_a_leak_budget_that_is_not_a_share(w, tmp_path):
     fails(
-        "extend",
-        "--moe",
-        w / "moe",
-        "--expert",
-        w / "experts" / "beta",
+        *_extend_beta(w),
         "--leak-budget",
         "1.5",
         "--out",

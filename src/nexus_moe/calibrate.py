@@ -294,13 +294,13 @@ def fit_row_scale(
         with_new_expert(old_logits, scale_t * (samples @ direction)[None]), own, top_k, renormalize
     )
     leak = (before[None] - after).reshape(len(candidates), n, -1).mean(-1).mean(-1)  # (S,)
-    x = new_inputs.double()
-    new_logits = with_new_expert(x @ rows.t(), scale_t * (x @ direction)[None])
-    gate = gates_of(new_logits, torch.full((len(x),), n), top_k, renormalize)
     ok = (leak <= leak_budget).nonzero()
     pick = int(ok[-1]) if len(ok) else 0
-    share = float((new_logits[pick].argmax(-1) == n).double().mean())
-    info = {"leak": float(leak[pick]), "gate": float(gate[pick].mean()), "share": share}
+    x = new_inputs.double()
+    new_logits = with_new_expert(x @ rows.t(), candidates[pick] * (x @ direction)[None])[0]
+    gate = gates_of(new_logits, torch.full((len(x),), n), top_k, renormalize)
+    share = float((new_logits.argmax(-1) == n).double().mean())
+    info = {"leak": float(leak[pick]), "gate": float(gate.mean()), "share": share}
     return candidates[pick], info
 
 

@@ -741,8 +741,9 @@ class Study:
         )
         all_domains = domains + [domain]
         earlier_cfg = self.earlier_config()
-        before = self.evaluation(trained, corpus_dir, domains, cfg=earlier_cfg)["scores"]
-        results["extension_before"].setdefault(name, {})[str(seed)] = before
+        if earlier_cfg != r.evaluate:  # else its own scores (results["models"]) are on them
+            before = self.evaluation(trained, corpus_dir, domains, cfg=earlier_cfg)["scores"]
+            results["extension_before"].setdefault(name, {})[str(seed)] = before
         share = r.extend.new_domain_share
         weights = {domain: share, **{d: (1 - share) / len(domains) for d in domains}}
         first_seed = seed == (r.seeds or [r.seed])[0]
@@ -1180,11 +1181,15 @@ def timing_table(timings: dict[str, Any]) -> Table:
     table.add_row("other: loading, heatmaps, plots (this run)", f"{timings['other_s']:.1f}")
     table.add_row("total wall (this run)", f"{timings['wall_s']:.1f}")
     if "study_s" in timings:
-        cached = timings.get("evaluations_cached", 0)
-        label = "whole study (every stage + evaluation + other)"
-        table.add_row(label + (f", {cached} evaluations cached" if cached else ""),
-                      f"{timings['study_s']:.1f}")  # fmt: skip
+        table.add_row(_whole_study_label(timings), f"{timings['study_s']:.1f}")
     return table
+
+
+def _whole_study_label(timings: dict[str, Any]) -> str:
+    """Row label of the whole study's time, flagged when earlier runs' evaluations were read."""
+    cached = timings.get("evaluations_cached", 0)
+    note = f" (at least: {cached} evaluations were read from cache)" if cached else ""
+    return f"whole study: every stage, wherever it ran, + evaluation + other{note}"
 
 
 def _ppl_table(
@@ -1447,6 +1452,9 @@ def _extension_markdown(results: dict[str, Any]) -> list[str]:
     domains = results["domains"]
     models = results["models"]
     variants = results.get("variants", {})
+    first = next(iter(next(iter(extension.values())).values()))
+    scored = next(iter(first.values()))["scores"]
+    new_domain = next(d for d in scored if d not in domains and d != "mean")
     lines = [
         "",
         "## Extension with a held-out domain",
@@ -1460,6 +1468,10 @@ def _extension_markdown(results: dict[str, Any]) -> list[str]:
         "change: their mean perplexity against the same seed's MoE before extension. Mean ± sd "
         "over seeds.",
         "",
+        f"Validation tokens per domain: new domain {int(scored[new_domain]['tokens']):,}, "
+        f"earlier domains {int(scored[domains[0]]['tokens']):,} (the MoE before extension is "
+        "scored on the same tokens, so their change is paired).",
+        "",
         "| model | budget (tokens) | new domain ppl | earlier domains ppl | routing share | "
         "gap recovered | earlier domains change |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -1467,15 +1479,6 @@ def _extension_markdown(results: dict[str, Any]) -> list[str]:
     summary = results.get("extension_summary") or extension_summary(results)
     owners = results.get("extension_models", {})
     earlier_before = results.get("extension_before", {})
-    first = next(iter(next(iter(extension.values())).values()))
-    entry = next(iter(first.values()))["scores"]
-    new_domain = next(d for d in entry if d not in domains and d != "mean")
-    lines[4:4] = [  # after the paragraph above
-        "",
-        f"Validation tokens per domain: new domain {int(entry[new_domain]['tokens']):,}, "
-        f"earlier domains {int(entry[domains[0]]['tokens']):,} (the MoE before extension is "
-        "scored on the same tokens, so their change is paired).",
-    ]
     shown: set[tuple[str, str]] = set()
     for key, by_budget in extension.items():
         label, domain = _split_extension(key)
@@ -1551,12 +1554,7 @@ def _timing_markdown(results: dict[str, Any]) -> list[str]:
         f"| total wall (this run) | {t['wall_s']:.1f} |",
     ]
     if "study_s" in t:
-        cached = t.get("evaluations_cached", 0)
-        note = "" if not cached else f" (at least: {cached} evaluations were read from cache)"
-        lines.append(
-            f"| whole study: every stage, wherever it ran, + evaluation + other{note} | "
-            f"{t['study_s']:.1f} |"
-        )
+        lines.append(f"| {_whole_study_label(t)} | {t['study_s']:.1f} |")
     return lines
 
 
