@@ -3,8 +3,8 @@
 Takes a finished study (`make paper`: its seed, trained MoEs and domain embeddings) and a folder
 of the user's own text (one sub-folder per domain, as `nexus-moe corpus build --from` reads it),
 and for each seed adds the new domain to the trained `nexus` MoE (calibrated row from the new
-domain's text, its norm fitted to the default leak budget, and at the fixed norm of
-`--leak-budget 0`) and to the trained `moe-linear` MoE (the two linear baselines: router
+domain's text, at the default fixed norm, and at the norm fitted to a leak budget of 0.01 with
+`--leak-budget 0.01`) and to the trained `moe-linear` MoE (the two linear baselines: router
 re-initialised, and the trained rows kept with one appended), with no training step. Every step is
 a `nexus-moe` command, as a user would run it:
 
@@ -103,8 +103,12 @@ def main() -> None:
     }
     ways = {  # label: (variant, expert set, extend flags)
         "nexus": ("nexus", "ffn", ["--corpus", str(corpus)]),
-        # the previous rule: the calibrated row at 0.9 times the earlier rows' norm
-        "nexus, fixed row norm": ("nexus", "ffn", ["--corpus", str(corpus), "--leak-budget", "0"]),
+        # the opt-in rule: the calibrated row's norm fitted to a leak budget
+        "nexus, leak budget 0.01": (
+            "nexus",
+            "ffn",
+            ["--corpus", str(corpus), "--leak-budget", "0.01"],
+        ),
         "moe-linear, re-initialised": ("moe-linear", "full", ["--reset-router"]),
         "moe-linear, appended row": ("moe-linear", "full", ["--no-reset-router"]),
     }

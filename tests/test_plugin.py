@@ -388,6 +388,40 @@ def test_fitted_row_norm_keeps_the_leak_within_budget_and_grows_with_distance(to
     assert norm == pytest.approx(float(calibrate._SCALE_GRID[0]) * float(rows.norm(dim=-1).mean()))
 
 
+def test_new_row_discounts_the_directions_its_own_domain_varies_in():
+    """The new row is the discriminant direction under the covariance pooled over the earlier
+    domains *and* the new one. A new domain shifted a little along a direction in which it varies
+    widely (and the earlier domains do not) gets a row that leans on that direction less than
+    the earlier domains' covariance alone would make it, and so more of its tokens at the same
+    leak; the earlier rows and the stored covariance are unchanged."""
+    generator = torch.Generator().manual_seed(0)
+    size = 5
+    centres = 3.0 * torch.eye(size)[:3]
+    stats = _gaussian_stats(centres)
+    rows = 2.0 * calibrate.directions(stats.centroids, stats.center, stats.covariance, 0.05)
+    spread = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0])  # the new domain varies widely along e4
+    noise = torch.randn(4000, size, generator=generator)
+    new = torch.tensor([1.0, 1.0, 1.0, 2.0, 1.5]) + spread * noise
+    old = torch.cat([c + torch.randn(4000, size, generator=generator) for c in centres])
+    row, grown = calibrate.new_expert_row(stats, new, rows.float(), scale=1.0)
+    earlier_only = calibrate.directions(new.double().mean(0)[None], stats.center,
+                                        stats.covariance, 0.05)[0].float()  # fmt: skip
+    torch.testing.assert_close(row.norm(), rows.float().norm(dim=-1).mean())
+    unit = row / row.norm()
+    assert abs(float(unit[4])) < 0.5 * abs(float(earlier_only[4]))
+    torch.testing.assert_close(grown.covariance, stats.covariance)
+
+    def recall_and_leak(direction: torch.Tensor) -> tuple[float, float]:
+        grown_rows = torch.cat([rows.float(), row.norm() * direction[None]])
+        recall = float(((new @ grown_rows.t()).argmax(-1) == 3).float().mean())
+        return recall, float(((old @ grown_rows.t()).argmax(-1) == 3).float().mean())
+
+    pooled_recall, pooled_leak = recall_and_leak(unit)
+    old_recall, old_leak = recall_and_leak(earlier_only)
+    assert pooled_leak <= old_leak + 0.005, (pooled_leak, old_leak)
+    assert pooled_recall >= old_recall + 0.05, (pooled_recall, old_recall)
+
+
 def test_fitted_row_norm_from_a_covariance_of_fewer_tokens_than_dimensions():
     """A real model calibrated on a few hundred tokens has a singular pooled covariance (more
     hidden dimensions than tokens), which float32 storage leaves slightly indefinite: the norm

@@ -70,6 +70,18 @@ VARIANTS = [{"name": "nexus", "method": "nexus"}, {"name": "moe-linear", "method
         ({"extend__domains": ["maths"]}, r"extend\.domains: maths not in corpus\.heldout \(math\)"),
         ({"extend__leak_budget": 1.5}, r"extend\.leak_budget: 1\.5 is not a share in \(0, 1\)"),
         (
+            {"extend__train_only": {"btx": ["mlp.experts"]}},
+            r"extend\.train_only: 'btx' is not one of extend\.variants \(nexus, moe-linear\)",
+        ),
+        (
+            {"extend__train_only": {"nexus": "mlp.experts"}},
+            r"extend\.train_only\.nexus: expected a list, got str",
+        ),
+        (
+            {"extend__train_only": {"nexus": [""]}},
+            r"extend\.train_only\.nexus: an empty pattern would name every parameter",
+        ),
+        (
             {"extend__variants": ["nexus", "btx"]},
             r"extend\.variants: 'btx' is not a trained MoE variant .*\(those are: nexus, moe-linear\)",
         ),

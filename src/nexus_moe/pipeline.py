@@ -158,6 +158,11 @@ class ExtendSection:
     # difference); None: evaluate.max_tokens. The new domain always gets evaluate.max_tokens.
     earlier_tokens: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)  # `steps` is set from each budget
+    # What the finetune trains, per extended variant: TrainConfig.train_only patterns (e.g.
+    # {nexus: [mlp.experts]}: the experts' FFNs only, so the attention, norms, embeddings and
+    # router every earlier expert shares stay as they were); a variant not named trains what
+    # extend.train says (default: everything).
+    train_only: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -250,6 +255,17 @@ def check_recipe(recipe: Recipe) -> None:
             f"extend.leak_budget: {budget} is not a share in (0, 1); use e.g. 0.01, or null for "
             "the fixed norm"
         )
+    for name, patterns in recipe.extend.train_only.items():  # types checked at load
+        if name not in recipe.extend.variants:
+            raise NexusError(
+                f"extend.train_only: '{name}' is not one of extend.variants "
+                f"({', '.join(recipe.extend.variants) or 'none'}); name a variant that is extended"
+            )
+        if not all(patterns):
+            raise NexusError(
+                f"extend.train_only.{name}: an empty pattern would name every parameter; "
+                "use e.g. [mlp.experts]"
+            )
     _check_variants(recipe)
     _check_seq_lens(recipe)
 

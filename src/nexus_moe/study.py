@@ -754,7 +754,10 @@ class Study:
                 model_dir = extended
             else:
                 steps = max(1, budget // per_step)
-                cfg = replace(tcfg, steps=steps, seed=seed, domain_weights=weights)
+                train_only = r.extend.train_only.get(name, tcfg.train_only)
+                cfg = replace(
+                    tcfg, steps=steps, seed=seed, domain_weights=weights, train_only=train_only
+                )
                 model_dir = self.stage_train(
                     f"finetune:{folder}-{domain}:{budget}:s{seed}",
                     extended,
