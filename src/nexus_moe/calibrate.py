@@ -19,8 +19,8 @@ module measures that and turns it into router rows:
 3. **Growing.** A new expert's row is the discriminant direction of its domain's centroid from
    the stored ``g`` of each layer, under the ``W`` of the stored ``S`` with the new domain's own
    within-domain scatter pooled in; the rows of the earlier experts are unchanged. It gets
-   ``NEW_ROW_SCALE`` times their norm; or, given a leak budget, at the norm fitted per layer
-   by :func:`fit_row_scale`: the largest that lets the new expert take at most that share of
+   ``NEW_ROW_SCALE`` times their norm or, given a leak budget, the norm fitted per layer by
+   :func:`fit_row_scale`: the largest that lets the new expert take at most that share of
    the earlier domains' own gates, estimated on samples drawn from the stored statistics
    (``N(c_i, S)``), so no earlier text is needed. A domain that overlaps an earlier one is then
    kept off that domain's tokens (and gets fewer of its own).
