@@ -17,6 +17,14 @@ The probe at the router's leak is the ceiling of any linear row at that cost to 
 domains, on these hidden states; where it is close to the router's recall, routing a single
 (context-mixed) token cannot do much better.
 
+The probe has its own rows for the earlier domains and a bias per class; a new expert's row has
+neither. So the benchmark also fits the new row alone, by likelihood of the true domain under
+the layer's softmax over the earlier rows (kept) and the new one, on the same training tokens of
+all five domains (L-BFGS from the router's row, with a pull towards it), and compares the two
+directions where it matters for perplexity: the new domain's recall at the loss of the earlier
+domains' gates on their own experts (as the layer gates, top-k and renormalised) that the
+router has, each direction swept over norms of 0.5-1.5x the router's row.
+
     .venv/bin/python benchmarks/routing_ceiling.py --study runs/paper-small --seeds 0 1 2
 """
 
@@ -30,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nexus_moe.calibrate import moe_inputs, sample_windows
+from nexus_moe.calibrate import gates_of, moe_inputs, sample_windows
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.pipeline import tokens_for
 from nexus_moe.train import tune_cpu_allocator
@@ -59,6 +67,50 @@ def recall_at_leak(score: torch.Tensor, labels: torch.Tensor, new: int, leak: fl
     """Recall of the new class when the threshold on ``score`` passes ``leak`` of the others."""
     threshold = torch.quantile(score[labels != new], 1.0 - max(leak, 1e-4))
     return float((score[labels == new] > threshold).float().mean())
+
+
+def fit_new_row(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, start: torch.Tensor):
+    """The new expert's row (index ``len(rows)``) maximising the likelihood of the labels ``y``
+    under ``softmax([x . rows, x . r])``, from ``start`` with an L2 pull towards it."""
+    fixed = x @ rows.t()
+    row = start.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([row], max_iter=100, line_search_fn="strong_wolfe")
+    scale = (start**2).sum()
+
+    def closure():
+        opt.zero_grad()
+        logits = torch.cat([fixed, (x @ row)[:, None]], dim=1)
+        loss = F.cross_entropy(logits, y) + ((row - start) ** 2).sum() / scale
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return row.detach()
+
+
+def recall_and_gate_loss(x, y, rows, row, top_k: int, renormalize: bool) -> tuple[float, float]:
+    """Top-1 recall of the new domain (label ``len(rows)``) with ``row`` added, and the mean loss
+    of the earlier domains' gates on their own experts."""
+    new = len(rows)
+    logits = x @ torch.cat([rows, row[None]]).t()
+    recall = float((logits[y == new].argmax(-1) == new).float().mean())
+    old = y != new
+    before = gates_of(x[old] @ rows.t(), y[old], top_k, renormalize)
+    after = gates_of(logits[old], y[old], top_k, renormalize)
+    return recall, float((before - after).mean())
+
+
+def recall_at_gate_loss(x, y, rows, direction, norm, budget: float, top_k: int, renormalize: bool):
+    """The best recall of ``direction`` over norms of 0.5-1.5x ``norm`` (steps of 0.05) whose
+    earlier gate loss stays within ``budget``."""
+    unit = direction / direction.norm()
+    best = 0.0
+    for step in range(10, 31):
+        row = (step / 20) * norm * unit
+        recall, loss = recall_and_gate_loss(x, y, rows, row, top_k, renormalize)
+        if loss <= budget + 1e-6:
+            best = max(best, recall)
+    return best
 
 
 def domain_inputs(model, shards, domains: list[str], split: str, tokens: int):
@@ -112,6 +164,14 @@ def main() -> None:
                 with torch.no_grad():
                     scores = probe(xv)
                 margin = scores[:, new] - scores[:, :new].max(-1).values
+                rows_, row = layer.router.expert_embeddings().detach().float().split([new, 1])
+                gating = (layer.top_k, layer.cfg.renormalize)
+                _, gate_loss = recall_and_gate_loss(xv, yv, rows_, row[0], *gating)
+                fitted = fit_new_row(xt, yt, rows_, row[0])
+                same_cost = [  # norms relative to the router's row: 1.0x is the router
+                    recall_at_gate_loss(xv, yv, rows_, d, row[0].norm(), gate_loss, *gating)
+                    for d in (row[0], fitted)
+                ]
                 rows.append(
                     {
                         "seed": seed,
@@ -121,26 +181,37 @@ def main() -> None:
                         "leak": leak,
                         "probe_at_leak": recall_at_leak(margin, yv, new, leak),
                         "probe_at_1pct": recall_at_leak(margin, yv, new, 0.01),
+                        "gate_loss": gate_loss,
+                        "router_swept": same_cost[0],
+                        "fitted_row": same_cost[1],
                     }
                 )
                 r = rows[-1]
                 print(
                     f"s{seed} {domain} layer {layer_index}: router recall {r['router']:.2f} at "
                     f"leak {r['leak']:.3f}; probe {r['probe_at_leak']:.2f} at that leak, "
-                    f"{r['probe_at_1pct']:.2f} at 0.01",
+                    f"{r['probe_at_1pct']:.2f} at 0.01; at the router's gate loss "
+                    f"{r['gate_loss']:.3f}: its direction {r['router_swept']:.2f}, the fitted row "
+                    f"{r['fitted_row']:.2f}",
                     flush=True,
                 )
     print(
         "\nMean over MoE layers (per seed s0 / s1 / s2): the new domain's tokens on the new "
         "expert, and the earlier domains' tokens it takes"
     )
-    print("\n| new domain | router recall | router leak | probe, same leak | probe, leak 0.01 |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| new domain | router recall | router leak | probe, same leak | probe, leak 0.01 "
+        "| earlier gate loss | router's direction, same gate loss | fitted row, same gate loss |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     columns = (
         ("router", ".2f"),
         ("leak", ".3f"),
         ("probe_at_leak", ".2f"),
         ("probe_at_1pct", ".2f"),
+        ("gate_loss", ".3f"),
+        ("router_swept", ".2f"),
+        ("fitted_row", ".2f"),
     )
     for domain in heldout:
         cells = []
