@@ -199,8 +199,9 @@ def test_real_model_path_from_gguf_to_a_served_bf16_moe(smollm_checkpoint, tmp_p
     """What a user with a pretrained instruct model does (README, "From a pretrained model"):
     branch FFN-only experts of SmolLM2-135M-Instruct on two domains, upcycle them with Nexus
     (calibrated on the corpus, routing per token so that it exports), extend with a third,
-    export to Mixtral in bf16, and serve it with transformers alone: the chat template applies
-    and greedy generation stops at <|im_end|>."""
+    export to Mixtral in bf16 (and float32), and serve it with transformers alone: the chat
+    template applies, float32 greedy generation answers and stops at <|im_end|>, and the bf16
+    export follows that answer token by token."""
     from dataclasses import replace
 
     import transformers
