@@ -37,6 +37,7 @@ from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.extend import extend
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
+from nexus_moe.study import tokens_per_step
 from nexus_moe.train import tune_cpu_allocator
 
 TRAIN_ONLY = {
@@ -72,7 +73,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     tcfg = recipe.extend.train
     budget = max(recipe.extend.budgets)
-    steps = max(1, budget // (tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum))
+    steps = max(1, budget // tokens_per_step(tcfg))  # as the study sets it
     ways = [parse_way(w, recipe.extend.new_domain_share, tcfg.lr) for w in args.ways]
     study, corpus = args.study, args.study / "corpus"
     earlier = list(recipe.corpus.domains)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nexus_moe.calibrate import gates_of, moe_inputs, sample_windows
+from nexus_moe.calibrate import gates_of, moe_inputs, sample_windows, with_new_expert
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.pipeline import tokens_for
 from nexus_moe.train import tune_cpu_allocator
@@ -88,29 +88,27 @@ def fit_new_row(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, start: tor
     return row.detach()
 
 
-def recall_and_gate_loss(x, y, rows, row, top_k: int, renormalize: bool) -> tuple[float, float]:
-    """Top-1 recall of the new domain (label ``len(rows)``) with ``row`` added, and the mean loss
-    of the earlier domains' gates on their own experts."""
+def sweep(x, y, rows, direction, scales: torch.Tensor, top_k: int, renormalize: bool):
+    """For the new expert's row at each norm ``scales`` (S,) along ``direction``: the top-1 recall
+    of the new domain (label ``len(rows)``) and the mean loss of the earlier domains' gates on
+    their own experts, each (S,)."""
     new = len(rows)
-    logits = x @ torch.cat([rows, row[None]]).t()
-    recall = float((logits[y == new].argmax(-1) == new).float().mean())
+    unit = direction / direction.norm()
+    logits = with_new_expert(x @ rows.t(), scales[:, None] * (x @ unit)[None])  # (S, N, E + 1)
+    recall = (logits[:, y == new].argmax(-1) == new).float().mean(-1)
     old = y != new
-    before = gates_of(x[old] @ rows.t(), y[old], top_k, renormalize)
-    after = gates_of(logits[old], y[old], top_k, renormalize)
-    return recall, float((before - after).mean())
+    before = gates_of(logits[0, old, :new], y[old], top_k, renormalize)
+    after = gates_of(logits[:, old], y[old], top_k, renormalize)
+    return recall, (before[None] - after).mean(-1)
 
 
 def recall_at_gate_loss(x, y, rows, direction, norm, budget: float, top_k: int, renormalize: bool):
     """The best recall of ``direction`` over norms of 0.5-1.5x ``norm`` (steps of 0.05) whose
     earlier gate loss stays within ``budget``."""
-    unit = direction / direction.norm()
-    best = 0.0
-    for step in range(10, 31):
-        row = (step / 20) * norm * unit
-        recall, loss = recall_and_gate_loss(x, y, rows, row, top_k, renormalize)
-        if loss <= budget + 1e-6:
-            best = max(best, recall)
-    return best
+    scales = torch.arange(10, 31) / 20 * norm
+    recall, loss = sweep(x, y, rows, direction, scales, top_k, renormalize)
+    within = recall[loss <= budget + 1e-6]
+    return float(within.max()) if len(within) else 0.0
 
 
 def domain_inputs(model, shards, domains: list[str], split: str, tokens: int):
@@ -166,7 +164,8 @@ def main() -> None:
                 margin = scores[:, new] - scores[:, :new].max(-1).values
                 rows_, row = layer.router.expert_embeddings().detach().float().split([new, 1])
                 gating = (layer.top_k, layer.cfg.renormalize)
-                _, gate_loss = recall_and_gate_loss(xv, yv, rows_, row[0], *gating)
+                own_norm = row[0].norm()[None]  # the router's row as it is
+                gate_loss = float(sweep(xv, yv, rows_, row[0], own_norm, *gating)[1][0])
                 fitted = fit_new_row(xt, yt, rows_, row[0])
                 same_cost = [  # norms relative to the router's row: 1.0x is the router
                     recall_at_gate_loss(xv, yv, rows_, d, row[0].norm(), gate_loss, *gating)
