@@ -8,6 +8,12 @@ difference of the first variant against the others at each learning rate.
 
     .venv/bin/python benchmarks/moe_lr.py --lrs 3e-4 1e-4 --seeds 0
     .venv/bin/python benchmarks/moe_lr.py --lrs 3e-4 --seeds 0 1 2
+    .venv/bin/python benchmarks/moe_lr.py --variants nexus --lrs 1e-3 --train-only mlp.experts router
+
+With `--train-only PATTERN...` only the parameters whose names contain one of the patterns train
+(`TrainConfig.train_only`; e.g. the experts' FFNs and the routers, leaving the attention, norms
+and embeddings the experts share as the seed's). Every row also prints the mean perplexity of
+the dense experts on their own domains from the study's scores (the bound of target 4).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
-from nexus_moe.study import paired_interval
+from nexus_moe.study import _dense_bound, paired_interval
 
 
 def main() -> None:
@@ -33,6 +39,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/moe-lr"))
+    parser.add_argument("--train-only", nargs="+", default=[], metavar="PATTERN")
+    parser.add_argument("--warmup-frac", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,12 +48,22 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     run, domains = recipe.workdir, recipe.corpus.domains
     means: dict[str, dict[float, dict[int, float]]] = {v: {} for v in args.variants}
+    step0: dict[str, dict[int, float]] = {v: {} for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
             init = run / f"s{seed}" / "moe" / variant / "upcycled"
+            model, _ = load_checkpoint(init)
+            shards = tokens_for(run / "corpus", init / TOKENIZER_FILE)
+            scores = scores_to_dict(evaluate_domains(model, shards, domains, recipe.evaluate))
+            step0[variant][seed] = statistics.fmean(scores[d]["perplexity"] for d in domains)
+            print(f"{variant} step 0 seed {seed}: mean perplexity {step0[variant][seed]:.3f}")
             for lr in args.lrs:
-                out = args.out / f"s{seed}" / f"{variant}-lr{lr:g}"
-                cfg = replace(recipe.moe.train, seed=seed, lr=lr, eval_every=0)
+                tag = "-only-" + "+".join(args.train_only) if args.train_only else ""
+                out = args.out / f"s{seed}" / f"{variant}-lr{lr:g}{tag}"
+                cfg = replace(recipe.moe.train, seed=seed, lr=lr, eval_every=0,
+                              train_only=list(args.train_only))  # fmt: skip
+                if args.warmup_frac is not None:
+                    cfg = replace(cfg, warmup_frac=args.warmup_frac)
                 model, meta = load_checkpoint(init)
                 final = train_model(model, run / "corpus", init / TOKENIZER_FILE, domains, cfg,
                                     out, metadata=meta, show_progress=False)  # fmt: skip
@@ -56,11 +74,22 @@ def main() -> None:
                 means[variant].setdefault(lr, {})[seed] = mean
                 print(f"{variant} lr {lr:g} seed {seed}: mean perplexity {mean:.3f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(means, indent=2) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"trained": means, "step0": step0}, indent=2) + "\n"
+    )
+    scores_file = run / "results" / "scores.json"
+    if scores_file.exists():  # the study's dense experts (FFN-only set) on their own domains
+        bound = _dense_bound(json.loads(scores_file.read_text()), "ffn")
+        if bound is not None:
+            print(f"\ndense experts (ffn set), each on its own domain: mean perplexity {bound:.2f}")
     ref = args.variants[0]
     print("\n| variant | lr | per seed | mean | vs " + ref + " (paired, 95% interval) |")
     print("|---|---:|---|---:|---|")
     for variant in args.variants:
+        per_seed = ", ".join(f"{step0[variant][s]:.2f}" for s in args.seeds)
+        print(
+            f"| {variant}, step 0 | - | {per_seed} | {statistics.fmean(step0[variant].values()):.2f} | - |"
+        )
         for lr in args.lrs:
             by_seed = means[variant][lr]
             diffs = [(by_seed[s] - means[ref][lr][s]) / by_seed[s] for s in args.seeds]

@@ -167,7 +167,8 @@ def test_calibrated_router_routes_each_domain_to_its_expert_at_step0(world):
 
 
 def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs(world):
-    """The default, fixed row norm: the new expert takes its domain's tokens."""
+    """The default (fixed row norm, earlier rows refit): the new expert takes its domain's
+    tokens, and removing it gives back the MoE as it was, refit rows and statistics included."""
     context = 0.5  # the plug-in default
     moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
     before = _own_share(load_checkpoint(moe_dir)[0], world["shards"], DOMAINS)
@@ -194,15 +195,23 @@ def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs
     for name, tensor in old.state_dict().items():
         if ".mlp." not in name:
             assert torch.equal(tensor, model.state_dict()[name]), name
-    # The statistics grow with the expert and shrink with it again.
+    # The earlier rows were refit; the statistics grow with the expert and shrink with it again.
+    old_rows = old.moe_layers()[0].router.expert_embeddings().detach()
+    assert not torch.equal(model.moe_layers()[0].router.expert_embeddings()[:3].detach(), old_rows)
     assert model.moe_layers()[0].domain_stats.centroids.shape[0] == 4
     again = world["root"] / f"removed-ctx{context}"
     remove_expert(out, again, NEW)
-    removed, _ = load_checkpoint(again)
-    torch.testing.assert_close(
-        removed.moe_layers()[0].domain_stats.centroids,
-        old.moe_layers()[0].domain_stats.centroids,
-    )
+    removed, meta = load_checkpoint(again)
+    assert meta["merge_undone"]
+    for name, tensor in old.state_dict().items():
+        assert torch.equal(tensor, removed.state_dict()[name]), name
+    for layer_old, layer_removed in zip(old.moe_layers(), removed.moe_layers(), strict=True):
+        for field in ("centroids", "covariance", "counts", "center"):
+            a, b = (
+                getattr(layer_old.domain_stats, field),
+                getattr(layer_removed.domain_stats, field),
+            )
+            assert torch.equal(a, b), field
 
 
 def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world, tmp_path):
@@ -420,6 +429,48 @@ def test_new_row_discounts_the_directions_its_own_domain_varies_in():
     old_recall, old_leak = recall_and_leak(earlier_only)
     assert pooled_leak <= old_leak + 0.005, (pooled_leak, old_leak)
     assert pooled_recall >= old_recall + 0.05, (pooled_recall, old_recall)
+
+
+def test_refit_rows_are_the_discriminant_directions_among_all_the_domains():
+    """The earlier rows' shift turns the rows the statistics give for the earlier domains into
+    those they give for all the domains (the new one's centroid and scatter included), so rows
+    that training moved keep that move; the new domain's tokens then score lower on the earlier
+    experts, and the statistics returned are those of all the domains."""
+    generator = torch.Generator().manual_seed(0)
+    size, tau = 6, 2.5
+    centres = 3.0 * torch.eye(size)[:3]
+    stats = replace(_gaussian_stats(centres), temperature=tau)
+    new = 3.0 * torch.eye(size)[3] + 1.5 * torch.randn(3000, size, generator=generator)
+    trained = tau * calibrate.directions(stats.centroids, stats.center, stats.covariance, 0.05)
+    trained = trained + 0.1 * torch.randn(trained.shape, generator=generator, dtype=torch.float64)
+    shift, refit = calibrate.refit_earlier_rows(stats, new)
+    assert refit.centroids.shape == (4, size) and refit.counts[-1] == 3000
+    torch.testing.assert_close(refit.center, refit.centroids.mean(0))
+    assert refit.covariance[4, 4] > stats.covariance[4, 4]  # the new domain's scatter pooled in
+    everyone = calibrate.directions(refit.centroids, refit.center, refit.covariance, 0.05)
+    expected = trained + tau * (everyone[:3] - calibrate.directions(
+        stats.centroids, stats.center, stats.covariance, 0.05))  # fmt: skip
+    torch.testing.assert_close((trained + shift.double()), expected, atol=1e-5, rtol=1e-5)
+    centroid = new.double().mean(0)
+    assert (centroid @ (trained + shift.double()).t() < centroid @ trained.t()).all()
+
+
+def test_refit_earlier_rows_give_the_new_domain_more_of_its_tokens(world, tmp_path):
+    """At the same new-row norm, refitting the earlier rows hands the new expert more of its
+    domain's tokens than keeping them (`extend --keep-rows`); a leak budget keeps them."""
+    moe_dir = _upcycled(world, "moe-ctx0.5", router_context=0.5)
+    shares, rows = {}, {}
+    for name, refit, budget in (("keep", False, None), ("refit", True, None),
+                                ("budget", True, calibrate.LEAK_BUDGET)):  # fmt: skip
+        extend(moe_dir, world["experts"][NEW], tmp_path / name, domain_embeddings=world["emb"],
+               calibration_shards=world["shards"], calibration_tokens=512, refit_rows=refit,
+               leak_budget=budget)  # fmt: skip
+        model, _ = load_checkpoint(tmp_path / name)
+        shares[name] = _own_share(model, world["shards"], [NEW])[NEW]
+        rows[name] = model.moe_layers()[0].router.expert_embeddings().detach()[:3]
+    assert shares["refit"] >= shares["keep"] + 0.05, shares
+    assert torch.equal(rows["keep"], rows["budget"])
+    assert not torch.equal(rows["keep"], rows["refit"])
 
 
 def test_fitted_row_norm_from_a_covariance_of_fewer_tokens_than_dimensions():

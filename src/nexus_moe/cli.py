@@ -708,12 +708,22 @@ def extend_cmd(
     leak_budget: Annotated[
         float,
         typer.Option(
-            help="With --corpus: 0 places the new row at 0.9 times the earlier rows' norm; a "
+            help="With --corpus: 0 places the new row at 0.8 times the earlier rows' norm; a "
             "share (e.g. 0.01) of the earlier domains' gates on their own experts that the new "
             "row may take fits its norm per layer instead, which protects an earlier domain "
             "the new one overlaps (docs/design.md §5.6).",
         ),
     ] = 0.0,
+    refit_rows: Annotated[
+        bool,
+        typer.Option(
+            "--refit-rows/--keep-rows",
+            help="With --corpus: refit the earlier experts' router rows among all the domains "
+            "(from the stored statistics and the new domain's text; what training added to "
+            "them is kept), or keep them as they are. A --leak-budget keeps them "
+            "(docs/design.md §5.6).",
+        ),
+    ] = True,
     merge_weight: Annotated[
         float | None,
         typer.Option(
@@ -746,6 +756,7 @@ def extend_cmd(
         corpus=corpus,
         calibration_tokens=calibration_tokens,
         leak_budget=leak_budget,
+        refit_rows=refit_rows,
         merge_weight=merge_weight,
     )
     _check_out(out, [moe_dir, expert_dir, embeddings, corpus])
@@ -761,6 +772,7 @@ def extend_cmd(
         calibration_shards=_calibration_shards(corpus, moe_dir),
         calibration_tokens=calibration_tokens,
         leak_budget=leak_budget if leak_budget > 0 else None,
+        refit_rows=refit_rows,
     )
     console.print(f"extended MoE written to {result}")
 

@@ -9,10 +9,12 @@ Extending appends a new dense expert (trained from the same seed, or brought by 
 3. the router grows: Nexus appends the new domain embedding (its expert embedding comes from the
    trained projection, no new parameter), linear appends a random row or is re-initialised (the
    paper's baseline), AC grows its base router. An MoE upcycled with a calibrated router and
-   given the new domain's text gets the new row placed from that text instead (§5.6).
+   given the new domain's text gets the new row placed from that text instead, and the earlier
+   rows refit among all the domains (§5.6).
 
-The extended checkpoint keeps an *undo record* (the pre-merge values of the merged weights), so
-``remove_expert`` of the expert just added gives back the original model bit-exactly. Removing any
+The extended checkpoint keeps an *undo record* (the pre-merge values of the merged weights, the
+earlier router rows and routing statistics before a refit), so ``remove_expert`` of the expert
+just added gives back the original model bit-exactly. Removing any
 other expert drops its FFN and router entry and keeps the merged weights as they are.
 """
 
@@ -39,6 +41,8 @@ from nexus_moe.train import FFN_PARAMETERS
 from nexus_moe.upcycle import ARCHITECTURE_FIELDS
 
 UNDO_FILE = "undo.safetensors"
+# Undo-record keys of the routing statistics before extension (the others are state-dict names).
+_STATS_UNDO = "routing_stats."
 
 
 def _merged_names(model: Transformer) -> list[str]:
@@ -51,6 +55,14 @@ def _merged_names(model: Transformer) -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def _as_after_removal(
+    state: dict[str, torch.Tensor], undo: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The state-dict tensors of the undo record as removing the last expert leaves them (router
+    rows without the last row), the values the record's fingerprint is taken from."""
+    return {k: state[k][: undo[k].shape[0]] for k in undo if not k.startswith(_STATS_UNDO)}
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -91,15 +103,19 @@ def extend_model(
     seed: int = 0,
     calibration_windows: torch.Tensor | None = None,
     leak_budget: float | None = None,
+    refit_rows: bool = calibrate.REFIT_EARLIER_ROWS,
+    row_scale: float | None = None,
 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
-    """Add ``expert`` to ``moe`` in place; returns (moe, undo record of the merged weights).
+    """Add ``expert`` to ``moe`` in place; returns (moe, undo record: the merged weights and,
+    when the earlier rows are refit, their values and the routing statistics before).
 
     ``calibration_windows`` (rows, seq_len) of the new domain's training tokens place the new
     router row from the domain's hidden states (the MoE must carry routing statistics, see
     ``nexus_moe.calibrate``); without them the router's own rule applies. The calibrated row
-    gets ``calibrate.NEW_ROW_SCALE`` times the earlier rows' norm, or, with ``leak_budget`` (the
-    share of the earlier domains' gates on their own experts it may take), a norm fitted per
-    layer (``calibrate.fit_row_scale``).
+    gets ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``) times the earlier rows' norm, or,
+    with ``leak_budget`` (the share of the earlier domains' gates on their own experts it may
+    take), a norm fitted per layer (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier
+    experts' rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
     """
     cfg = moe.cfg
     assert cfg.moe is not None
@@ -152,13 +168,23 @@ def extend_model(
     finally:
         torch.random.set_rng_state(generator_state)
     moe.cfg.moe = grown_cfg
+    # A leak budget bounds what the new row takes from the earlier rows as they are: it keeps them.
+    refit_rows = refit_rows and leak_budget is None
     if calibration_windows is not None:
+        if refit_rows:  # the rows and statistics as they were, for remove_expert
+            undo.update(_router_rows(moe, n))
+            undo.update({_STATS_UNDO + k: v for k, v in calibrate.stats_to_tensors(stats).items()})
         # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
         # MoE computes when it routes them there.
         inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
         for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
             earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
-            row, layer.domain_stats = calibrate.new_expert_row(
+            reference_norm = float(earlier.norm(dim=-1).mean())
+            if refit_rows:
+                shift, refit = calibrate.refit_earlier_rows(layer_stats, x)
+                layer.router.shift_rows(shift.to(earlier.device))
+                earlier = earlier + shift.to(earlier.device)
+            row, grown = calibrate.new_expert_row(
                 layer_stats,
                 x,
                 earlier,
@@ -166,9 +192,22 @@ def extend_model(
                 renormalize=layer.cfg.renormalize,
                 leak_budget=leak_budget,
                 seed=seed,
+                scale=row_scale,
+                reference_norm=reference_norm,
             )
+            layer.domain_stats = refit if refit_rows else grown
             layer.router.set_row(n, row)
     return moe, undo
+
+
+def _router_rows(model: Transformer, n: int) -> dict[str, torch.Tensor]:
+    """The router tensors with a row per routed expert (grown to n + 1 rows), their first n
+    rows: what the earlier experts' rows were before a refit."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if ".mlp.router." in name and tensor.dim() == 2 and tensor.shape[0] == n + 1:
+            out[name] = tensor[:n].clone()
+    return out
 
 
 def _grown_config(moe: MoEConfig, num_experts: int, domains: list[str]) -> MoEConfig:
@@ -207,6 +246,8 @@ def extend(
     calibration_shards: TokenShards | None = None,
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     leak_budget: float | None = None,
+    refit_rows: bool = calibrate.REFIT_EARLIER_ROWS,
+    row_scale: float | None = None,
 ) -> Path:
     """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (docs/design.md §7).
 
@@ -219,8 +260,10 @@ def extend(
     and an MoE with a calibrated router, the
     new expert's router row is placed from ``calibration_tokens`` tokens of the domain's
     training text, so the MoE routes the domain to it before any finetuning; its norm is
-    ``calibrate.NEW_ROW_SCALE`` times the earlier rows', or, with ``leak_budget``, fitted so
-    that it takes at most that share of the earlier domains' gates on their own experts.
+    ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``) times the earlier rows', or, with
+    ``leak_budget``, fitted so
+    that it takes at most that share of the earlier domains' gates on their own experts; with
+    ``refit_rows`` the earlier experts' rows are refit among all the domains.
     """
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)
@@ -276,8 +319,10 @@ def extend(
         seed,
         windows,
         leak_budget,
+        refit_rows,
+        row_scale,
     )
-    merged_now = {k: v for k, v in moe.state_dict().items() if k in undo}
+    merged_now = _as_after_removal(moe.state_dict(), undo)
     metadata = {
         **moe_meta,
         "stage": "extend",
@@ -313,10 +358,17 @@ def remove_expert(ckpt_dir: str | Path, out_dir: str | Path, domain: str) -> Pat
     if undo_info.get("domain") == domain and (ckpt_dir / UNDO_FILE).is_file():
         undo = read_safetensors(ckpt_dir / UNDO_FILE)
         state = model.state_dict()
-        current = {k: state[k] for k in undo}
+        current = _as_after_removal(state, undo)
         if _fingerprint(current) == undo_info.get("merged_fingerprint"):
-            for name, value in undo.items():
-                state[name].copy_(value)
+            for name in current:
+                state[name].copy_(undo[name])
+            stats = {k[len(_STATS_UNDO) :]: v for k, v in undo.items() if k.startswith(_STATS_UNDO)}
+            if stats:  # the statistics as they were before a refit
+                layers = model.moe_layers()
+                for layer, layer_stats in zip(
+                    layers, calibrate.stats_from_tensors(stats, len(layers)), strict=True
+                ):
+                    layer.domain_stats = layer_stats
             restored = True
     meta = {k: v for k, v in meta.items() if k not in ("undo", "extended_with")}
     meta.update({"stage": "remove-expert", "removed": domain, "merge_undone": restored})

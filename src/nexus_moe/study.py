@@ -377,6 +377,8 @@ class Study:
             seed,
             stage_key(corpus_dir) if calibrates else None,
             self.recipe.extend.leak_budget if calibrates else None,
+            # (only for calibrated rows, so the linear baselines' stages keep their keys)
+            *([self.recipe.extend.refit_rows] if calibrates else []),
         )
 
         def build() -> None:
@@ -394,6 +396,7 @@ class Study:
                 ),
                 seed=seed,  # the new linear-router row (or re-initialised router)
                 leak_budget=self.recipe.extend.leak_budget,
+                refit_rows=self.recipe.extend.refit_rows,
             )
 
         self._stage(f"extend:{out.parent.name}:s{seed}", out, key, build)

@@ -86,6 +86,9 @@ class ACRouter(Router):
     def set_row(self, index: int, row: torch.Tensor) -> None:
         self.base.set_row(index, row)
 
+    def shift_rows(self, shift: torch.Tensor) -> None:
+        self.base.shift_rows(shift)
+
     @torch.no_grad()
     def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
         self.base.add_expert(domain_embedding, reset=reset)

@@ -42,6 +42,11 @@ class Router(nn.Module):
         """Make ``row`` (hidden,) the embedding of expert ``index`` (the others are unchanged)."""
         raise NotImplementedError
 
+    def shift_rows(self, shift: torch.Tensor) -> None:
+        """Add ``shift`` (k, hidden) to the embeddings of the first k experts (the rows of the
+        earlier experts refit when one is added, ``nexus_moe.calibrate.refit_earlier_rows``)."""
+        raise NotImplementedError
+
     # Growing and shrinking (docs/design.md §7). Subclasses implement these for their own parameters.
     def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
         """Append an expert by the router's own rule (random row, or the Nexus projection of its

@@ -36,6 +36,10 @@ class LinearRouter(Router):
         self.weight[index].copy_(row.to(self.weight.dtype))
 
     @torch.no_grad()
+    def shift_rows(self, shift: torch.Tensor) -> None:
+        self.weight[: shift.shape[0]] += shift.to(self.weight)
+
+    @torch.no_grad()
     def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
         """Append a random row; ``reset`` re-initialises the whole router (the paper's baseline)."""
         row = torch.empty(

@@ -115,6 +115,12 @@ class NexusRouter(Router):
         self._cache = None
 
     @torch.no_grad()
+    def shift_rows(self, shift: torch.Tensor) -> None:
+        """Anchors of the first k experts += ``shift`` (k, hidden): their embeddings move by it."""
+        self.expert_anchors[: shift.shape[0]] += shift.to(self.expert_anchors)
+        self._cache = None
+
+    @torch.no_grad()
     def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
         """Append the new domain's embedding (no new parameters; ``reset`` does not apply) with
         a zero anchor, so E = P(d) (the paper's rule) until :meth:`set_row` places one."""
