@@ -708,7 +708,7 @@ def extend_cmd(
     leak_budget: Annotated[
         float,
         typer.Option(
-            help="With --corpus: 0 places the new row at 0.8 times the earlier rows' norm; a "
+            help="With --corpus: 0 places the new row at 0.9 times the earlier rows' norm; a "
             "share (e.g. 0.01) of the earlier domains' gates on their own experts that the new "
             "row may take fits its norm per layer instead, which protects an earlier domain "
             "the new one overlaps (docs/design.md §5.6).",
@@ -720,10 +720,10 @@ def extend_cmd(
             "--refit-rows/--keep-rows",
             help="With --corpus: refit the earlier experts' router rows among all the domains "
             "(from the stored statistics and the new domain's text; what training added to "
-            "them is kept), or keep them as they are. A --leak-budget keeps them "
-            "(docs/design.md §5.6).",
+            "them is kept; the new row then gets 0.8 times their norm), or keep them as they "
+            "are. A --leak-budget keeps them (docs/design.md §5.6).",
         ),
-    ] = True,
+    ] = False,
     merge_weight: Annotated[
         float | None,
         typer.Option(

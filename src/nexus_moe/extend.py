@@ -112,8 +112,8 @@ def extend_model(
     ``calibration_windows`` (rows, seq_len) of the new domain's training tokens place the new
     router row from the domain's hidden states (the MoE must carry routing statistics, see
     ``nexus_moe.calibrate``); without them the router's own rule applies. The calibrated row
-    gets ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``) times the earlier rows' norm, or,
-    with ``leak_budget`` (the share of the earlier domains' gates on their own experts it may
+    gets ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``, ``calibrate.REFIT_ROW_SCALE`` with
+    ``refit_rows``) times the earlier rows' norm, or, with ``leak_budget`` (the share of the earlier domains' gates on their own experts it may
     take), a norm fitted per layer (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier
     experts' rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
     """
@@ -172,6 +172,7 @@ def extend_model(
     refit_rows = refit_rows and leak_budget is None
     if calibration_windows is not None:
         if refit_rows:  # the rows and statistics as they were, for remove_expert
+            row_scale = calibrate.REFIT_ROW_SCALE if row_scale is None else row_scale
             undo.update(_router_rows(moe, n))
             undo.update({_STATS_UNDO + k: v for k, v in calibrate.stats_to_tensors(stats).items()})
         # The new domain's inputs at every MoE layer with its tokens on the new expert: what the

@@ -155,7 +155,7 @@ class ExtendSection:
     leak_budget: float | None = None
     # Calibrated new rows: also refit the earlier experts' rows among all the domains
     # (calibrate.refit_earlier_rows; docs/design.md §5.6); false keeps them as they are.
-    refit_rows: bool = True
+    refit_rows: bool = False
     # Validation tokens per earlier domain for the extended models, whose change on those
     # domains is measured against the MoE before extension scored on the same tokens (a paired
     # difference); None: evaluate.max_tokens. The new domain always gets evaluate.max_tokens.

@@ -377,8 +377,8 @@ class Study:
             seed,
             stage_key(corpus_dir) if calibrates else None,
             self.recipe.extend.leak_budget if calibrates else None,
-            # (only for calibrated rows, so the linear baselines' stages keep their keys)
-            *([self.recipe.extend.refit_rows] if calibrates else []),
+            # (only when refitting: the other stages keep the keys they had before the option)
+            *(["refit"] if calibrates and self.recipe.extend.refit_rows else []),
         )
 
         def build() -> None:
