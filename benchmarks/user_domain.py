@@ -3,8 +3,8 @@
 Takes a finished study (`make paper`: its seed, trained MoEs and domain embeddings) and a folder
 of the user's own text (one sub-folder per domain, as `nexus-moe corpus build --from` reads it),
 and for each seed adds the new domain to the trained `nexus` MoE (calibrated row from the new
-domain's text: the default, earlier rows refit at the fixed norm; the earlier rows kept with
-`--keep-rows`; and the norm fitted to a leak budget of 0.01 with `--leak-budget 0.01`) and to the trained `moe-linear` MoE (the two linear baselines: router
+domain's text: the default fixed norm; the earlier rows refit among all the domains with
+`--refit-rows`; and the norm fitted to a leak budget of 0.01 with `--leak-budget 0.01`) and to the trained `moe-linear` MoE (the two linear baselines: router
 re-initialised, and the trained rows kept with one appended), with no training step. Every step is
 a `nexus-moe` command, as a user would run it:
 
@@ -103,8 +103,8 @@ def main() -> None:
     }
     ways = {  # label: (variant, expert set, extend flags)
         "nexus": ("nexus", "ffn", ["--corpus", str(corpus)]),
-        # the earlier rows kept as they are (the default until they were refit), same norm
-        "nexus, earlier rows kept": ("nexus", "ffn", ["--corpus", str(corpus), "--keep-rows"]),
+        # the option: the earlier rows refit among all the domains (new row at 0.8x)
+        "nexus, earlier rows refit": ("nexus", "ffn", ["--corpus", str(corpus), "--refit-rows"]),
         # the opt-in rule: the calibrated row's norm fitted to a leak budget
         "nexus, leak budget 0.01": (
             "nexus",

@@ -328,7 +328,7 @@ def new_expert_row(
     renormalize: bool = False,
     leak_budget: float | None = None,
     seed: int = 0,
-    reference_norm: float | None = None,
+    reference_norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LayerStats]:
     """The row of a new expert whose domain gives ``new_inputs`` (N, H) at this layer.
 
@@ -360,7 +360,7 @@ def new_expert_row(
         scale = NEW_ROW_SCALE if scale is None else scale
         # A unit direction at the norm of the rows as trained (which may have moved from tau).
         if reference_norm is None:
-            reference_norm = float(current_rows.float().norm(dim=-1).mean())
+            reference_norm = current_rows.float().norm(dim=-1).mean()
         row = scale * reference_norm * direction
     grown = LayerStats(
         torch.cat([stats.centroids, centroid[None]]),

@@ -180,8 +180,9 @@ def extend_model(
         inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
         for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
             earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
-            reference_norm = float(earlier.norm(dim=-1).mean())
+            reference_norm = None  # the new row's norm is relative to the rows before a refit
             if refit_rows:
+                reference_norm = earlier.norm(dim=-1).mean()
                 shift, refit = calibrate.refit_earlier_rows(layer_stats, x)
                 layer.router.shift_rows(shift.to(earlier.device))
                 earlier = earlier + shift.to(earlier.device)
