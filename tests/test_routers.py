@@ -235,6 +235,31 @@ def test_nexus_new_expert_needs_no_new_parameters():
     torch.testing.assert_close(router.expert_embeddings()[3], expected)
 
 
+@pytest.mark.parametrize("kind", ["linear", "nexus", "ac"])
+def test_shift_rows_moves_the_first_experts_embeddings_only(kind):
+    """What `extend --refit-rows` adds to the earlier experts' rows lands in their embeddings,
+    whatever the router (Nexus: its anchors, under an unchanged projection), and the scores
+    follow, also from an inference cache filled before the shift."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        router = LinearRouter(H, 4)
+    else:
+        router = NexusRouter(H, torch.randn(4, 8), projection_size=8)
+        if kind == "ac":
+            router = ACRouter(router)
+    router.eval()
+    x = torch.randn(5, H)
+    with torch.no_grad():
+        before, scores = router.expert_embeddings().clone(), router(x)
+        shift = torch.randn(3, H)
+        router.shift_rows(shift)
+        after, shifted = router.expert_embeddings(), router(x)
+    torch.testing.assert_close(after[:3], before[:3] + shift)
+    torch.testing.assert_close(after[3], before[3])
+    moved = torch.cat([x @ shift.t(), torch.zeros(5, 1)], 1)
+    torch.testing.assert_close(shifted, scores + moved, atol=1e-5, rtol=1e-5)
+
+
 def test_nexus_inference_cache_tracks_parameter_updates():
     router = NexusRouter(H, torch.randn(3, 8), projection_size=8).eval()
     x = torch.randn(5, H)
