@@ -48,6 +48,65 @@ def score(path: Path, shards, domains: list[str], tokens: int, new: str | None =
     return {d: s.perplexity for d, s in scores.items()}, share
 
 
+def measure(study: Path, seeds: list[int], domains: list[str] | None, ways: dict[str, dict],
+            new_tokens: int, earlier_tokens: int) -> list[dict]:  # fmt: skip
+    """For each seed and held-out domain (``domains``, default the study's), extend the trained
+    `nexus` MoE zero-shot in each of the ``ways`` (label -> keyword arguments of
+    :func:`nexus_moe.extend.extend`) and measure it as the study does: rows with ``seed``,
+    ``domain``, ``way``, ``share``, ``gap_recovered``, ``earlier_change``."""
+    saved = json.loads((study / "results" / "scores.json").read_text())
+    earlier, heldout = saved["domains"], domains or saved["heldout"]
+    corpus = study / "corpus"
+    embeddings = DomainEmbeddings.load(study / "domain_embeddings")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        for seed in seeds:
+            trained = study / f"s{seed}" / "moe" / "nexus" / "trained" / "model"
+            shards = tokens_for(corpus, trained / TOKENIZER_FILE)
+            before_old = score(trained, shards, earlier, earlier_tokens)
+            for domain in heldout:
+                expert = study / "experts-ffn" / domain / "model"
+                before_new = score(trained, shards, [domain], new_tokens)[domain]
+                dense = score(expert, shards, [domain], new_tokens)[domain]
+                for label, kwargs in ways.items():
+                    out = Path(tmp) / f"s{seed}-{domain}"
+                    extend(trained, expert, out, domain=domain, domain_embeddings=embeddings,
+                           calibration_shards=shards, seed=seed, **kwargs)  # fmt: skip
+                    new, share = score(out, shards, [domain], new_tokens, new=domain)
+                    old = score(out, shards, earlier, earlier_tokens)
+                    shutil.rmtree(out)
+                    full = math.log(before_new) - math.log(dense)
+                    mean = lambda s: statistics.fmean(s[d] for d in earlier)  # noqa: E731
+                    rows.append(
+                        {
+                            "seed": seed,
+                            "domain": domain,
+                            "way": label,
+                            "share": share,
+                            "gap_recovered": (math.log(before_new) - math.log(new[domain])) / full,
+                            "earlier_change": mean(old) / mean(before_old) - 1,
+                        }
+                    )
+                    r = rows[-1]
+                    print(f"s{seed} {domain} {label}: share {r['share']:.2f}, gap "
+                          f"{r['gap_recovered']:.2f}, earlier {100 * r['earlier_change']:+.2f}%",
+                          flush=True)  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict], labels: dict[str, str], header: str) -> None:
+    """Markdown table: one line per held-out domain and way (``labels``: way -> its cell)."""
+    print(f"\n| new domain | {header} | share (per seed) | gap recovered | earlier domains |")
+    print("|---|---|---|---|---|")
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        for way, label in labels.items():
+            sel = [r for r in rows if r["domain"] == domain and r["way"] == way]
+            cols = [" / ".join(f"{r[k]:.2f}" for r in sel) for k in ("share", "gap_recovered")] + [
+                " / ".join(f"{100 * r['earlier_change']:+.2f}%" for r in sel)
+            ]
+            print(f"| {domain} | {label} | " + " | ".join(cols) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", type=Path, default=Path("runs/paper-small"))
@@ -60,55 +119,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
 
-    study = args.study
-    saved = json.loads((study / "results" / "scores.json").read_text())
-    earlier, heldout = saved["domains"], saved["heldout"]
-    corpus = study / "corpus"
-    embeddings = DomainEmbeddings.load(study / "domain_embeddings")
-    rows = []
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        for seed in args.seeds:
-            trained = study / f"s{seed}" / "moe" / "nexus" / "trained" / "model"
-            shards = tokens_for(corpus, trained / TOKENIZER_FILE)
-            before_old = score(trained, shards, earlier, args.earlier_tokens)
-            for domain in heldout:
-                expert = study / "experts-ffn" / domain / "model"
-                before_new = score(trained, shards, [domain], args.new_tokens)[domain]
-                dense = score(expert, shards, [domain], args.new_tokens)[domain]
-                for budget in args.budgets:
-                    out = Path(tmp) / f"s{seed}-{domain}-{budget}"
-                    extend(trained, expert, out, domain=domain, domain_embeddings=embeddings,
-                           calibration_shards=shards, seed=seed,
-                           leak_budget=budget if budget > 0 else None)  # fmt: skip
-                    new, share = score(out, shards, [domain], args.new_tokens, new=domain)
-                    old = score(out, shards, earlier, args.earlier_tokens)
-                    shutil.rmtree(out)
-                    full = math.log(before_new) - math.log(dense)
-                    mean = lambda s: statistics.fmean(s[d] for d in earlier)  # noqa: E731
-                    rows.append(
-                        {
-                            "seed": seed,
-                            "domain": domain,
-                            "budget": budget,
-                            "share": share,
-                            "gap_recovered": (math.log(before_new) - math.log(new[domain])) / full,
-                            "earlier_change": mean(old) / mean(before_old) - 1,
-                        }
-                    )
-                    r = rows[-1]
-                    print(f"s{seed} {domain} budget {budget:g}: share {r['share']:.2f}, gap "
-                          f"{r['gap_recovered']:.2f}, earlier {100 * r['earlier_change']:+.2f}%",
-                          flush=True)  # fmt: skip
-    print("\n| new domain | row norm | share (s0 / s1 / s2) | gap recovered | earlier domains |")
-    print("|---|---|---|---|---|")
-    for domain in heldout:
-        for budget in args.budgets:
-            sel = [r for r in rows if r["domain"] == domain and r["budget"] == budget]
-            label = "fixed (0.9x)" if budget <= 0 else f"fitted, budget {budget:g}"
-            cols = [" / ".join(f"{r[k]:.2f}" for r in sel) for k in ("share", "gap_recovered")] + [
-                " / ".join(f"{100 * r['earlier_change']:+.2f}%" for r in sel)
-            ]
-            print(f"| {domain} | {label} | " + " | ".join(cols) + " |")
+    ways = {f"budget {b:g}": {"leak_budget": b if b > 0 else None} for b in args.budgets}
+    rows = measure(args.study, args.seeds, None, ways, args.new_tokens, args.earlier_tokens)
+    labels = {
+        f"budget {b:g}": "fixed (0.9x)" if b <= 0 else f"fitted, budget {b:g}" for b in args.budgets
+    }
+    table(rows, labels, "row norm")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ module measures that and turns it into router rows:
    all the domains (:func:`refit_earlier_rows`): each gets the change of its discriminant
    direction when the new domain joins the centroids, their mean and the pooled covariance, so
    what training added to it is kept. The new row gets ``NEW_ROW_SCALE`` (``REFIT_ROW_SCALE``
-   with the earlier rows refit) times their norm or, given a leak budget, the norm fitted per layer by
-   :func:`fit_row_scale`: the largest that lets the new expert take at most that share of
+   with the earlier rows refit) times their norm or, given a leak budget, the norm fitted per
+   layer by :func:`fit_row_scale`: the largest that lets the new expert take at most that share of
    the earlier domains' own gates, estimated on samples drawn from the stored statistics
    (``N(c_i, S)``), so no earlier text is needed. A domain that overlaps an earlier one is then
    kept off that domain's tokens (and gets fewer of its own).
@@ -333,16 +333,16 @@ def new_expert_row(
     """The row of a new expert whose domain gives ``new_inputs`` (N, H) at this layer.
 
     ``current_rows`` are the earlier rows as they will route next to it (as trained, and refit
-    by :func:`refit_earlier_rows` if they are); this function does not change them. The new row is the
-    discriminant direction of the new centroid from the stored g, under the W of the stored
+    by :func:`refit_earlier_rows` if they are); this function does not change them. The new
+    row is the discriminant direction of the new centroid from the stored g, under the W of the stored
     pooled covariance with the new domain's own within-domain scatter pooled in (weighted by
     calibration tokens; measured on the study's trained MoEs, zero-shot: legal 0.41-0.46 ->
     0.46-0.53 of its tokens at a smaller cost to the earlier domains, math about the same,
     docs/design.md §5.6). Its norm: with
     ``leak_budget``, fitted by :func:`fit_row_scale` for a layer with these ``top_k`` and
     ``renormalize``; otherwise ``scale`` (default ``NEW_ROW_SCALE``) times ``reference_norm``
-    (default: the mean norm of the current rows; below 1: a new expert should win its domain's tokens without winning the
-    borderline tokens of the earlier domains). Returns the row (H,) float32 and the statistics
+    (default: the mean norm of the current rows; below 1: a new expert should win its domain's
+    tokens without winning the borderline tokens of the earlier domains). Returns the row (H,) float32 and the statistics
     grown by the new domain (the pooled covariance keeps the earlier domains', which the
     earlier rows were made with).
     """

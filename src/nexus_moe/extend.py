@@ -9,13 +9,13 @@ Extending appends a new dense expert (trained from the same seed, or brought by 
 3. the router grows: Nexus appends the new domain embedding (its expert embedding comes from the
    trained projection, no new parameter), linear appends a random row or is re-initialised (the
    paper's baseline), AC grows its base router. An MoE upcycled with a calibrated router and
-   given the new domain's text gets the new row placed from that text instead, and the earlier
-   rows refit among all the domains (§5.6).
+   given the new domain's text gets the new row placed from that text instead, and optionally
+   the earlier rows refit among all the domains (§5.6).
 
 The extended checkpoint keeps an *undo record* (the pre-merge values of the merged weights, the
 earlier router rows and routing statistics before a refit), so ``remove_expert`` of the expert
-just added gives back the original model bit-exactly. Removing any
-other expert drops its FFN and router entry and keeps the merged weights as they are.
+just added gives back the original model bit-exactly. Removing any other expert drops its FFN
+and router entry and keeps the merged weights as they are.
 """
 
 from __future__ import annotations
@@ -113,9 +113,10 @@ def extend_model(
     router row from the domain's hidden states (the MoE must carry routing statistics, see
     ``nexus_moe.calibrate``); without them the router's own rule applies. The calibrated row
     gets ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``, ``calibrate.REFIT_ROW_SCALE`` with
-    ``refit_rows``) times the earlier rows' norm, or, with ``leak_budget`` (the share of the earlier domains' gates on their own experts it may
-    take), a norm fitted per layer (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier
-    experts' rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
+    ``refit_rows``) times the earlier rows' norm, or, with ``leak_budget`` (the share of the
+    earlier domains' gates on their own experts it may take), a norm fitted per layer
+    (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier experts'
+    rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
     """
     cfg = moe.cfg
     assert cfg.moe is not None
@@ -262,10 +263,10 @@ def extend(
     and an MoE with a calibrated router, the
     new expert's router row is placed from ``calibration_tokens`` tokens of the domain's
     training text, so the MoE routes the domain to it before any finetuning; its norm is
-    ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``) times the earlier rows', or, with
-    ``leak_budget``, fitted so
-    that it takes at most that share of the earlier domains' gates on their own experts; with
-    ``refit_rows`` the earlier experts' rows are refit among all the domains.
+    ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``, ``calibrate.REFIT_ROW_SCALE`` with
+    ``refit_rows``) times the earlier rows', or, with ``leak_budget``, fitted so that it takes
+    at most that share of the earlier domains' gates on their own experts; with ``refit_rows``
+    (and no leak budget) the earlier experts' rows are refit among all the domains.
     """
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)
