@@ -78,6 +78,10 @@ VARIANTS = [{"name": "nexus", "method": "nexus"}, {"name": "moe-linear", "method
             r"extend\.train_only\.nexus: expected a list, got str",
         ),
         (
+            {"moe__variants": [{"name": "nexus", "method": "nexus", "train_only": [""]}]},
+            r"moe\.variants\[0\] \(nexus\)\.train_only: an empty pattern would name every",
+        ),
+        (
             {"extend__train_only": {"nexus": [""]}},
             r"extend\.train_only\.nexus: an empty pattern would name every parameter",
         ),
@@ -187,3 +191,19 @@ def test_defaults_have_one_home():
     assert options["max_mb"] == recipe.corpus.max_mb_per_domain
     options = {p.name: p.default for p in commands["embed-domains"].params}
     assert options["num_chunks"] == recipe.embed.num_chunks
+
+
+def test_a_variant_may_train_only_some_parameters(tmp_path):
+    """`moe.variants[i].train_only` reaches that variant's MoE training config (and only its)."""
+    from nexus_moe.study import Study
+
+    variants = [
+        {"name": "nexus", "method": "nexus", "train_only": ["mlp.experts", "router"]},
+        {"name": "moe-linear", "method": "moe-linear"},
+    ]
+    recipe = load_recipe(_recipe(tmp_path, moe__variants=variants))
+    study = Study(recipe)
+    nexus, linear = recipe.moe.variants
+    assert study.moe_train_config(nexus, 0, 4).train_only == ["mlp.experts", "router"]
+    assert study.moe_train_config(linear, 0, 4).train_only == list(recipe.moe.train.train_only)
+    assert not (tmp_path / "run").exists()

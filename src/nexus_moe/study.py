@@ -307,14 +307,16 @@ class Study:
         return out
 
     def moe_train_config(self, variant: MoEVariant, seed: int, num_domains: int) -> TrainConfig:
-        """``moe.train`` for ``variant``: its own steps, and compute matching (see MoEVariant)."""
+        """``moe.train`` for ``variant``: its own steps and trained parameters, and compute matching
+        (see MoEVariant)."""
         cfg = self.recipe.moe.train
         steps = variant.train_steps or cfg.steps
         if variant.compute_matched:
             branch = self.sets[DEFAULT_EXPERT_SET]
             branch_tokens = num_domains * branch.steps * tokens_per_step(branch)
             steps += math.ceil(branch_tokens / tokens_per_step(cfg))
-        return replace(cfg, steps=steps, seed=seed)
+        train_only = list(variant.train_only) or list(cfg.train_only)
+        return replace(cfg, steps=steps, seed=seed, train_only=train_only)
 
     def stage_train(
         self,
