@@ -19,6 +19,9 @@ the share of the bits/byte gap between the MoE before extension and the new dens
 extension closes, and the change of the earlier domains' mean perplexity.
 
     .venv/bin/python benchmarks/user_domain.py --study runs/paper-small --data my-data
+
+`--row-scales S...` adds the nexus extension with its new row at S times the earlier rows' norm
+(`extend --row-scale S`); `--only LABEL...` runs only the extensions named (as printed).
 """
 
 from __future__ import annotations
@@ -69,6 +72,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-tokens", type=int, default=131072)
     parser.add_argument("--branch-steps", type=int, default=100)
+    parser.add_argument(
+        "--row-scales",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="also extend the nexus MoE with the new row at S times the earlier rows' norm",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="run only these extensions (labels as printed, e.g. 'nexus')",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -114,6 +132,14 @@ def main() -> None:
         "moe-linear, re-initialised": ("moe-linear", "full", ["--reset-router"]),
         "moe-linear, appended row": ("moe-linear", "full", ["--no-reset-router"]),
     }
+    for scale in args.row_scales:
+        flags = ["--corpus", str(corpus), "--row-scale", f"{scale:g}"]
+        ways[f"nexus, row at {scale:g}x"] = ("nexus", "ffn", flags)
+    if args.only is not None:
+        unknown = sorted(set(args.only) - set(ways))
+        if unknown:
+            raise SystemExit(f"--only: no extension named {unknown}; choose from {sorted(ways)}")
+        ways = {label: way for label, way in ways.items() if label in args.only}
     rows: dict[str, dict[int, dict]] = {label: {} for label in ways}
     for seed in args.seeds:
         for label, (variant, kind, flags) in ways.items():

@@ -691,6 +691,17 @@ def test_extend_with_a_leak_budget_that_is_not_a_share(w, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--row-scale", "0"], ["--row-scale 0", "positive"]),
+        (["--row-scale", "1.1", "--leak-budget", "0.01"], ["--row-scale 1.1", "--leak-budget"]),
+    ],
+)
+def test_extend_with_a_row_scale_that_cannot_apply(w, tmp_path, flags, names):
+    fails(*_extend_beta(w), *flags, "--out", tmp_path / "out", names=names, keep=[w / "moe"])
+
+
 def test_truncated_gguf(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00\x05\x00")  # valid magic and version, then nothing

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_bpe_file, tiny_config
-from nexus_moe import calibrate
+from nexus_moe import calibrate, config
 from nexus_moe.analyse import routing_counts
 from nexus_moe.checkpoint import load_checkpoint, save_checkpoint
 from nexus_moe.config import MoEConfig
@@ -168,7 +168,7 @@ def test_calibrated_router_routes_each_domain_to_its_expert_at_step0(world):
 
 def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs(world):
     """The default, fixed row norm: the new expert takes its domain's tokens."""
-    context = 0.5  # the plug-in default
+    context = 0.75  # the plug-in default
     moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
     before = _own_share(load_checkpoint(moe_dir)[0], world["shards"], DOMAINS)
     out = world["root"] / f"extended-ctx{context}"
@@ -203,6 +203,22 @@ def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs
         removed.moe_layers()[0].domain_stats.centroids,
         old.moe_layers()[0].domain_stats.centroids,
     )
+
+
+@pytest.mark.parametrize(("context", "row_scale", "expected"), [
+    (0.75, None, config.NEW_ROW_SCALE),  # the plug-in default routes on context 0.75
+    (0.5, None, config.NEW_ROW_SCALE_LESS_CONTEXT),
+    (0.75, 1.3, 1.3),
+])  # fmt: skip
+def test_new_rows_default_norm_follows_the_routers_context(world, tmp_path, context, row_scale,
+                                                           expected):  # fmt: skip
+    moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
+    extend(moe_dir, world["experts"][NEW], tmp_path / "out", domain_embeddings=world["emb"],
+           calibration_shards=world["shards"], calibration_tokens=512, row_scale=row_scale)  # fmt: skip
+    for layer in load_checkpoint(tmp_path / "out")[0].moe_layers():
+        rows = layer.router.expert_embeddings().detach().float()
+        earlier = rows[:-1].norm(dim=-1).mean()
+        torch.testing.assert_close(rows[-1].norm() / earlier, torch.tensor(float(expected)))
 
 
 def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world, tmp_path):

@@ -85,7 +85,7 @@ def tiny_recipe(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
+def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path, monkeypatch):
     path = tiny_recipe(tmp_path)
     first = Study(load_recipe(path))
     results = first.run()
@@ -272,3 +272,27 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path):
     )
     assert second["timings"]["evaluations_cached"] > 0
     assert "whole study: every stage" in (tmp_path / "run" / "results" / "results.md").read_text()
+
+    # Code defaults are inputs too. Another default norm for a calibrated new row (nexus
+    # routes on context 0.75, which takes NEW_ROW_SCALE) redoes the nexus extensions only.
+    monkeypatch.setattr("nexus_moe.config.NEW_ROW_SCALE", 0.8)
+    third = Study(load_recipe(path))
+    third.run()
+    assert {"extend:nexus-music:s0", "extend:nexus-ffn-weather:s1"} <= set(third.ran)
+    assert not [n for n in third.ran if not n.startswith(("extend:nexus", "finetune:nexus"))]
+    # Another MoE default of the nexus method redoes its MoEs (and what is built on them).
+    import nexus_moe.upcycle
+
+    method_defaults = nexus_moe.upcycle.method_defaults
+
+    def changed(method):
+        defaults = method_defaults(method)
+        return {**defaults, "router_context": 0.5} if method == "nexus" else defaults
+
+    monkeypatch.setattr(nexus_moe.upcycle, "method_defaults", changed)
+    fourth = Study(load_recipe(path))
+    fourth.run()
+    assert {"upcycle:nexus:s0", "upcycle:nexus-ffn:s1", "extend:nexus-music:s0"} <= set(fourth.ran)
+    assert not [n for n in fourth.ran if "linear" in n or "sparse" in n or n.startswith("branch")]
+    nexus_cfg = json.loads((tmp_path / "run/s0/moe/nexus/upcycled/config.json").read_text())
+    assert nexus_cfg["model"]["moe"]["router_context"] == 0.5

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
+# NEW_ROW_SCALE, REFIT_ROW_SCALE: with the other defaults in config (the CLI cites them).
+from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS, NEW_ROW_SCALE
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
@@ -54,14 +55,6 @@ CALIBRATION_SEQ_LEN = 128  # window length of the calibration text (capped by ma
 DEFAULT_RIDGE = 0.05  # shrinkage of the pooled covariance towards its mean variance
 _TAU_GRID = torch.logspace(-3, 2.5, 56)  # candidate temperatures for the rows (unit vectors)
 _KEEP_FOR_TAU = 1024  # tokens per domain and layer kept to fit the temperature
-# Norm of a new expert's row relative to the earlier rows when it is not fitted (``leak_budget``
-# None), chosen on the held-out math domain (docs/design.md §5.6). Earlier rows kept: at 1.0 the
-# new expert also takes borderline tokens of the earlier domains (+1.4% on their perplexity), at
-# 0.9 it stays near 1% and still gets ~4/5 of math.
-NEW_ROW_SCALE = 0.9
-# With the earlier rows refit (``REFIT_EARLIER_ROWS``): 0.9 cost math's earlier domains up to
-# +0.73% on the study's trained MoEs and 0.8 up to +0.45%, for 0.76-0.80 of math's tokens.
-REFIT_ROW_SCALE = 0.8
 # Refit the earlier experts' rows among all the domains when a new expert is added (the stored
 # statistics and the new domain's text are all it needs). Measured on the study's trained MoEs,
 # zero-shot, it gives the new domain more of its tokens at the same cost to the earlier domains

@@ -19,9 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from nexus_moe.config import (
+    CONTEXT_FOR_FULL_ROW,
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_VOCAB_SIZE,
     DEVICE_CHOICES,
+    NEW_ROW_SCALE,
+    NEW_ROW_SCALE_LESS_CONTEXT,
+    REFIT_ROW_SCALE,
     Device,
     EmbedConfig,
     EvalConfig,
@@ -708,8 +712,8 @@ def extend_cmd(
     leak_budget: Annotated[
         float,
         typer.Option(
-            help="With --corpus: 0 places the new row at 0.9 times the earlier rows' norm; a "
-            "share (e.g. 0.01) of the earlier domains' gates on their own experts that the new "
+            help="With --corpus: 0 places the new row at --row-scale times the earlier rows' "
+            "norm; a share (e.g. 0.01) of the earlier domains' gates on their own experts that the new "
             "row may take fits its norm per layer instead, which protects an earlier domain "
             "the new one overlaps (docs/design.md §5.6).",
         ),
@@ -724,6 +728,16 @@ def extend_cmd(
             "are. A --leak-budget keeps them (docs/design.md §5.6).",
         ),
     ] = False,
+    row_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="With --corpus: the new row's norm, times the earlier rows' (default "
+            f"{NEW_ROW_SCALE:g} for a router on context {CONTEXT_FOR_FULL_ROW:g} or more, as "
+            f"nexus routes, {NEW_ROW_SCALE_LESS_CONTEXT:g} on less, {REFIT_ROW_SCALE:g} with "
+            "--refit-rows). Larger gives the new expert more of its domain's tokens and the "
+            "earlier domains' borderline tokens too (docs/design.md §5.6).",
+        ),
+    ] = None,
     merge_weight: Annotated[
         float | None,
         typer.Option(
@@ -743,6 +757,15 @@ def extend_cmd(
             f"--leak-budget {leak_budget}: not a share below 1; use e.g. 0.01, or 0 for the "
             "fixed norm"
         )
+    if row_scale is not None and (row_scale <= 0 or leak_budget > 0):
+        raise NexusError(
+            f"--row-scale {row_scale}: "
+            + (
+                "give a positive norm factor, e.g. 1.0"
+                if row_scale <= 0
+                else "a --leak-budget fits the norm itself; give one of the two"
+            )
+        )
     moe_dir, expert_dir = resolve_model_dir(moe), resolve_model_dir(expert)
     _claim(
         "extend",
@@ -757,6 +780,7 @@ def extend_cmd(
         calibration_tokens=calibration_tokens,
         leak_budget=leak_budget,
         refit_rows=refit_rows,
+        row_scale=row_scale,
         merge_weight=merge_weight,
     )
     _check_out(out, [moe_dir, expert_dir, embeddings, corpus])
@@ -773,6 +797,7 @@ def extend_cmd(
         calibration_tokens=calibration_tokens,
         leak_budget=leak_budget if leak_budget > 0 else None,
         refit_rows=refit_rows,
+        row_scale=row_scale,
     )
     console.print(f"extended MoE written to {result}")
 

@@ -20,6 +20,26 @@ T = TypeVar("T")
 
 DEFAULT_VOCAB_SIZE = 4096  # tokenizer vocabulary; a new seed model takes its tokenizer's size
 DEFAULT_CALIBRATION_TOKENS = 8192  # training tokens per domain that place a router row
+# Norm of a new expert's row relative to the earlier rows when it is not fitted (``leak_budget``
+# None; docs/design.md §5.6), by how much context the router scores. Routing on context 0.75
+# (the nexus default), 1.0 met the zero-shot targets on math, legal, a user's changelogs and man
+# pages (never used to choose it) on three seeds; 1.1 cost the changelogs' earlier domains
+# +1.1-1.5%. At context 0.5, 1.0 cost legal's earlier domains up to +1.1% and the changelogs' up
+# to +1.6%, and 0.9 stays (with per-token routing a full-norm row cost math's +2.5% in a
+# development run).
+NEW_ROW_SCALE = 1.0
+NEW_ROW_SCALE_LESS_CONTEXT = 0.9
+CONTEXT_FOR_FULL_ROW = 0.75  # router_context from which NEW_ROW_SCALE applies
+
+
+def new_row_scale(router_context: float) -> float:
+    """Default norm factor of a new expert's calibrated row for a router on that context."""
+    return NEW_ROW_SCALE if router_context >= CONTEXT_FOR_FULL_ROW else NEW_ROW_SCALE_LESS_CONTEXT
+
+
+# With the earlier rows refit (``REFIT_EARLIER_ROWS``): 0.9 cost math's earlier domains up to
+# +0.73% on the study's trained MoEs and 0.8 up to +0.45%, for 0.76-0.80 of math's tokens.
+REFIT_ROW_SCALE = 0.8
 
 
 class RouterType(enum.StrEnum):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nexus_moe import calibrate
+from nexus_moe import calibrate, config
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     load_checkpoint,
@@ -112,8 +112,9 @@ def extend_model(
     ``calibration_windows`` (rows, seq_len) of the new domain's training tokens place the new
     router row from the domain's hidden states (the MoE must carry routing statistics, see
     ``nexus_moe.calibrate``); without them the router's own rule applies. The calibrated row
-    gets ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``, ``calibrate.REFIT_ROW_SCALE`` with
-    ``refit_rows``) times the earlier rows' norm, or, with ``leak_budget`` (the share of the
+    gets ``row_scale`` (default ``config.new_row_scale`` of the router's context: 1.0 from
+    context 0.75, else 0.9; ``config.REFIT_ROW_SCALE`` with ``refit_rows``) times the earlier
+    rows' norm, or, with ``leak_budget`` (the share of the
     earlier domains' gates on their own experts it may take), a norm fitted per layer
     (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier experts'
     rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
@@ -172,8 +173,13 @@ def extend_model(
     # A leak budget bounds what the new row takes from the earlier rows as they are: it keeps them.
     refit_rows = refit_rows and leak_budget is None
     if calibration_windows is not None:
+        if row_scale is None and leak_budget is None:  # (a leak budget fits the norm)
+            row_scale = (
+                config.REFIT_ROW_SCALE
+                if refit_rows
+                else config.new_row_scale(grown_cfg.router_context)
+            )
         if refit_rows:  # the rows and statistics as they were, for remove_expert
-            row_scale = calibrate.REFIT_ROW_SCALE if row_scale is None else row_scale
             undo.update(_router_rows(moe, n))
             undo.update({_STATS_UNDO + k: v for k, v in calibrate.stats_to_tensors(stats).items()})
         # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
@@ -263,8 +269,8 @@ def extend(
     and an MoE with a calibrated router, the
     new expert's router row is placed from ``calibration_tokens`` tokens of the domain's
     training text, so the MoE routes the domain to it before any finetuning; its norm is
-    ``row_scale`` (default ``calibrate.NEW_ROW_SCALE``, ``calibrate.REFIT_ROW_SCALE`` with
-    ``refit_rows``) times the earlier rows', or, with ``leak_budget``, fitted so that it takes
+    ``row_scale`` (default ``config.new_row_scale`` of the router's context,
+    ``config.REFIT_ROW_SCALE`` with ``refit_rows``) times the earlier rows', or, with ``leak_budget``, fitted so that it takes
     at most that share of the earlier domains' gates on their own experts; with ``refit_rows``
     (and no leak budget) the earlier experts' rows are refit among all the domains.
     """

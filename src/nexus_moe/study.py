@@ -73,6 +73,14 @@ def expert_label(expert_set: str, domain: str) -> str:
     )
 
 
+def _default_row_scale(moe_dir: Path) -> float:
+    """The norm factor ``extend`` gives a calibrated new row of this MoE by default."""
+    from nexus_moe import config
+
+    cfg, _ = load_config(moe_dir)
+    return config.new_row_scale(cfg.moe.router_context if cfg.moe is not None else 0.0)
+
+
 class Study:
     """Runs a recipe's stages; each ``stage_*`` method returns its output directory."""
 
@@ -269,7 +277,7 @@ class Study:
         corpus_dir: Path,
     ) -> Path:
         from nexus_moe.embed import DomainEmbeddings
-        from nexus_moe.upcycle import upcycle
+        from nexus_moe.upcycle import method_defaults, upcycle
 
         out = self.workdir / f"s{seed}" / "moe" / variant.name / "upcycled"
         # Shared overrides apply to MoE variants; a dense merge (btm) takes none.
@@ -279,6 +287,7 @@ class Study:
         calibrates = variant.kind.calibrates_by_default  # reads the corpus
         key = fingerprint(
             [variant.method, variant.moe],
+            method_defaults(variant.kind),  # a changed default makes a new MoE
             overrides,
             seed,
             stage_key(seed_dir.parent),
@@ -362,6 +371,7 @@ class Study:
     ) -> Path:
         """Extend ``trained`` with ``new_expert``; ``reset``: re-initialise a linear router
         (default: ``extend.reset_linear_router``) instead of appending a row."""
+        from nexus_moe import config
         from nexus_moe.calibrate import STATS_FILE
         from nexus_moe.embed import DomainEmbeddings
         from nexus_moe.extend import extend
@@ -381,6 +391,8 @@ class Study:
             self.recipe.extend.leak_budget if calibrates else None,
             # (only when refitting: the other stages keep the keys they had before the option)
             *(["refit"] if calibrates and self.recipe.extend.refit_rows else []),
+            # the default norms of a calibrated new row for this MoE, which the code sets
+            *([_default_row_scale(trained), config.REFIT_ROW_SCALE] if calibrates else []),
         )
 
         def build() -> None:

@@ -450,14 +450,9 @@ def _check_domains(where: list[str], names: list[str]) -> list[str]:
     return list(names)
 
 
-def moe_config(
-    method: Method,
-    seed_cfg: ModelConfig,
-    num_routed: int,
-    domains: list[str],
-    overrides: dict[str, Any] | None,
-) -> ModelConfig:
-    """The output config: the seed's architecture with the method's MoE defaults + overrides."""
+def method_defaults(method: Method) -> dict[str, Any]:
+    """The MoE settings ``method`` sets before the user's overrides (a study keys its upcycling
+    stages on them, so that a changed default is not served from an earlier run's result)."""
     linear, nexus = RouterType.linear.value, RouterType.nexus.value
     defaults: dict[Method, dict[str, Any]] = {
         # Top-2 of identical copies renormalised reproduces the dense model at initialisation.
@@ -470,13 +465,26 @@ def moe_config(
         # domain's expert with gate ~1 gets that dense expert's FFN exactly (with a calibrated
         # router, the MoE starts at the dense experts' quality); two active experts per token,
         # the compute of the paper's top-1 + shared.
-        # It routes on context (the causal mean of the layer's inputs, mixed in by half): far
-        # more of each domain's tokens reach its expert than per-token routing can send.
+        # It routes on context (the causal mean of the layer's inputs, weighted 0.75 against
+        # the token's 0.25): far more of each domain's tokens reach its expert than per-token
+        # routing can send, and a new expert's row takes fewer of the earlier domains' tokens
+        # than at 0.5 (docs/design.md §5.6).
         Method.nexus: dict(
-            top_k=2, shared_expert=False, renormalize=True, router=nexus, router_context=0.5
+            top_k=2, shared_expert=False, renormalize=True, router=nexus, router_context=0.75
         ),
     }
-    settings = dict(defaults[method])
+    return dict(defaults.get(method, {}))  # a dense merge (btm) has no MoE settings
+
+
+def moe_config(
+    method: Method,
+    seed_cfg: ModelConfig,
+    num_routed: int,
+    domains: list[str],
+    overrides: dict[str, Any] | None,
+) -> ModelConfig:
+    """The output config: the seed's architecture with the method's MoE defaults + overrides."""
+    settings = method_defaults(method)
     settings["top_k"] = min(settings["top_k"], num_routed)
     overrides = dict(overrides or {})
     for name in _DERIVED_FIELDS:
