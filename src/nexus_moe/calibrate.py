@@ -21,8 +21,9 @@ module measures that and turns it into router rows:
    within-domain scatter pooled in. Optionally the rows of the earlier experts are refit among
    all the domains (:func:`refit_earlier_rows`): each gets the change of its discriminant
    direction when the new domain joins the centroids, their mean and the pooled covariance, so
-   what training added to it is kept. The new row gets ``NEW_ROW_SCALE`` (``REFIT_ROW_SCALE``
-   with the earlier rows refit) times their norm or, given a leak budget, the norm fitted per
+   what training added to it is kept. The new row gets ``config.new_row_scale`` of the
+   router's context (``config.REFIT_ROW_SCALE`` with the earlier rows refit) times their norm
+   (``extend`` passes it) or, given a leak budget, the norm fitted per
    layer by :func:`fit_row_scale`: the largest that lets the new expert take at most that share of
    the earlier domains' own gates, estimated on samples drawn from the stored statistics
    (``N(c_i, S)``), so no earlier text is needed. A domain that overlaps an earlier one is then
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# NEW_ROW_SCALE, REFIT_ROW_SCALE: with the other defaults in config (the CLI cites them).
+# The new row's default norms are in config, with the other defaults the CLI cites.
 from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS, NEW_ROW_SCALE
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError

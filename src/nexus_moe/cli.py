@@ -713,9 +713,9 @@ def extend_cmd(
         float,
         typer.Option(
             help="With --corpus: 0 places the new row at --row-scale times the earlier rows' "
-            "norm; a share (e.g. 0.01) of the earlier domains' gates on their own experts that the new "
-            "row may take fits its norm per layer instead, which protects an earlier domain "
-            "the new one overlaps (docs/design.md §5.6).",
+            "norm; a share (e.g. 0.01) of the earlier domains' gates on their own experts that "
+            "the new row may take fits its norm per layer instead, which protects an earlier "
+            "domain the new one overlaps (docs/design.md §5.6).",
         ),
     ] = 0.0,
     refit_rows: Annotated[

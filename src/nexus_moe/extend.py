@@ -114,9 +114,8 @@ def extend_model(
     ``nexus_moe.calibrate``); without them the router's own rule applies. The calibrated row
     gets ``row_scale`` (default ``config.new_row_scale`` of the router's context: 1.0 from
     context 0.75, else 0.9; ``config.REFIT_ROW_SCALE`` with ``refit_rows``) times the earlier
-    rows' norm, or, with ``leak_budget`` (the share of the
-    earlier domains' gates on their own experts it may take), a norm fitted per layer
-    (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier experts'
+    rows' norm, or, with ``leak_budget`` (the share of the earlier domains' gates on their own
+    experts it may take), a norm fitted per layer (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier experts'
     rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
     """
     cfg = moe.cfg
@@ -270,9 +269,10 @@ def extend(
     new expert's router row is placed from ``calibration_tokens`` tokens of the domain's
     training text, so the MoE routes the domain to it before any finetuning; its norm is
     ``row_scale`` (default ``config.new_row_scale`` of the router's context,
-    ``config.REFIT_ROW_SCALE`` with ``refit_rows``) times the earlier rows', or, with ``leak_budget``, fitted so that it takes
-    at most that share of the earlier domains' gates on their own experts; with ``refit_rows``
-    (and no leak budget) the earlier experts' rows are refit among all the domains.
+    ``config.REFIT_ROW_SCALE`` with ``refit_rows``) times the earlier rows', or, with
+    ``leak_budget``, fitted so that it takes at most that share of the earlier domains' gates on
+    their own experts; with ``refit_rows`` (and no leak budget) the earlier experts' rows are
+    refit among all the domains.
     """
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)
