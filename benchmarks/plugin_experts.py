@@ -34,8 +34,9 @@ from nexus_moe.extend import extend
 from nexus_moe.pipeline import Recipe, tokens_for
 from nexus_moe.study import Study
 from nexus_moe.train import FFN_PARAMETERS, TrainConfig
-from nexus_moe.upcycle import upcycle
+from nexus_moe.upcycle import Method, method_defaults, upcycle
 
+DEFAULT_CONTEXT = method_defaults(Method.nexus)["router_context"]
 DOMAINS = ["code", "literature", "dictionary", "techdocs"]
 HELDOUT = ["math", "legal"]
 
@@ -72,7 +73,8 @@ def main() -> None:
         "--leak-budget",
         type=float,
         default=0.0,
-        help="the new rows' leak budget (docs/design.md §5.6); 0: the fixed 0.9x norm (default)",
+        help="the new rows' leak budget (docs/design.md §5.6); 0: the fixed default norm "
+        "(config.new_row_scale of the router's context)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,7 +181,8 @@ def main() -> None:
         ("paper: shared + p_i top-1", "calibrated", dict(method="nexus-paper"), {}),
         ("top-1 renormalised", "calibrated", {}, dict(top_k=1, router_context=0.0)),
         ("top-2 renormalised", "calibrated", {}, dict(router_context=0.0)),
-        ("top-2 renormalised", "calibrated, context 0.5 (default)", {}, {}),
+        ("top-2 renormalised", "calibrated, context 0.5", {}, dict(router_context=0.5)),
+        ("top-2 renormalised", f"calibrated, context {DEFAULT_CONTEXT:g} (default)", {}, {}),
     ]
     for i, (composition, router, kw, overrides) in enumerate(ffn_variants):
         path = build(f"cal-{i}", "ffn", **kw, **overrides)
