@@ -202,7 +202,7 @@ def main() -> None:
     print("\nZero-shot extension of the default plug-in MoE (no training step)\n")
     print("| new domain | share on new expert | gain recovered | earlier domains ppl |")
     print("|---|---:|---:|---:|")
-    base = out / "cal-3"
+    base = out / f"cal-{len(ffn_variants) - 1}"  # the last variant: the default plug-in MoE
     before_ppl, before_bpb = scores(load_checkpoint(base)[0], DOMAINS + HELDOUT)
     for domain in HELDOUT:
         path = out / f"plus-{domain}"
