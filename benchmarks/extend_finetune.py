@@ -30,15 +30,13 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from leak_budget import score  # benchmarks/leak_budget.py
+from leak_budget import add_study_arguments, score, start  # benchmarks/leak_budget.py
 
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.extend import extend
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
 from nexus_moe.study import tokens_per_step
-from nexus_moe.train import tune_cpu_allocator
 
 TRAIN_ONLY = {
     "all": [],
@@ -59,16 +57,11 @@ def parse_way(way: str, default_share: float, default_lr: float) -> tuple[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", type=Path, default=Path("runs/paper-small"))
+    add_study_arguments(parser)
     parser.add_argument("--recipe", type=Path, default=Path("configs/paper-small.yaml"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ways", nargs="+", default=["all", "router", "experts"])
-    parser.add_argument("--new-tokens", type=int, default=131072, help="per new domain")
-    parser.add_argument("--earlier-tokens", type=int, default=8192, help="per earlier domain")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    tune_cpu_allocator()
+    start(args)
 
     recipe = load_recipe(args.recipe)
     tcfg = recipe.extend.train

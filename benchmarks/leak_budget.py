@@ -107,22 +107,34 @@ def table(rows: list[dict], labels: dict[str, str], header: str) -> None:
             print(f"| {domain} | {label} | " + " | ".join(cols) + " |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every zero-shot benchmark on a finished study takes (this file's, and those
+    of refit_rows.py and extend_finetune.py)."""
     parser.add_argument("--study", type=Path, default=Path("runs/paper-small"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02])
     parser.add_argument("--new-tokens", type=int, default=131072, help="per new domain")
     parser.add_argument("--earlier-tokens", type=int, default=8192, help="per earlier domain")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+
+
+def start(args: argparse.Namespace) -> None:
+    """CPU threads and allocator as the CLI sets them."""
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_study_arguments(parser)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02])
+    args = parser.parse_args()
+    start(args)
 
     ways = {f"budget {b:g}": {"leak_budget": b if b > 0 else None} for b in args.budgets}
     rows = measure(args.study, args.seeds, None, ways, args.new_tokens, args.earlier_tokens)
     labels = {
-        f"budget {b:g}": "fixed (0.9x)" if b <= 0 else f"fitted, budget {b:g}" for b in args.budgets
+        f"budget {b:g}": "fixed (default)" if b <= 0 else f"fitted, budget {b:g}"
+        for b in args.budgets
     }
     table(rows, labels, "row norm")
 

@@ -19,12 +19,8 @@ norm buys share there too.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import torch
-from leak_budget import measure, table  # same folder: the study's zero-shot measurement
-
-from nexus_moe.train import tune_cpu_allocator
+from leak_budget import add_study_arguments, measure, start, table  # the study's zero-shot
 
 
 def parse_rule(text: str) -> dict:
@@ -37,17 +33,12 @@ def parse_rule(text: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", type=Path, default=Path("runs/paper-small"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_study_arguments(parser)
     parser.add_argument("--domains", nargs="+", default=None, help="default: the study's heldout")
     parser.add_argument("--rules", nargs="+", default=["keep@0.9", "refit@0.8", "refit@0.9"])
-    parser.add_argument("--new-tokens", type=int, default=131072, help="per new domain")
-    parser.add_argument("--earlier-tokens", type=int, default=8192, help="per earlier domain")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     ways = {text: parse_rule(text) for text in args.rules}
-    torch.set_num_threads(args.threads)
-    tune_cpu_allocator()
+    start(args)
 
     rows = measure(args.study, args.seeds, args.domains, ways, args.new_tokens,
                    args.earlier_tokens)  # fmt: skip
