@@ -58,9 +58,9 @@ _TAU_GRID = torch.logspace(-3, 2.5, 56)  # candidate temperatures for the rows (
 _KEEP_FOR_TAU = 1024  # tokens per domain and layer kept to fit the temperature
 # Refit the earlier experts' rows among all the domains when a new expert is added (the stored
 # statistics and the new domain's text are all it needs). Measured on the study's trained MoEs,
-# zero-shot, it gives the new domain more of its tokens at the same cost to the earlier domains
-# than a larger new row, but at 0.8x it cost the earlier domains +1.2-1.6% with a user's
-# domain far from them, so it is an option (docs/design.md §5.6).
+# zero-shot, it gives the new domain more of its tokens, but its cost grows with the new
+# domain's distance: at 0.8x a user's changelogs cost the earlier domains up to +1.0% routing on
+# context 0.75 (up to +1.6% on 0.5), so it is an option (docs/design.md §5.6).
 REFIT_EARLIER_ROWS = False
 # A leak budget for fit_row_scale: the share of the earlier domains' gates on their own experts
 # that a new expert's row may take (estimated on samples of the stored statistics). Chosen on the
@@ -328,16 +328,16 @@ def new_expert_row(
 
     ``current_rows`` are the earlier rows as they will route next to it (as trained, and refit
     by :func:`refit_earlier_rows` if they are); this function does not change them. The new
-    row is the discriminant direction of the new centroid from the stored g, under the W of the stored
-    pooled covariance with the new domain's own within-domain scatter pooled in (weighted by
+    row is the discriminant direction of the new centroid from the stored g, under the W of the
+    stored pooled covariance with the new domain's own within-domain scatter pooled in (weighted by
     calibration tokens; measured on the study's trained MoEs, zero-shot: legal 0.41-0.46 ->
     0.46-0.53 of its tokens at a smaller cost to the earlier domains, math about the same,
     docs/design.md §5.6). Its norm: with
     ``leak_budget``, fitted by :func:`fit_row_scale` for a layer with these ``top_k`` and
-    ``renormalize``; otherwise ``scale`` (default ``NEW_ROW_SCALE``) times ``reference_norm``
-    (default: the mean norm of the current rows; below 1: a new expert should win its domain's
-    tokens without winning the borderline tokens of the earlier domains). Returns the row (H,) float32 and the statistics
-    grown by the new domain (the pooled covariance keeps the earlier domains', which the
+    ``renormalize``; otherwise ``scale`` (default ``NEW_ROW_SCALE``; ``extend`` passes
+    ``config.new_row_scale`` of the router's context) times ``reference_norm`` (default: the
+    mean norm of the current rows). Returns the row (H,) float32 and the statistics grown by
+    the new domain (the pooled covariance keeps the earlier domains', which the
     earlier rows were made with).
     """
     # The within-domain scatter of the new domain joins the pooled covariance (weighted by

@@ -115,8 +115,9 @@ def extend_model(
     gets ``row_scale`` (default ``config.new_row_scale`` of the router's context: 1.0 from
     context 0.75, else 0.9; ``config.REFIT_ROW_SCALE`` with ``refit_rows``) times the earlier
     rows' norm, or, with ``leak_budget`` (the share of the earlier domains' gates on their own
-    experts it may take), a norm fitted per layer (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier experts'
-    rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
+    experts it may take), a norm fitted per layer (``calibrate.fit_row_scale``). With
+    ``refit_rows`` and no leak budget the earlier experts' rows are refit among all the domains
+    as well (``calibrate.refit_earlier_rows``).
     """
     cfg = moe.cfg
     assert cfg.moe is not None

@@ -155,8 +155,8 @@ class ExtendSection:
     budgets: list[int] = field(default_factory=lambda: [65536])  # finetuning tokens; 0 = none
     new_domain_share: float = 0.5  # share of the finetuning mix from the new domain
     # Calibrated new rows: null, the fixed norm (config.new_row_scale of the router's context
-    # times the earlier rows'); a share of the earlier domains' gates on their own experts that the new row may
-    # take fits its norm instead (docs/design.md §5.6).
+    # times the earlier rows'); a share of the earlier domains' gates on their own experts that
+    # the new row may take fits its norm instead (docs/design.md §5.6).
     leak_budget: float | None = None
     # Calibrated new rows: also refit the earlier experts' rows among all the domains
     # (calibrate.refit_earlier_rows; docs/design.md §5.6); false keeps them as they are.
