@@ -224,7 +224,7 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path, monk
     ran = sum(timings["stages"][name] for name in timings["ran_now"])
     assert ran + timings["evaluate_s"] + timings["other_s"] == pytest.approx(
         timings["wall_s"],
-        abs=0.02 + 0.001 * len(timings["ran_now"]),  # rounded to 1 ms each
+        abs=0.005,  # each stage is timed to 1 ms; evaluations, the rest and the wall round once
     )
     assert set(timings["by_kind"]) >= {"corpus", "branch", "upcycle", "train", "extend"}
 
@@ -268,7 +268,7 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path, monk
     # The whole study's time: exact on the first run, a lower bound once evaluations are cached.
     assert timings["evaluations_cached"] == 0
     assert timings["study_s"] == pytest.approx(
-        timings["stages_total_s"] + timings["evaluate_s"] + timings["other_s"], abs=0.05
+        timings["stages_total_s"] + timings["evaluate_s"] + timings["other_s"], abs=0.005
     )
     assert second["timings"]["evaluations_cached"] > 0
     assert "whole study: every stage" in (tmp_path / "run" / "results" / "results.md").read_text()
