@@ -3,10 +3,11 @@
 Takes a finished study (`make paper`: its seed, trained MoEs and domain embeddings) and a folder
 of the user's own text (one sub-folder per domain, as `nexus-moe corpus build --from` reads it),
 and for each seed adds the new domain to the trained `nexus` MoE (calibrated row from the new
-domain's text: the default fixed norm; the earlier rows refit among all the domains with
-`--refit-rows`; and the norm fitted to a leak budget of 0.01 with `--leak-budget 0.01`) and to the trained `moe-linear` MoE (the two linear baselines: router
-re-initialised, and the trained rows kept with one appended), with no training step. Every step is
-a `nexus-moe` command, as a user would run it:
+domain's text: the default norm; the earlier rows refit among all the domains with
+`--refit-rows`; and the norm fitted to a leak budget of 0.01 with `--leak-budget 0.01`) and to
+the trained `moe-linear` MoE (the two linear baselines: router re-initialised, and the trained
+rows kept with one appended), with no training step. Every step is a `nexus-moe` command, as a
+user would run it:
 
     corpus build --from DATA     the user's corpus
     branch [--ffn-only]          the new dense experts (the study's expert settings)
@@ -22,20 +23,33 @@ extension closes, and the change of the earlier domains' mean perplexity.
 
 `--row-scales S...` adds the nexus extension with its new row at S times the earlier rows' norm
 (`extend --row-scale S`); `--only LABEL...` runs only the extensions named (as printed).
+
+Each step's result is kept in `--work` with a key of its inputs (the data, the study's models,
+the token counts, and for the extensions the package's source) and is made again when they
+change, so one `--work` can be rerun after new data or a code change without stale figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nexus_moe
+from nexus_moe.pipeline import corpus_fingerprint, file_hash, fingerprint
+
 CLI = [sys.executable, "-m", "nexus_moe.cli"]
+# Extensions depend on code defaults (the new row's norm), so they are keyed on the source.
+CODE = hashlib.sha256(
+    b"".join(p.read_bytes() for p in sorted(Path(nexus_moe.__file__).parent.rglob("*.py")))
+).hexdigest()[:16]
 
 
 def run(*args: str) -> None:
@@ -48,19 +62,56 @@ def run(*args: str) -> None:
     )
 
 
+def cached(out: Path, key: str, *command: str) -> str:
+    """Makes ``out`` (runs ``nexus-moe COMMAND``, or makes the folder) unless this benchmark
+    made it from the same inputs (``key``); returns the key.
+
+    A result made from other inputs (other data, other token counts, an earlier version of
+    the code) is removed and made again: the benchmark wrote it, beside a ``.key`` file. An
+    ``out`` without that file was not written here and is left alone.
+    """
+    marker = out.with_name(out.name + ".key")
+    made = marker.read_text().strip() if marker.is_file() else None
+    if out.exists() and made == key:
+        return key
+    if out.exists() and made is None:
+        sys.exit(f"{out}: exists and was not written by this benchmark; choose a fresh --work")
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    marker.unlink(missing_ok=True)
+    run(*command) if command else out.mkdir(parents=True)
+    marker.write_text(key + "\n")
+    return key
+
+
+def model_key(model: Path) -> str:
+    return fingerprint(file_hash(model / "config.json"), file_hash(model / "model.safetensors"))
+
+
 def scores(model: Path, corpus: Path, out: Path, tokens: int, domains: list[str]) -> dict:
-    if not out.is_file():
-        run("evaluate", str(model), "--corpus", str(corpus), "--domains", ",".join(domains),
-            "--max-tokens", str(tokens), "--seq-len", "128", "--json", str(out), "--device", "cpu")  # fmt: skip
+    key = fingerprint(model_key(model), corpus_fingerprint(corpus), tokens, domains)
+    cached(out, key, "evaluate", str(model), "--corpus", str(corpus), "--domains",
+           ",".join(domains), "--max-tokens", str(tokens), "--seq-len", "128", "--json", str(out),
+           "--device", "cpu")  # fmt: skip
     return json.loads(out.read_text())[str(model)]  # evaluate --json keys by the path given
 
 
 def share(model: Path, corpus: Path, out: Path, domain: str, tokens: int) -> float:
     report = out / "routing-ext.json"
-    if not report.is_file():
-        run("analyse", str(model), "--corpus", str(corpus), "--domains", domain, "--out", str(out),
-            "--max-tokens", str(tokens), "--seq-len", "128", "--name", "ext", "--device", "cpu")  # fmt: skip
+    key = fingerprint(model_key(model), corpus_fingerprint(corpus), tokens, domain)
+    cached(report, key, "analyse", str(model), "--corpus", str(corpus), "--domains", domain,
+           "--out", str(out), "--max-tokens", str(tokens), "--seq-len", "128", "--name", "ext",
+           "--device", "cpu")  # fmt: skip
     return float(json.loads(report.read_text())["accuracy"][domain])
+
+
+def data_key(folder: Path) -> str:
+    """Names, sizes and modification times of the user's files."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return fingerprint([[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
+                        for p in files])  # fmt: skip
 
 
 def main() -> None:
@@ -96,23 +147,26 @@ def main() -> None:
     earlier = json.loads((study / "results" / "scores.json").read_text())["domains"]
     corpus, study_corpus = work / "corpus", study / "corpus"
     work.mkdir(parents=True, exist_ok=True)
-    if not (corpus / "manifest.json").is_file():
-        run("corpus", "build", "--from", str(args.data), "--domains", domain, "--out", str(corpus),
-            "--max-mb", "3", "--val-fraction", "0.16")  # fmt: skip
+    # Every step below is redone when its inputs changed since this --work last made it.
+    build = ["--domains", domain, "--max-mb", "3", "--val-fraction", "0.16"]
+    corpus_key = cached(corpus, fingerprint(data_key(args.data / domain), build), "corpus",
+                        "build", "--from", str(args.data), "--out", str(corpus), *build)  # fmt: skip
     branch = ["--set", f"steps={args.branch_steps}", "--set", "batch_size=16", "--set",
               "seq_len=128", "--set", "lr=1e-3", "--set", "warmup_frac=0.05", "--set",
               "checkpoint_every=0", "--device", "cpu"]  # fmt: skip
+    seed_key = model_key(study / "seed" / "model")
     experts = {"ffn": work / "experts-ffn", "full": work / "experts"}
+    expert_keys = {}
     for kind, out in experts.items():
-        if not (out / domain / "model").is_dir():
-            flags = ["--ffn-only"] if kind == "ffn" else []
-            run("branch", "--seed", str(study / "seed"), "--corpus", str(corpus), "--out",
-                str(out), *flags, *branch)  # fmt: skip
+        flags = ["--ffn-only"] if kind == "ffn" else []
+        expert_keys[kind] = cached(out, fingerprint(seed_key, corpus_key, flags, branch),
+                                   "branch", "--seed", str(study / "seed"), "--corpus",
+                                   str(corpus), "--out", str(out), *flags, *branch)  # fmt: skip
     embeddings = work / "domain_embeddings"
-    if not (embeddings / "domain_embeddings.safetensors").is_file():
-        run("embed-domains", "--corpus", str(corpus), "--out", str(embeddings), "--merge-into",
-            str(study / "domain_embeddings" / "domain_embeddings.safetensors"), "--num-chunks",
-            "128")  # fmt: skip
+    merged = study / "domain_embeddings" / "domain_embeddings.safetensors"
+    embeddings_key = cached(embeddings, fingerprint(corpus_key, file_hash(merged)),
+                            "embed-domains", "--corpus", str(corpus), "--out", str(embeddings),
+                            "--merge-into", str(merged), "--num-chunks", "128")  # fmt: skip
 
     tokens = args.eval_tokens
     dense = {
@@ -146,6 +200,10 @@ def main() -> None:
             trained = study / f"s{seed}" / "moe" / variant / "trained" / "model"
             out = work / f"s{seed}" / label.replace(", ", "-").replace(" ", "-")
             extended = out / "model"
+            # The folder holds the extension and everything measured on it.
+            key = fingerprint(CODE, model_key(trained), expert_keys[kind], embeddings_key, seed,
+                              flags)  # fmt: skip
+            cached(out, key)
             if not (extended / "config.json").is_file():
                 run("extend", "--moe", str(trained), "--expert", str(experts[kind] / domain),
                     "--domain", domain, "--embeddings", str(embeddings), "--random-seed",
