@@ -426,6 +426,9 @@ def test_new_row_discounts_the_directions_its_own_domain_varies_in():
     unit = row / row.norm()
     assert abs(float(unit[4])) < 0.5 * abs(float(earlier_only[4]))
     torch.testing.assert_close(grown.covariance, stats.covariance)
+    # Its norm has no default of its own: the default depends on the router's context.
+    with pytest.raises(ValueError, match="scale or leak_budget"):
+        calibrate.new_expert_row(stats, new, rows.float())
 
     def recall_and_leak(direction: torch.Tensor) -> tuple[float, float]:
         grown_rows = torch.cat([rows.float(), row.norm() * direction[None]])

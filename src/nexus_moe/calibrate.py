@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 # The new row's default norms are in config, with the other defaults the CLI cites.
-from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS, NEW_ROW_SCALE
+from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
@@ -334,8 +334,8 @@ def new_expert_row(
     0.46-0.53 of its tokens at a smaller cost to the earlier domains, math about the same,
     docs/design.md §5.6). Its norm: with
     ``leak_budget``, fitted by :func:`fit_row_scale` for a layer with these ``top_k`` and
-    ``renormalize``; otherwise ``scale`` (default ``NEW_ROW_SCALE``; ``extend`` passes
-    ``config.new_row_scale`` of the router's context) times ``reference_norm`` (default: the
+    ``renormalize``; otherwise ``scale`` (``extend`` passes ``config.new_row_scale`` of the
+    router's context, or the user's ``--row-scale``) times ``reference_norm`` (default: the
     mean norm of the current rows). Returns the row (H,) float32 and the statistics grown by
     the new domain (the pooled covariance keeps the earlier domains', which the
     earlier rows were made with).
@@ -351,7 +351,8 @@ def new_expert_row(
         )
         row = norm * direction
     else:
-        scale = NEW_ROW_SCALE if scale is None else scale
+        if scale is None:  # the default depends on the router's context: config.new_row_scale
+            raise ValueError("new_expert_row: give scale or leak_budget")
         # A unit direction at the norm of the rows as trained (which may have moved from tau).
         if reference_norm is None:
             reference_norm = current_rows.float().norm(dim=-1).mean()
