@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/moe-lr"))
     parser.add_argument("--train-only", nargs="+", default=[], metavar="PATTERN")
     parser.add_argument("--warmup-frac", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,11 +60,14 @@ def main() -> None:
             print(f"{variant} step 0 seed {seed}: mean perplexity {step0[variant][seed]:.3f}")
             for lr in args.lrs:
                 tag = "-only-" + "+".join(args.train_only) if args.train_only else ""
+                tag += f"-steps{args.steps}" if args.steps is not None else ""
                 out = args.out / f"s{seed}" / f"{variant}-lr{lr:g}{tag}"
                 cfg = replace(recipe.moe.train, seed=seed, lr=lr, eval_every=0,
                               train_only=list(args.train_only))  # fmt: skip
                 if args.warmup_frac is not None:
                     cfg = replace(cfg, warmup_frac=args.warmup_frac)
+                if args.steps is not None:
+                    cfg = replace(cfg, steps=args.steps)
                 model, meta = load_checkpoint(init)
                 final = train_model(model, run / "corpus", init / TOKENIZER_FILE, domains, cfg,
                                     out, metadata=meta, show_progress=False)  # fmt: skip
