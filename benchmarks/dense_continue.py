@@ -9,9 +9,11 @@ parameters that `--train-only` names (default: the FFNs, as the FFN-only experts
 A MoE trained N steps on the four domains sees N/4 steps of each, so `--steps 250` matches
 `benchmarks/moe_lr.py --steps 1000`. Each expert is then scored on the recipe's validation tokens
 of its domain, like the study's dense-expert bound; printed per domain and as the mean
-perplexity over the training domains, before and after.
+perplexity over the training domains, before and after, and paired per seed (same seed: same
+data order) against the study's MoE variant `--against` (default `nexus-long`, trained 1000 steps)
+when the study's scores have it.
 
-    .venv/bin/python benchmarks/dense_continue.py --steps 250 --seeds 0
+    .venv/bin/python benchmarks/dense_continue.py --steps 250 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
+from nexus_moe.study import paired_interval
 from nexus_moe.train import FFN_PARAMETERS
 
 
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--train-only", nargs="+", default=list(FFN_PARAMETERS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--against", default="nexus-long", help="the study's MoE variant")
     parser.add_argument("--out", type=Path, default=Path("runs/dense-continue"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -82,6 +86,25 @@ def main() -> None:
         print(f"| +{args.steps} steps at {args.lr:g}, seed {seed} | "
               + " | ".join(f"{scores[d]:.2f}" for d in domains)
               + f" | {mean:.2f} ({100 * (mean / mean_before - 1):+.1f}%) |")  # fmt: skip
+    scores_file = run / "results" / "scores.json"
+    moe = {}
+    if scores_file.is_file():
+        moe = json.loads(scores_file.read_text())["models"].get(args.against, {})
+    seeds = [s for s in after if str(s) in moe]
+    if seeds:
+        print(
+            f"\n{args.against} (the study) against these dense experts, per seed: "
+            "(MoE - dense) / dense of the mean perplexity; > 0: the dense experts are better"
+        )
+        diffs = []
+        for seed in seeds:
+            m = statistics.fmean(moe[str(seed)][d]["perplexity"] for d in domains)
+            dense = statistics.fmean(after[seed].values())
+            diffs.append(m / dense - 1)
+            print(f"  seed {seed}: {m:.3f} against {dense:.3f}: {100 * diffs[-1]:+.2f}%")
+        p = paired_interval(diffs)
+        interval = "" if p["low"] is None else f" [{100 * p['low']:+.2f}%, {100 * p['high']:+.2f}%]"
+        print(f"  mean {100 * p['mean']:+.2f}%{interval}")
 
 
 if __name__ == "__main__":
