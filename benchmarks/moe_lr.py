@@ -14,6 +14,11 @@ With `--train-only PATTERN...` only the parameters whose names contain one of th
 (`TrainConfig.train_only`; e.g. the experts' FFNs and the routers, leaving the attention, norms
 and embeddings the experts share as the seed's). Every row also prints the mean perplexity of
 the dense experts on their own domains from the study's scores (the bound of target 4).
+`--steps N` trains for N steps instead of the recipe's; `--against VARIANT` pairs every row per
+seed with a variant the study trained itself (e.g. `nexus-long`, the nexus MoE trained 1000
+steps on its experts and routers):
+
+    .venv/bin/python benchmarks/moe_lr.py --variants moe-linear --steps 1000 --against nexus-long
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def main() -> None:
     parser.add_argument("--train-only", nargs="+", default=[], metavar="PATTERN")
     parser.add_argument("--warmup-frac", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--against", help="a variant of the study's own to pair every row with")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,10 +88,29 @@ def main() -> None:
         json.dumps({"trained": means, "step0": step0}, indent=2) + "\n"
     )
     scores_file = run / "results" / "scores.json"
-    if scores_file.exists():  # the study's dense experts (FFN-only set) on their own domains
-        bound = _dense_bound(json.loads(scores_file.read_text()), "ffn")
+    study = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+    if study:  # the study's dense experts (FFN-only set) on their own domains
+        bound = _dense_bound(study, "ffn")
         if bound is not None:
             print(f"\ndense experts (ffn set), each on its own domain: mean perplexity {bound:.2f}")
+    if args.against:
+        by_seed = study.get("models", {}).get(args.against)
+        if by_seed is None:
+            raise SystemExit(f"--against: the study at {run} has no trained '{args.against}'")
+        own = {int(s): statistics.fmean(v[d]["perplexity"] for d in domains)
+               for s, v in by_seed.items()}  # fmt: skip
+        print(f"\n(row - {args.against}) / row per seed, > 0: {args.against} (the study) is better")
+        for variant in args.variants:
+            for lr in args.lrs:
+                row = means[variant][lr]
+                diffs = [(row[s] - own[s]) / row[s] for s in args.seeds]
+                p = paired_interval(diffs)
+                interval = ""
+                if p["low"] is not None:
+                    low, high = 100 * p["low"], 100 * p["high"]
+                    interval = f" [{low:+.2f}%, {high:+.2f}%] {p['verdict']}"
+                each = ", ".join(f"{100 * d:+.2f}%" for d in diffs)
+                print(f"  {variant} lr {lr:g}: {each}; mean {100 * p['mean']:+.2f}%{interval}")
     ref = args.variants[0]
     print("\n| variant | lr | per seed | mean | vs " + ref + " (paired, 95% interval) |")
     print("|---|---:|---|---:|---|")
