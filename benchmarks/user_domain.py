@@ -67,8 +67,9 @@ def cached(out: Path, key: str, *command: str) -> str:
     made it from the same inputs (``key``); returns the key.
 
     A result made from other inputs (other data, other token counts, an earlier version of
-    the code) is removed and made again: the benchmark wrote it, beside a ``.key`` file. An
-    ``out`` without that file was not written here and is left alone.
+    the code), or left half made by an interrupted run, is removed and made again: the
+    benchmark wrote it, beside a ``.key`` file. An ``out`` without that file was not written
+    here and is left alone.
     """
     marker = out.with_name(out.name + ".key")
     made = marker.read_text().strip() if marker.is_file() else None
@@ -80,8 +81,11 @@ def cached(out: Path, key: str, *command: str) -> str:
         shutil.rmtree(out)
     elif out.exists():
         out.unlink()
-    marker.unlink(missing_ok=True)
-    run(*command) if command else out.mkdir(parents=True)
+    marker.write_text("unfinished\n")  # claims out before anything is written there
+    if command:
+        run(*command)
+    else:
+        out.mkdir(parents=True)
     marker.write_text(key + "\n")
     return key
 
