@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The new row's default norms are in config, with the other defaults the CLI cites.
 from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError

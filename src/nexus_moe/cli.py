@@ -757,14 +757,11 @@ def extend_cmd(
             f"--leak-budget {leak_budget}: not a share below 1; use e.g. 0.01, or 0 for the "
             "fixed norm"
         )
-    if row_scale is not None and (row_scale <= 0 or leak_budget > 0):
+    if row_scale is not None and row_scale <= 0:
+        raise NexusError(f"--row-scale {row_scale}: give a positive norm factor, e.g. 1.0")
+    if row_scale is not None and leak_budget > 0:
         raise NexusError(
-            f"--row-scale {row_scale}: "
-            + (
-                "give a positive norm factor, e.g. 1.0"
-                if row_scale <= 0
-                else "a --leak-budget fits the norm itself; give one of the two"
-            )
+            f"--row-scale {row_scale}: a --leak-budget fits the norm itself; give one of the two"
         )
     moe_dir, expert_dir = resolve_model_dir(moe), resolve_model_dir(expert)
     _claim(

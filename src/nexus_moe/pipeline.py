@@ -269,11 +269,7 @@ def check_recipe(recipe: Recipe) -> None:
                 f"extend.train_only: '{name}' is not one of extend.variants "
                 f"({', '.join(recipe.extend.variants) or 'none'}); name a variant that is extended"
             )
-        if not all(patterns):
-            raise NexusError(
-                f"extend.train_only.{name}: an empty pattern would name every parameter; "
-                "use e.g. [mlp.experts]"
-            )
+        _check_patterns(patterns, f"extend.train_only.{name}", "[mlp.experts]")
     _check_variants(recipe)
     _check_seq_lens(recipe)
 
@@ -307,11 +303,7 @@ def _check_variants(recipe: Recipe) -> None:
         where = f"moe.variants[{i}] ({variant.name})"
         if variant.name in names[:i]:
             raise NexusError(f"{where}: name used by more than one variant")
-        if not all(variant.train_only):
-            raise NexusError(
-                f"{where}.train_only: an empty pattern would name every parameter; use e.g. "
-                "[mlp.experts, router]"
-            )
+        _check_patterns(variant.train_only, f"{where}.train_only", "[mlp.experts, router]")
         _check_keys(variant.moe, allowed, f"{where}.moe")
         if not variant.method.is_moe:
             if variant.moe:
@@ -337,6 +329,14 @@ def _check_variants(recipe: Recipe) -> None:
                 f"(those are: {', '.join(trained_moes) or 'none'}); set extend.variants to the "
                 f"ones to extend (default: {default})"
             )
+
+
+def _check_patterns(patterns: list[str], where: str, example: str) -> None:
+    """``train_only`` patterns match parameter names by substring: an empty one matches all."""
+    if not all(patterns):
+        raise NexusError(
+            f"{where}: an empty pattern would name every parameter; use e.g. {example}"
+        )
 
 
 def _check_keys(settings: dict[str, Any], allowed: set[str], where: str) -> None:
