@@ -29,7 +29,7 @@ import torch
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
-from nexus_moe.study import paired_interval
+from nexus_moe.study import _interval, paired_interval
 from nexus_moe.train import FFN_PARAMETERS
 
 
@@ -103,7 +103,7 @@ def main() -> None:
             diffs.append(m / dense - 1)
             print(f"  seed {seed}: {m:.3f} against {dense:.3f}: {100 * diffs[-1]:+.2f}%")
         p = paired_interval(diffs)
-        interval = "" if p["low"] is None else f" [{100 * p['low']:+.2f}%, {100 * p['high']:+.2f}%]"
+        interval = "" if p["low"] is None else f" {_interval(p, 2)}"
         print(f"  mean {100 * p['mean']:+.2f}%{interval}")
 
 

@@ -34,7 +34,7 @@ import torch
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
-from nexus_moe.study import _dense_bound, paired_interval
+from nexus_moe.study import _dense_bound, _interval, paired_interval
 
 
 def main() -> None:
@@ -105,10 +105,7 @@ def main() -> None:
                 row = means[variant][lr]
                 diffs = [(row[s] - own[s]) / row[s] for s in args.seeds]
                 p = paired_interval(diffs)
-                interval = ""
-                if p["low"] is not None:
-                    low, high = 100 * p["low"], 100 * p["high"]
-                    interval = f" [{low:+.2f}%, {high:+.2f}%] {p['verdict']}"
+                interval = "" if p["low"] is None else f" {_interval(p, 2)} {p['verdict']}"
                 each = ", ".join(f"{100 * d:+.2f}%" for d in diffs)
                 print(f"  {variant} lr {lr:g}: {each}; mean {100 * p['mean']:+.2f}%{interval}")
     ref = args.variants[0]
@@ -123,10 +120,7 @@ def main() -> None:
             by_seed = means[variant][lr]
             diffs = [(by_seed[s] - means[ref][lr][s]) / by_seed[s] for s in args.seeds]
             p = paired_interval(diffs)
-            interval = (
-                "-" if p["low"] is None else f"[{100 * p['low']:+.1f}%, {100 * p['high']:+.1f}%]"
-            )
-            cell = "-" if variant == ref else f"{100 * p['mean']:+.1f}% {interval}"
+            cell = "-" if variant == ref else f"{100 * p['mean']:+.1f}% {_interval(p)}"
             per_seed = ", ".join(f"{by_seed[s]:.2f}" for s in args.seeds)
             print(
                 f"| {variant} | {lr:g} | {per_seed} | {statistics.fmean(by_seed.values()):.2f} | {cell} |"

@@ -5,12 +5,12 @@ Takes a finished study (`make paper`) and, for each seed and held-out domain, ex
 `nexus` MoE with that domain's FFN-only expert (calibrated row from the domain's text, no training
 step) under each rule given as `refit@SCALE` (the earlier experts' rows refit among all the
 domains, `extend --refit-rows`) or `keep@SCALE` (`extend --keep-rows`, the default), SCALE being
-the new row's norm relative to the earlier rows' (`extend --row-scale`). Printed per seed, as the study measures them:
-the share of the new domain's tokens on the new expert (mean over MoE layers), the share of the
-gap between the MoE before extension and the new dense expert that the extension closes (log
-perplexity, i.e. bits/byte), and the change of the earlier domains' mean perplexity (scored on
-the same tokens before and after). Compare rules at equal cost to the earlier domains: a larger
-norm buys share there too.
+the new row's norm relative to the earlier rows' (`extend --row-scale`). Printed per seed, as the
+study measures them: the share of the new domain's tokens on the new expert (mean over MoE
+layers), the share of the gap between the MoE before extension and the new dense expert that the
+extension closes (log perplexity, i.e. bits/byte), and the change of the earlier domains' mean
+perplexity (scored on the same tokens before and after). Compare rules at equal cost to the
+earlier domains: a larger norm buys share there too.
 
     .venv/bin/python benchmarks/refit_rows.py --study runs/paper-small \
         --rules keep@1.0 keep@1.1 refit@0.8 refit@0.9

@@ -1342,10 +1342,11 @@ def _tokens_scored(results: dict[str, Any], tables: tuple[str, ...] = ("oracle",
     return "-"
 
 
-def _interval(p: dict[str, Any]) -> str:
+def _interval(p: dict[str, Any], digits: int = 1) -> str:
+    """A :func:`paired_interval` as "[low%, high%]" ("-" with one seed)."""
     if p["low"] is None:
         return "-"
-    return f"[{100 * p['low']:+.1f}%, {100 * p['high']:+.1f}%]"
+    return f"[{100 * p['low']:+.{digits}f}%, {100 * p['high']:+.{digits}f}%]"
 
 
 def _paired_markdown(results: dict[str, Any]) -> list[str]:
