@@ -3,6 +3,7 @@ get their domain's tokens without finetuning (docs/design.md, plug-in experts)."
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -167,7 +168,8 @@ def test_calibrated_router_routes_each_domain_to_its_expert_at_step0(world):
 
 
 def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs(world):
-    """The default, fixed row norm: the new expert takes its domain's tokens."""
+    """At the fixed row norm (the default for statistics without held windows) the new expert
+    takes its domain's tokens."""
     context = 0.75  # the plug-in default
     moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
     before = _own_share(load_checkpoint(moe_dir)[0], world["shards"], DOMAINS)
@@ -180,6 +182,7 @@ def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs
         calibration_shards=world["shards"],
         calibration_tokens=512,
         leak_budget=None,
+        row_scale=config.NEW_ROW_SCALE,
     )
     model, _ = load_checkpoint(out)
     share = _own_share(model, world["shards"], [*DOMAINS, NEW])
@@ -205,20 +208,59 @@ def test_new_expert_gets_its_domains_tokens_zero_shot_and_the_others_keep_theirs
     )
 
 
+def _without_held_windows(moe_dir: Path, out: Path) -> Path:
+    """The MoE as a checkpoint made before held windows were kept with its statistics."""
+    model, meta = load_checkpoint(moe_dir)
+    for layer in model.moe_layers():
+        layer.domain_stats = replace(layer.domain_stats, held=None)
+    return save_checkpoint(out, model, moe_dir / "tokenizer.json", metadata=meta)
+
+
 @pytest.mark.parametrize(("context", "row_scale", "expected"), [
-    (0.75, None, config.NEW_ROW_SCALE),  # the plug-in default routes on context 0.75
+    (0.75, None, config.NEW_ROW_SCALE),  # statistics without held windows: the fixed norm
     (0.5, None, config.NEW_ROW_SCALE_LESS_CONTEXT),
-    (0.75, 1.3, 1.3),
+    (0.75, 1.3, 1.3),  # --row-scale
 ])  # fmt: skip
-def test_new_rows_default_norm_follows_the_routers_context(world, tmp_path, context, row_scale,
-                                                           expected):  # fmt: skip
+def test_new_rows_fixed_norm_follows_the_routers_context(world, tmp_path, context, row_scale,
+                                                         expected):  # fmt: skip
     moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
+    if row_scale is None:
+        moe_dir = _without_held_windows(moe_dir, tmp_path / "old")
     extend(moe_dir, world["experts"][NEW], tmp_path / "out", domain_embeddings=world["emb"],
            calibration_shards=world["shards"], calibration_tokens=512, row_scale=row_scale)  # fmt: skip
     for layer in load_checkpoint(tmp_path / "out")[0].moe_layers():
         rows = layer.router.expert_embeddings().detach().float()
         earlier = rows[:-1].norm(dim=-1).mean()
         torch.testing.assert_close(rows[-1].norm() / earlier, torch.tensor(float(expected)))
+
+
+@pytest.mark.parametrize(("context", "gain"), [(0.75, 0.9), (0.0, 1.0)])
+def test_default_new_row_keeps_the_earlier_domains_loss_within_the_budget(world, tmp_path, context,
+                                                                         gain):  # fmt: skip
+    """The default norm of a new row is bounded by what it costs the earlier domains: on the
+    windows of each domain kept with the statistics, no earlier domain's perplexity rises by
+    more than the budget, measured on the saved model (every layer's row, with what its leaks
+    do to the layers above), while the new domain gains (per token little: this tiny model's
+    "music" shares most of its words with "sports"); the windows grow with the expert and
+    shrink with it again."""
+    moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
+    old, _ = load_checkpoint(moe_dir)
+    held = old.moe_layers()[0].domain_stats.held
+    assert held.shape[:2] == (3, calibrate.HELD_WINDOWS) and held.dtype == torch.int32
+    out = tmp_path / "out"
+    extend(moe_dir, world["experts"][NEW], out, domain_embeddings=world["emb"],
+           calibration_shards=world["shards"], calibration_tokens=512)  # fmt: skip
+    model, _ = load_checkpoint(out)
+    rise = calibrate.held_losses(model, held) - calibrate.held_losses(old, held)
+    assert float(rise.max()) <= math.log1p(calibrate.LOSS_BUDGET) + 1e-6, rise
+    before = evaluate_domains(old, world["shards"], [NEW], EVAL)[NEW].perplexity
+    after = evaluate_domains(model, world["shards"], [NEW], EVAL)[NEW].perplexity
+    assert after < gain * before, (before, after)
+    grown = model.moe_layers()[0].domain_stats.held
+    assert grown.shape[0] == 4 and torch.equal(grown[:3], held)
+    remove_expert(out, tmp_path / "removed", NEW)
+    removed, _ = load_checkpoint(tmp_path / "removed")
+    assert torch.equal(removed.moe_layers()[0].domain_stats.held, held)
 
 
 def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world, tmp_path):
@@ -229,7 +271,9 @@ def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world,
     moe_dir = _upcycled(world, "moe-ctx0.5", router_context=0.5)
     everything = [*DOMAINS, NEW]
     ppl = {}
-    for name, budget in (("fixed", None), ("fitted", calibrate.LEAK_BUDGET)):
+    for name, budget, scale in (("fixed", None, config.NEW_ROW_SCALE_LESS_CONTEXT),
+                                ("fitted", calibrate.LEAK_BUDGET, None),
+                                ("default", None, None)):  # fmt: skip
         extend(
             moe_dir,
             world["experts"][NEW],
@@ -238,6 +282,7 @@ def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world,
             calibration_shards=world["shards"],
             calibration_tokens=512,
             leak_budget=budget,
+            row_scale=scale,
         )
         model, _ = load_checkpoint(tmp_path / name)
         ppl[name] = {d: s.perplexity for d, s in evaluate_domains(model, world["shards"],
@@ -248,6 +293,9 @@ def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world,
     assert ppl["fixed"]["sports"] > 1.2 * before["sports"], (before, ppl)
     assert all(ppl["fitted"][d] < 1.05 * before[d] for d in DOMAINS), (before, ppl)
     assert ppl["fitted"][NEW] < 0.8 * before[NEW], (before, ppl)
+    # The default, bounded by the earlier domains' loss on their held windows, protects them too.
+    assert all(ppl["default"][d] < 1.05 * before[d] for d in DOMAINS), (before, ppl)
+    assert ppl["default"][NEW] < 0.8 * before[NEW], (before, ppl)
     shares = _own_share(load_checkpoint(tmp_path / "fitted")[0], world["shards"], DOMAINS)
     old_shares = _own_share(before_model, world["shards"], DOMAINS)
     assert all(shares[d] >= old_shares[d] - 0.05 for d in DOMAINS), (old_shares, shares)
@@ -282,6 +330,7 @@ def test_routing_statistics_survive_a_save_and_load(world, tmp_path):
     copy, _ = load_checkpoint(tmp_path / "copy")
     for a, b in zip(model.moe_layers(), copy.moe_layers(), strict=True):
         torch.testing.assert_close(a.domain_stats.covariance, b.domain_stats.covariance)
+        assert torch.equal(a.domain_stats.held, b.domain_stats.held)
         assert a.domain_stats.temperature == pytest.approx(b.domain_stats.temperature)
 
 

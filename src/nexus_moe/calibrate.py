@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
+from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS, LOSS_BUDGET
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
@@ -67,6 +67,15 @@ REFIT_EARLIER_ROWS = False
 LEAK_BUDGET = 0.01
 _SCALE_GRID = torch.linspace(0.3, 2.5, 45)  # candidate row norms, times the earlier rows' mean
 _SAMPLES_PER_DOMAIN = 2048  # samples of N(c_i, S) per earlier domain that estimate the leak
+# The default safeguard of a new expert's row (docs/design.md §5.6; its budget is
+# config.LOSS_BUDGET): windows of each domain's calibration tokens kept with the statistics, and
+# the candidate norms of a new row (times the earlier rows' mean).
+HELD_WINDOWS = 8
+_NORM_GRID = torch.linspace(0.1, 2.5, 25)
+# Below the smallest norm a bias-free row still takes tokens (every logit near 0 ties with it),
+# so the most cautious candidates add a negative bias along the direction all the layer's inputs
+# share (times the earlier rows' mean norm; see _bias_carrier).
+_BIAS_GRID = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
 
 
 @dataclass
@@ -78,6 +87,10 @@ class LayerStats:
     counts: torch.Tensor  # (E,) tokens each centroid was computed from
     center: torch.Tensor  # (H,) g: mean of the centroids the rows were made with
     temperature: float  # tau of the rows
+    # (E, HELD_WINDOWS, T) int: a few calibration windows of each domain's tokens, on which the
+    # default norm of a new expert's row is bounded by the change of the earlier domains' loss
+    # (:func:`bound_new_rows`). None in statistics made before they were kept.
+    held: torch.Tensor | None = None
 
 
 def sample_windows(tokens: np.ndarray, seq_len: int, num_tokens: int) -> torch.Tensor:
@@ -215,8 +228,16 @@ def domain_statistics(
         center = centroids.mean(0)
         rows = directions(centroids, center, covariance, ridge)
         temperature = fit_temperature(rows, [x[:_KEEP_FOR_TAU] for x in xs])
-        out.append(LayerStats(centroids, covariance, counts, center, temperature))
+        held = torch.stack([held_windows(w) for w in windows_per_expert])
+        out.append(LayerStats(centroids, covariance, counts, center, temperature, held))
     return out
+
+
+def held_windows(windows: torch.Tensor, keep: int = HELD_WINDOWS) -> torch.Tensor:
+    """``keep`` of a domain's calibration windows (rows, T), spread evenly over them, int32
+    (repeated when there are fewer)."""
+    picks = torch.linspace(0, windows.shape[0] - 1, keep).round().long()
+    return windows[picks].to(torch.int32).clone()
 
 
 def router_rows(stats: LayerStats, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
@@ -322,6 +343,7 @@ def new_expert_row(
     leak_budget: float | None = None,
     seed: int = 0,
     reference_norm: torch.Tensor | None = None,
+    new_windows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LayerStats]:
     """The row of a new expert whose domain gives ``new_inputs`` (N, H) at this layer.
 
@@ -356,14 +378,142 @@ def new_expert_row(
         if reference_norm is None:
             reference_norm = current_rows.float().norm(dim=-1).mean()
         row = scale * reference_norm * direction
-    grown = LayerStats(
-        torch.cat([stats.centroids, centroid[None]]),
-        stats.covariance,
-        torch.cat([stats.counts, torch.tensor([float(len(new_inputs))], dtype=torch.float64)]),
-        stats.center,
-        stats.temperature,
+    grown = replace(
+        stats,
+        centroids=torch.cat([stats.centroids, centroid[None]]),
+        counts=torch.cat(
+            [stats.counts, torch.tensor([float(len(new_inputs))], dtype=torch.float64)]
+        ),
+        held=_grown_held(stats, new_windows),
     )
     return row, grown
+
+
+def _grown_held(stats: LayerStats, new_windows: torch.Tensor | None) -> torch.Tensor | None:
+    """The held windows with the new domain's appended (None unless both are there and of one
+    length)."""
+    if stats.held is None or new_windows is None:
+        return None
+    new = held_windows(new_windows, stats.held.shape[1])
+    if new.shape[-1] != stats.held.shape[-1]:
+        return None
+    return torch.cat([stats.held, new[None]])
+
+
+@torch.no_grad()
+def held_losses(model: Transformer, held: torch.Tensor, device: str | torch.device = "cpu"):
+    """(E,) mean next-token loss of ``model`` on each domain's held windows (E, W, T)."""
+    from nexus_moe.losses import language_model_loss
+
+    was_training = model.training
+    model.eval()
+    try:
+        losses = []
+        for windows in held.long():
+            windows = windows.to(device)
+            logits = model(windows[:, :-1]).logits
+            losses.append(float(language_model_loss(logits, windows[:, 1:])))
+    finally:
+        model.train(was_training)
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+@torch.no_grad()
+def place_new_rows(
+    model: Transformer,
+    windows: torch.Tensor,
+    stats: list[LayerStats],
+    budget: float = LOSS_BUDGET,
+    ridge: float = DEFAULT_RIDGE,
+    device: str | torch.device = "cpu",
+) -> tuple[list[LayerStats], list[float], dict[str, float]]:
+    """Place the row of the new (last) expert of every MoE layer of ``model`` from its domain's
+    calibration ``windows``, with a norm bounded by what it costs the earlier domains on their
+    held windows (``stats[0].held``): after the rows of the first l + 1 MoE layers are placed,
+    no earlier domain's perplexity on its held windows may have risen by more than
+    ``budget * (l + 1) / L``. Returns the statistics grown by the new domain, each layer's norm
+    factor (times the earlier rows' mean norm) and the largest rise at the end (``worst``).
+
+    A token sent to the new expert leaves its layer changed, and the change carries on through
+    attention and the router's running mean to the layers above, where more of the window's
+    tokens then go to the new expert (measured on the demo's MoE: 0.6% of a domain's tokens at
+    the first MoE layer, 5.8% at the last); and the new domain's own tokens reach a layer as the
+    layers below routed them. Neither shows in statistics of each layer taken alone, so the
+    rows are placed on the model itself, layer by layer from the first: the new domain's
+    inputs at layer l are taken with the rows below placed (the new expert masked from layer l
+    up), its direction is :func:`new_expert_row`'s from them, and its norm is the largest of
+    ``_NORM_GRID`` (by bisection) within the layer's share of the budget, measured on the whole
+    model with the new expert masked above; the smallest candidate when none is.
+    """
+    assert stats[0].held is not None
+    held = stats[0].held
+    layers = model.moe_layers()
+    new = layers[0].num_experts - 1
+    saved = [layer.expert_mask for layer in layers]
+    masked = torch.ones(new + 1, dtype=torch.bool, device=device)
+    masked[new] = False
+    grown_stats, factors = [], []
+    try:
+        for layer in layers:
+            layer.expert_mask = masked
+        before = held_losses(model, held, device)
+        for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
+            limit = math.log1p(budget * (index + 1) / len(layers))
+            x = moe_inputs(model, windows, None, device=device)[index]
+            earlier = layer.router.expert_embeddings().detach()[:new].float()
+            unit, grown = new_expert_row(
+                layer_stats, x, earlier.cpu(), ridge, scale=1.0, new_windows=windows
+            )
+            layer.expert_mask = saved[index]
+            candidates = _candidate_rows(unit, layer_stats, ridge)
+
+            def rise(row: torch.Tensor, i: int = index) -> float:
+                layers[i].router.set_row(new, row.to(device))
+                return float((held_losses(model, held, device) - before).max())
+
+            lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit
+            if rise(candidates[hi][1]) <= limit:
+                lo = hi
+            else:
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if rise(candidates[mid][1]) <= limit:
+                        lo = mid
+                    else:
+                        hi = mid
+            factors.append(candidates[lo][0])
+            layer.router.set_row(new, candidates[lo][1].to(device))
+            grown_stats.append(grown)
+        worst = float((held_losses(model, held, device) - before).max())
+    finally:
+        for layer, mask in zip(layers, saved, strict=True):
+            layer.expert_mask = mask
+    return grown_stats, factors, {"worst": math.expm1(worst)}
+
+
+def _bias_carrier(stats: LayerStats, ridge: float) -> torch.Tensor:
+    """(H,) a direction on which every input scores about 1: ``W g`` scaled so the earlier
+    centroids score 1 on average. The layer's inputs all carry the common mean g; measured on
+    the demo's MoE, their scores along ``W g`` vary by 4% (routing on context) to 10% (per
+    token) above the first MoE layer, so a row's component along it acts as a bias."""
+    carrier = whitening(stats.covariance, ridge) @ stats.center.double()
+    scale = (stats.centroids.double() @ carrier).mean()
+    return (carrier / scale).float() if scale.abs() > 1e-12 else torch.zeros_like(carrier).float()
+
+
+def _candidate_rows(
+    unit: torch.Tensor, stats: LayerStats, ridge: float
+) -> list[tuple[float, torch.Tensor]]:
+    """A new row's candidates from the most cautious to the most taking, with their norm factor:
+    the smallest norm with ever larger negative biases (_BIAS_GRID), then _NORM_GRID."""
+    reference = float(unit.norm())
+    smallest = float(_NORM_GRID[0]) * unit
+    carrier = _bias_carrier(stats, DEFAULT_RIDGE if ridge is None else ridge)
+    biased = [
+        (float(_NORM_GRID[0]), smallest - float(b) * reference * carrier)
+        for b in _BIAS_GRID.flip(0)
+    ]
+    return biased + [(float(f), float(f) * unit) for f in _NORM_GRID]
 
 
 def _pooled_with(stats: LayerStats, new_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,7 +528,10 @@ def _pooled_with(stats: LayerStats, new_inputs: torch.Tensor) -> tuple[torch.Ten
 
 
 def refit_earlier_rows(
-    stats: LayerStats, new_inputs: torch.Tensor, ridge: float = DEFAULT_RIDGE
+    stats: LayerStats,
+    new_inputs: torch.Tensor,
+    ridge: float = DEFAULT_RIDGE,
+    new_windows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LayerStats]:
     """How the earlier experts' rows change when the new domain (``new_inputs`` (N, H) at this
     layer) joins them, and the statistics of all the domains.
@@ -407,6 +560,7 @@ def refit_earlier_rows(
         torch.cat([stats.counts, torch.tensor([float(len(new_inputs))], dtype=torch.float64)]),
         center,
         stats.temperature,
+        _grown_held(stats, new_windows),
     )
     return (stats.temperature * (after - before)).float(), refit
 
@@ -420,6 +574,7 @@ def drop_expert(stats: LayerStats, index: int) -> LayerStats:
         stats.counts[keep].clone(),
         stats.center,
         stats.temperature,
+        None if stats.held is None else stats.held[keep].clone(),
     )
 
 
@@ -436,6 +591,8 @@ def stats_to_tensors(stats: list[LayerStats]) -> dict[str, torch.Tensor]:
         out[f"moe_layer.{i}.counts"] = s.counts.float()
         out[f"moe_layer.{i}.center"] = s.center.float()
         out[f"moe_layer.{i}.temperature"] = torch.tensor([s.temperature], dtype=torch.float32)
+        if s.held is not None:
+            out[f"moe_layer.{i}.held"] = s.held.to(torch.int32).contiguous()
     return out
 
 
@@ -448,6 +605,7 @@ def stats_from_tensors(tensors: dict[str, torch.Tensor], num_layers: int) -> lis
             tensors[f"moe_layer.{i}.counts"].double(),
             tensors[f"moe_layer.{i}.center"].double(),
             float(tensors[f"moe_layer.{i}.temperature"][0]),
+            tensors.get(f"moe_layer.{i}.held"),
         )
         for i in range(num_layers)
     ]

@@ -23,6 +23,7 @@ from nexus_moe.config import (
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_VOCAB_SIZE,
     DEVICE_CHOICES,
+    LOSS_BUDGET,
     NEW_ROW_SCALE,
     NEW_ROW_SCALE_LESS_CONTEXT,
     REFIT_ROW_SCALE,
@@ -703,7 +704,10 @@ def extend_cmd(
         typer.Option(
             help="Corpus holding the new domain: its router row is placed from the domain's "
             "training text (MoEs upcycled with a calibrated router), so the MoE routes the "
-            "domain to the new expert before any finetuning.",
+            "domain to the new expert before any finetuning. By default each layer's row is "
+            "as large as it can be while no earlier domain's perplexity on the windows kept "
+            f"with the routing statistics rises by more than {LOSS_BUDGET:.0%} (docs/design.md "
+            "§5.6).",
         ),
     ] = None,
     calibration_tokens: Annotated[
@@ -712,10 +716,10 @@ def extend_cmd(
     leak_budget: Annotated[
         float,
         typer.Option(
-            help="With --corpus: 0 places the new row at --row-scale times the earlier rows' "
-            "norm; a share (e.g. 0.01) of the earlier domains' gates on their own experts that "
-            "the new row may take fits its norm per layer instead, which protects an earlier "
-            "domain the new one overlaps (docs/design.md §5.6).",
+            help="With --corpus: a share (e.g. 0.01) of the earlier domains' gates on their own "
+            "experts that the new row may take, estimated from Gaussian samples of the stored "
+            "statistics, fits its norm per layer instead of the default bound on the earlier "
+            "domains' loss; it sees far less of the leak than there is (docs/design.md §5.6).",
         ),
     ] = 0.0,
     refit_rows: Annotated[
@@ -731,11 +735,13 @@ def extend_cmd(
     row_scale: Annotated[
         float | None,
         typer.Option(
-            help="With --corpus: the new row's norm, times the earlier rows' (default "
-            f"{NEW_ROW_SCALE:g} for a router on context {CONTEXT_FOR_FULL_ROW:g} or more, as "
-            f"nexus routes, {NEW_ROW_SCALE_LESS_CONTEXT:g} on less, {REFIT_ROW_SCALE:g} with "
-            "--refit-rows). Larger gives the new expert more of its domain's tokens and the "
-            "earlier domains' borderline tokens too (docs/design.md §5.6).",
+            help="With --corpus: a fixed norm for the new row, times the earlier rows', instead "
+            "of the default bound on the earlier domains' loss (without windows kept with the "
+            f"statistics, as in MoEs made before they were, the default is {NEW_ROW_SCALE:g} "
+            f"for a router on context {CONTEXT_FOR_FULL_ROW:g} or more, "
+            f"{NEW_ROW_SCALE_LESS_CONTEXT:g} on less, {REFIT_ROW_SCALE:g} with --refit-rows). "
+            "Larger gives the new expert more of its domain's tokens and the earlier domains' "
+            "borderline tokens too (docs/design.md §5.6).",
         ),
     ] = None,
     merge_weight: Annotated[

@@ -37,6 +37,13 @@ def new_row_scale(router_context: float) -> float:
     return NEW_ROW_SCALE if router_context >= CONTEXT_FOR_FULL_ROW else NEW_ROW_SCALE_LESS_CONTEXT
 
 
+# The default bound on a new expert's calibrated row (``calibrate.place_new_rows``): the largest
+# rise of an earlier domain's perplexity, on the windows of its text kept with the routing
+# statistics, that placing the row may cause (docs/design.md §5.6; BENCHMARKS.md, "plug-in
+# experts from any domain").
+LOSS_BUDGET = 0.02
+
+
 # With the earlier rows refit (``REFIT_EARLIER_ROWS``): 0.9 cost math's earlier domains up to
 # +0.73% on the study's trained MoEs and 0.8 up to +0.45%, for 0.76-0.80 of math's tokens.
 REFIT_ROW_SCALE = 0.8

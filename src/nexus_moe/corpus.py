@@ -41,8 +41,8 @@ from nexus_moe.io_utils import atomic_dir, read_json
 
 # The domains of the default package sources (docs/design.md §11); HELDOUT_DOMAINS of them are
 # left out of the first MoE and added later by `extend`.
-DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal", "math"]
-HELDOUT_DOMAINS = ["math"]
+DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal", "math", "locales"]
+HELDOUT_DOMAINS = ["math", "locales"]
 DEFAULT_MAX_MB_PER_DOMAIN = 2.0  # cap of text per domain (decimal MB, see BYTES_PER_MB)
 DEFAULT_VAL_FRACTION = 0.05  # share of each domain's documents held out for validation
 SPLITS = ("train", "validation")
@@ -64,6 +64,7 @@ _LEGAL_PIP = ("licensedcode-data", "32.1.0")
 _GCIDE_DEB = "dict-gcide"
 _LINUX_DOC_DEB = "linux-doc-6.1"
 _PARI_DEB = "pari-doc"
+_LOCALES_DEB = "locales"
 
 # Generous: the largest download (linux-doc, ~37 MB) can be slow on a poor connection.
 _FETCH_TIMEOUT_S = 1800
@@ -732,6 +733,25 @@ def _load_math(cache_dir: Path) -> _Loaded:
     return _Loaded(sorted(docs + more), [source], licence, read + read2, skipped + skipped2)
 
 
+def _load_locales(cache_dir: Path) -> _Loaded:
+    """glibc's locale definitions (``usr/share/i18n/locales``) from Debian ``locales``: keyword
+    tables of ``<Uxxxx>`` code points, month names and formats in many scripts, unlike any
+    other default domain (the far held-out domain of docs/design.md §5.6)."""
+    folder = Path("usr", "share", "i18n", "locales")
+
+    def files(root: Path) -> list[Path]:
+        return sorted(p for p in (root / folder).glob("*") if p.is_file())
+
+    root, version = _ensure_deb(cache_dir, _LOCALES_DEB, lambda r: bool(files(r)))
+    docs, read, skipped = _read_package_files(root, files(root), strip_spdx_lines)
+    licence = (
+        "GNU C Library locale data (the FSF claims no copyright in it; see "
+        "usr/share/doc/locales/copyright)"
+    )
+    source = _source(_LOCALES_DEB, version, "deb", licence, root)
+    return _Loaded(docs, [source], licence, read, skipped)
+
+
 _PACKAGE_LOADERS: dict[str, Callable[[Path], _Loaded]] = {
     "code": _load_code,
     "literature": _load_literature,
@@ -739,6 +759,7 @@ _PACKAGE_LOADERS: dict[str, Callable[[Path], _Loaded]] = {
     "techdocs": _load_techdocs,
     "legal": _load_legal,
     "math": _load_math,
+    "locales": _load_locales,
 }
 
 

@@ -105,6 +105,7 @@ def extend_model(
     leak_budget: float | None = None,
     refit_rows: bool = calibrate.REFIT_EARLIER_ROWS,
     row_scale: float | None = None,
+    loss_budget: float = calibrate.LOSS_BUDGET,
 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
     """Add ``expert`` to ``moe`` in place; returns (moe, undo record: the merged weights and,
     when the earlier rows are refit, their values and the routing statistics before).
@@ -172,8 +173,15 @@ def extend_model(
     moe.cfg.moe = grown_cfg
     # A leak budget bounds what the new row takes from the earlier rows as they are: it keeps them.
     refit_rows = refit_rows and leak_budget is None
+    # The default norm of a calibrated row is bounded by the earlier domains' loss on their held
+    # windows (calibrate.bound_new_rows); statistics made before windows were kept fall back to
+    # the fixed norm of the router's context.
+    held = stats[0].held if stats and stats[0] is not None else None
+    bounded = row_scale is None and leak_budget is None and not refit_rows and held is not None
     if calibration_windows is not None:
-        if row_scale is None and leak_budget is None:  # (a leak budget fits the norm)
+        if (
+            row_scale is None and leak_budget is None and not bounded
+        ):  # (a leak budget fits the norm)
             row_scale = (
                 config.REFIT_ROW_SCALE
                 if refit_rows
@@ -184,13 +192,25 @@ def extend_model(
             undo.update({_STATS_UNDO + k: v for k, v in calibrate.stats_to_tensors(stats).items()})
         # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
         # MoE computes when it routes them there.
+        if bounded:
+            grown_stats, _, _ = calibrate.place_new_rows(
+                moe,
+                calibration_windows,
+                stats,
+                loss_budget,  # type: ignore[arg-type]
+            )
+            for layer, grown in zip(layers, grown_stats, strict=True):
+                layer.domain_stats = grown
+            return moe, undo
         inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
         for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
             earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
             reference_norm = None  # the new row's norm is relative to the rows before a refit
             if refit_rows:
                 reference_norm = earlier.norm(dim=-1).mean()
-                shift, refit = calibrate.refit_earlier_rows(layer_stats, x)
+                shift, refit = calibrate.refit_earlier_rows(
+                    layer_stats, x, new_windows=calibration_windows
+                )
                 layer.router.shift_rows(shift.to(earlier.device))
                 earlier = earlier + shift.to(earlier.device)
             row, grown = calibrate.new_expert_row(
@@ -203,6 +223,7 @@ def extend_model(
                 seed=seed,
                 scale=row_scale,
                 reference_norm=reference_norm,
+                new_windows=calibration_windows,
             )
             layer.domain_stats = refit if refit_rows else grown
             layer.router.set_row(n, row)

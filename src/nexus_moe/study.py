@@ -371,7 +371,7 @@ class Study:
     ) -> Path:
         """Extend ``trained`` with ``new_expert``; ``reset``: re-initialise a linear router
         (default: ``extend.reset_linear_router``) instead of appending a row."""
-        from nexus_moe import config
+        from nexus_moe import calibrate, config
         from nexus_moe.calibrate import STATS_FILE
         from nexus_moe.embed import DomainEmbeddings
         from nexus_moe.extend import extend
@@ -391,8 +391,20 @@ class Study:
             self.recipe.extend.leak_budget if calibrates else None,
             # (only when refitting: the other stages keep the keys they had before the option)
             *(["refit"] if calibrates and self.recipe.extend.refit_rows else []),
-            # the default norms of a calibrated new row for this MoE, which the code sets
+            # the default norms of a calibrated new row for this MoE, which the code sets, and
+            # the default bound on the earlier domains' loss (calibrate.place_new_rows)
             *([_default_row_scale(trained), config.REFIT_ROW_SCALE] if calibrates else []),
+            *(
+                [
+                    "placed on held windows",
+                    calibrate.LOSS_BUDGET,
+                    calibrate.HELD_WINDOWS,
+                    calibrate._NORM_GRID.tolist(),
+                    calibrate._BIAS_GRID.tolist(),
+                ]
+                if calibrates
+                else []
+            ),
         )
 
         def build() -> None:
