@@ -228,9 +228,10 @@ def main() -> None:
             for stage in args.stages:
                 print(f"seed {seed}, routing {routing}, {stage}: {models[stage]}", flush=True)
                 moe = load_checkpoint(models[stage])[0]
-                if any(layer.domain_stats.held is None for layer in moe.moe_layers()):
-                    # statistics from before held tokens were kept: recomputed, rows kept (what
-                    # upcycling and training write now)
+                held = moe.moe_layers()[0].domain_stats.held
+                if held is None or held.shape[1] < calibrate.HELD_WINDOWS:
+                    # statistics from before (as many) windows were kept: recomputed, rows kept
+                    # (what upcycling and training write now)
                     calibrate.refresh_statistics(moe, old_shards)
                 args.seed_of_moe = seed
                 for row in measure(moe, experts, embeddings, new_shards, old_shards, old_domains,

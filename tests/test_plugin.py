@@ -216,6 +216,18 @@ def _without_held_windows(moe_dir: Path, out: Path) -> Path:
     return save_checkpoint(out, model, moe_dir / "tokenizer.json", metadata=meta)
 
 
+def test_held_windows_scored_from_a_kept_block_match_whole_forward_passes(world):
+    """Placing a row runs only the blocks from its layer up, on the residual stream kept at its
+    input: the same losses as the whole model."""
+    model, _ = load_checkpoint(_upcycled(world))
+    held = model.moe_layers()[0].domain_stats.held
+    whole = calibrate.held_losses(model, held)
+    runner = calibrate._HeldForward(model.eval(), held, "cpu")
+    for block in range(model.cfg.num_layers + 1):
+        runner.advance(block)
+        torch.testing.assert_close(runner.losses(), whole, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(("context", "row_scale", "expected"), [
     (0.75, None, config.NEW_ROW_SCALE),  # statistics without held windows: the fixed norm
     (0.5, None, config.NEW_ROW_SCALE_LESS_CONTEXT),

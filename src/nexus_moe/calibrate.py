@@ -70,7 +70,7 @@ _SAMPLES_PER_DOMAIN = 2048  # samples of N(c_i, S) per earlier domain that estim
 # The default safeguard of a new expert's row (docs/design.md §5.6; its budget is
 # config.LOSS_BUDGET): windows of each domain's calibration tokens kept with the statistics, and
 # the candidate norms of a new row (times the earlier rows' mean).
-HELD_WINDOWS = 8
+HELD_WINDOWS = 32
 _NORM_GRID = torch.linspace(0.1, 2.5, 25)
 # Below the smallest norm a bias-free row still takes tokens (every logit near 0 ties with it),
 # so the most cautious candidates add a negative bias along the direction all the layer's inputs
@@ -228,14 +228,15 @@ def domain_statistics(
         center = centroids.mean(0)
         rows = directions(centroids, center, covariance, ridge)
         temperature = fit_temperature(rows, [x[:_KEEP_FOR_TAU] for x in xs])
-        held = torch.stack([held_windows(w) for w in windows_per_expert])
+        keep = min([HELD_WINDOWS] + [w.shape[0] for w in windows_per_expert])
+        held = torch.stack([held_windows(w, keep) for w in windows_per_expert])
         out.append(LayerStats(centroids, covariance, counts, center, temperature, held))
     return out
 
 
 def held_windows(windows: torch.Tensor, keep: int = HELD_WINDOWS) -> torch.Tensor:
     """``keep`` of a domain's calibration windows (rows, T), spread evenly over them, int32
-    (repeated when there are fewer)."""
+    (some repeated when there are fewer)."""
     picks = torch.linspace(0, windows.shape[0] - 1, keep).round().long()
     return windows[picks].to(torch.int32).clone()
 
@@ -418,6 +419,47 @@ def held_losses(model: Transformer, held: torch.Tensor, device: str | torch.devi
     return torch.tensor(losses, dtype=torch.float64)
 
 
+class _HeldForward:
+    """The model on held windows (E, W, T), with the residual stream at the input of one block
+    kept: the blocks below a layer whose row is being placed are fixed by then, so each
+    candidate runs only the blocks from it up (half the work of whole forward passes)."""
+
+    def __init__(self, model: Transformer, held: torch.Tensor, device: str | torch.device):
+        self.model, self.domains = model, held.shape[0]
+        ids = held.long().reshape(-1, held.shape[-1]).to(device)
+        self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
+        self.x = model.model.embed_tokens(self.inputs)
+        positions = torch.arange(self.inputs.shape[1], device=ids.device)
+        self.cos, self.sin = model.rotary(positions, self.x.dtype)
+        self.block, self.prev = 0, None
+
+    def _run(self, x, prev, start: int, stop: int):
+        for i in range(start, stop):
+            x, info = self.model.model.layers[i](x, self.cos, self.sin, prev, None, i)
+            if info is not None:
+                prev = info.top1
+        return x, prev
+
+    def advance(self, block: int) -> None:
+        """Keep the residual stream at the input of ``block`` (the blocks below it are final)."""
+        self.x, self.prev = self._run(self.x, self.prev, self.block, block)
+        self.block = block
+
+    def losses(self) -> torch.Tensor:
+        """(E,) mean next-token loss of each domain's held windows, float64."""
+        from nexus_moe.losses import language_model_loss
+
+        x, _ = self._run(self.x, self.prev, self.block, len(self.model.model.layers))
+        hidden = self.model.model.norm(x)
+        per_window = hidden.shape[0] // self.domains
+        out = []
+        for d in range(self.domains):  # one domain's logits at a time
+            rows = slice(d * per_window, (d + 1) * per_window)
+            logits = self.model.lm_head(hidden[rows])
+            out.append(float(language_model_loss(logits, self.targets[rows])))
+        return torch.tensor(out, dtype=torch.float64)
+
+
 @torch.no_grad()
 def place_new_rows(
     model: Transformer,
@@ -446,19 +488,23 @@ def place_new_rows(
     model with the new expert masked above; the smallest candidate when none is.
     """
     assert stats[0].held is not None
-    held = stats[0].held
     layers = model.moe_layers()
+    blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
     new = layers[0].num_experts - 1
     saved = [layer.expert_mask for layer in layers]
     masked = torch.ones(new + 1, dtype=torch.bool, device=device)
     masked[new] = False
     grown_stats, factors = [], []
+    was_training = model.training
+    model.eval()
     try:
         for layer in layers:
             layer.expert_mask = masked
-        before = held_losses(model, held, device)
+        held = _HeldForward(model, stats[0].held, device)
+        before = held.losses()
         for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
             limit = math.log1p(budget * (index + 1) / len(layers))
+            held.advance(blocks[index])
             x = moe_inputs(model, windows, None, device=device)[index]
             earlier = layer.router.expert_embeddings().detach()[:new].float()
             unit, grown = new_expert_row(
@@ -469,7 +515,7 @@ def place_new_rows(
 
             def rise(row: torch.Tensor, i: int = index) -> float:
                 layers[i].router.set_row(new, row.to(device))
-                return float((held_losses(model, held, device) - before).max())
+                return float((held.losses() - before).max())
 
             lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit
             if rise(candidates[hi][1]) <= limit:
@@ -484,10 +530,11 @@ def place_new_rows(
             factors.append(candidates[lo][0])
             layer.router.set_row(new, candidates[lo][1].to(device))
             grown_stats.append(grown)
-        worst = float((held_losses(model, held, device) - before).max())
+        worst = float((held.losses() - before).max())
     finally:
         for layer, mask in zip(layers, saved, strict=True):
             layer.expert_mask = mask
+        model.train(was_training)
     return grown_stats, factors, {"worst": math.expm1(worst)}
 
 

@@ -706,7 +706,7 @@ def extend_cmd(
             "training text (MoEs upcycled with a calibrated router), so the MoE routes the "
             "domain to the new expert before any finetuning. By default each layer's row is "
             "as large as it can be while no earlier domain's perplexity on the windows kept "
-            f"with the routing statistics rises by more than {LOSS_BUDGET:.0%} (docs/design.md "
+            f"with the routing statistics rises by more than {LOSS_BUDGET:.1%} (docs/design.md "
             "§5.6).",
         ),
     ] = None,

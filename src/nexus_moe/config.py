@@ -41,7 +41,7 @@ def new_row_scale(router_context: float) -> float:
 # rise of an earlier domain's perplexity, on the windows of its text kept with the routing
 # statistics, that placing the row may cause (docs/design.md §5.6; BENCHMARKS.md, "plug-in
 # experts from any domain").
-LOSS_BUDGET = 0.02
+LOSS_BUDGET = 0.015
 
 
 # With the earlier rows refit (``REFIT_EARLIER_ROWS``): 0.9 cost math's earlier domains up to
