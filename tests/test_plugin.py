@@ -258,13 +258,19 @@ def test_default_new_row_keeps_the_earlier_domains_loss_within_the_budget(world,
     moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
     old, _ = load_checkpoint(moe_dir)
     held = old.moe_layers()[0].domain_stats.held
-    assert held.shape[:2] == (3, calibrate.HELD_WINDOWS) and held.dtype == torch.int32
+    # (as many calibration windows as there are, up to HELD_WINDOWS)
+    assert held.shape[0] == 3 and 1 <= held.shape[1] <= calibrate.HELD_WINDOWS
+    assert held.dtype == torch.int32
     out = tmp_path / "out"
     extend(moe_dir, world["experts"][NEW], out, domain_embeddings=world["emb"],
            calibration_shards=world["shards"], calibration_tokens=512)  # fmt: skip
-    model, _ = load_checkpoint(out)
+    model, meta = load_checkpoint(out)
     rise = calibrate.held_losses(model, held) - calibrate.held_losses(old, held)
     assert float(rise.max()) <= math.log1p(calibrate.LOSS_BUDGET) + 1e-6, rise
+    # The checkpoint records what the placement gave.
+    placed = meta["extended_with"]["new_row"]
+    assert placed["held_worst_rise"] == pytest.approx(math.expm1(float(rise.max())), abs=1e-4)
+    assert len(placed["row_factors"]) == len(model.moe_layers())
     before = evaluate_domains(old, world["shards"], [NEW], EVAL)[NEW].perplexity
     after = evaluate_domains(model, world["shards"], [NEW], EVAL)[NEW].perplexity
     assert after < gain * before, (before, after)
@@ -307,7 +313,7 @@ def test_fitted_row_norm_protects_an_overlapping_earlier_domain_zero_shot(world,
     assert ppl["fitted"][NEW] < 0.8 * before[NEW], (before, ppl)
     # The default, bounded by the earlier domains' loss on their held windows, protects them too.
     assert all(ppl["default"][d] < 1.05 * before[d] for d in DOMAINS), (before, ppl)
-    assert ppl["default"][NEW] < 0.8 * before[NEW], (before, ppl)
+    assert ppl["default"][NEW] < 0.85 * before[NEW], (before, ppl)
     shares = _own_share(load_checkpoint(tmp_path / "fitted")[0], world["shards"], DOMAINS)
     old_shares = _own_share(before_model, world["shards"], DOMAINS)
     assert all(shares[d] >= old_shares[d] - 0.05 for d in DOMAINS), (old_shares, shares)

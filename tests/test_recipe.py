@@ -67,7 +67,10 @@ VARIANTS = [{"name": "nexus", "method": "nexus"}, {"name": "moe-linear", "method
         ),
         ({"corpus__heldout": ["math", "code"]}, r"corpus\.heldout: code also in corpus\.domains"),
         ({"corpus__domains": []}, r"corpus\.domains: empty"),
-        ({"extend__domains": ["maths"]}, r"extend\.domains: maths not in corpus\.heldout \(math\)"),
+        (
+            {"extend__domains": ["maths"]},
+            r"extend\.domains: maths not in corpus\.heldout \(math, locales\)",
+        ),
         ({"extend__leak_budget": 1.5}, r"extend\.leak_budget: 1\.5 is not a share in \(0, 1\)"),
         (
             {"extend__train_only": {"btx": ["mlp.experts"]}},

@@ -71,11 +71,12 @@ _SAMPLES_PER_DOMAIN = 2048  # samples of N(c_i, S) per earlier domain that estim
 # config.LOSS_BUDGET): windows of each domain's calibration tokens kept with the statistics, and
 # the candidate norms of a new row (times the earlier rows' mean).
 HELD_WINDOWS = 32
-_NORM_GRID = torch.linspace(0.1, 2.5, 25)
+_NORM_GRID = torch.linspace(0.1, 2.5, 25)  # the candidates up to the cap place_new_rows gets
 # Below the smallest norm a bias-free row still takes tokens (every logit near 0 ties with it),
 # so the most cautious candidates add a negative bias along the direction all the layer's inputs
 # share (times the earlier rows' mean norm; see _bias_carrier).
 _BIAS_GRID = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+_CARRIER_SPREAD = 0.2
 
 
 @dataclass
@@ -468,6 +469,7 @@ def place_new_rows(
     budget: float = LOSS_BUDGET,
     ridge: float = DEFAULT_RIDGE,
     device: str | torch.device = "cpu",
+    max_factor: float | None = None,
 ) -> tuple[list[LayerStats], list[float], dict[str, float]]:
     """Place the row of the new (last) expert of every MoE layer of ``model`` from its domain's
     calibration ``windows``, with a norm bounded by what it costs the earlier domains on their
@@ -484,8 +486,9 @@ def place_new_rows(
     rows are placed on the model itself, layer by layer from the first: the new domain's
     inputs at layer l are taken with the rows below placed (the new expert masked from layer l
     up), its direction is :func:`new_expert_row`'s from them, and its norm is the largest of
-    ``_NORM_GRID`` (by bisection) within the layer's share of the budget, measured on the whole
-    model with the new expert masked above; the smallest candidate when none is.
+    the candidates (:func:`_candidate_rows`: ``_NORM_GRID`` up to ``max_factor``, below it
+    negative biases) within the layer's share of the budget (by bisection), measured on the
+    whole model with the new expert masked above; the most cautious candidate when none is.
     """
     assert stats[0].held is not None
     layers = model.moe_layers()
@@ -511,12 +514,14 @@ def place_new_rows(
                 layer_stats, x, earlier.cpu(), ridge, scale=1.0, new_windows=windows
             )
             layer.expert_mask = saved[index]
-            candidates = _candidate_rows(unit, layer_stats, ridge)
+            candidates = _candidate_rows(unit, layer_stats, ridge, max_factor)
 
             def rise(row: torch.Tensor, i: int = index) -> float:
                 layers[i].router.set_row(new, row.to(device))
                 return float((held.losses() - before).max())
 
+            if rise(candidates[0][1]) > limit:  # even the most cautious: try the biases too
+                candidates = _candidate_rows(unit, layer_stats, ridge, max_factor, True)
             lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit
             if rise(candidates[hi][1]) <= limit:
                 lo = hi
@@ -538,29 +543,43 @@ def place_new_rows(
     return grown_stats, factors, {"worst": math.expm1(worst)}
 
 
-def _bias_carrier(stats: LayerStats, ridge: float) -> torch.Tensor:
+def _bias_carrier(stats: LayerStats, ridge: float) -> tuple[torch.Tensor | None, float]:
     """(H,) a direction on which every input scores about 1: ``W g`` scaled so the earlier
-    centroids score 1 on average. The layer's inputs all carry the common mean g; measured on
-    the demo's MoE, their scores along ``W g`` vary by 4% (routing on context) to 10% (per
-    token) above the first MoE layer, so a row's component along it acts as a bias."""
+    centroids score 1 on average (None when they score 0 on it), and how much the inputs'
+    scores on it vary (within-domain deviation). The layer's inputs all carry the common mean
+    g; measured on the demo's MoE, their scores along ``W g`` vary by 4% (routing on context)
+    to 10% (per token) above the first MoE layer, so a row's component along it acts as a bias
+    there; in the first MoE layer by 30-50%, where it acts partly as noise."""
     carrier = whitening(stats.covariance, ridge) @ stats.center.double()
     scale = (stats.centroids.double() @ carrier).mean()
-    return (carrier / scale).float() if scale.abs() > 1e-12 else torch.zeros_like(carrier).float()
+    if scale.abs() <= 1e-12:
+        return None, math.inf
+    spread = float((carrier @ stats.covariance.double() @ carrier).sqrt() / scale.abs())
+    return (carrier / scale).float(), spread
 
 
 def _candidate_rows(
-    unit: torch.Tensor, stats: LayerStats, ridge: float
+    unit: torch.Tensor,
+    stats: LayerStats,
+    ridge: float,
+    max_factor: float | None = None,
+    last_resort: bool = False,
 ) -> list[tuple[float, torch.Tensor]]:
     """A new row's candidates from the most cautious to the most taking, with their norm factor:
-    the smallest norm with ever larger negative biases (_BIAS_GRID), then _NORM_GRID."""
+    the smallest norm with ever larger negative biases (_BIAS_GRID; only where the inputs'
+    scores on the bias direction vary by at most _CARRIER_SPREAD, or as the ``last_resort``),
+    then _NORM_GRID up to ``max_factor`` (None: all of it)."""
     reference = float(unit.norm())
     smallest = float(_NORM_GRID[0]) * unit
-    carrier = _bias_carrier(stats, DEFAULT_RIDGE if ridge is None else ridge)
-    biased = [
-        (float(_NORM_GRID[0]), smallest - float(b) * reference * carrier)
-        for b in _BIAS_GRID.flip(0)
-    ]
-    return biased + [(float(f), float(f) * unit) for f in _NORM_GRID]
+    carrier, spread = _bias_carrier(stats, ridge)
+    biased = []
+    if carrier is not None and (spread <= _CARRIER_SPREAD or last_resort):
+        biased = [
+            (float(_NORM_GRID[0]), smallest - float(b) * reference * carrier)
+            for b in _BIAS_GRID.flip(0)
+        ]
+    factors = [float(f) for f in _NORM_GRID if max_factor is None or f <= max_factor + 1e-6]
+    return biased + [(f, f * unit) for f in factors]
 
 
 def _pooled_with(stats: LayerStats, new_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

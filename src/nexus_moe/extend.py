@@ -106,6 +106,7 @@ def extend_model(
     refit_rows: bool = calibrate.REFIT_EARLIER_ROWS,
     row_scale: float | None = None,
     loss_budget: float = calibrate.LOSS_BUDGET,
+    report: dict | None = None,
 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
     """Add ``expert`` to ``moe`` in place; returns (moe, undo record: the merged weights and,
     when the earlier rows are refit, their values and the routing statistics before).
@@ -174,14 +175,12 @@ def extend_model(
     # A leak budget bounds what the new row takes from the earlier rows as they are: it keeps them.
     refit_rows = refit_rows and leak_budget is None
     # The default norm of a calibrated row is bounded by the earlier domains' loss on their held
-    # windows (calibrate.bound_new_rows); statistics made before windows were kept fall back to
+    # windows (calibrate.place_new_rows); statistics made before windows were kept fall back to
     # the fixed norm of the router's context.
     held = stats[0].held if stats and stats[0] is not None else None
     bounded = row_scale is None and leak_budget is None and not refit_rows and held is not None
     if calibration_windows is not None:
-        if (
-            row_scale is None and leak_budget is None and not bounded
-        ):  # (a leak budget fits the norm)
+        if row_scale is None and leak_budget is None and not bounded:  # (a budget fits the norm)
             row_scale = (
                 config.REFIT_ROW_SCALE
                 if refit_rows
@@ -193,14 +192,23 @@ def extend_model(
         # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
         # MoE computes when it routes them there.
         if bounded:
-            grown_stats, _, _ = calibrate.place_new_rows(
+            # Never larger than the fixed norm: a sample of the earlier text can miss the part
+            # of a domain that looks like the new one (BENCHMARKS.md), so the bound only shrinks.
+            grown_stats, factors, info = calibrate.place_new_rows(
                 moe,
                 calibration_windows,
-                stats,
-                loss_budget,  # type: ignore[arg-type]
+                stats,  # type: ignore[arg-type]
+                loss_budget,
+                max_factor=config.new_row_scale(grown_cfg.router_context),
             )
             for layer, grown in zip(layers, grown_stats, strict=True):
                 layer.domain_stats = grown
+            if report is not None:  # what the placement gave (recorded with the checkpoint)
+                report.update(
+                    loss_budget=loss_budget,
+                    row_factors=[round(f, 3) for f in factors],
+                    held_worst_rise=round(info["worst"], 5),
+                )
             return moe, undo
         inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
         for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
@@ -340,6 +348,7 @@ def extend(
         windows = calibrate.domain_windows(
             calibration_shards, domain, moe.cfg.max_seq_len, calibration_tokens
         )
+    placement: dict = {}
     moe, undo = extend_model(
         moe,
         expert,
@@ -352,12 +361,18 @@ def extend(
         leak_budget,
         refit_rows,
         row_scale,
+        report=placement,
     )
     merged_now = _as_after_removal(moe.state_dict(), undo)
     metadata = {
         **moe_meta,
         "stage": "extend",
-        "extended_with": {"domain": domain, "expert": str(expert_dir), "from": str(moe_dir)},
+        "extended_with": {
+            "domain": domain,
+            "expert": str(expert_dir),
+            "from": str(moe_dir),
+            **({"new_row": placement} if placement else {}),
+        },
         "undo": {"domain": domain, "merged_fingerprint": _fingerprint(merged_now)},
     }
     save_checkpoint(
