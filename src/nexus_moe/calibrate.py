@@ -77,6 +77,7 @@ _NORM_GRID = torch.linspace(0.1, 2.5, 25)  # the candidates up to the cap place_
 # share (times the earlier rows' mean norm; see _bias_carrier).
 _BIAS_GRID = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
 _CARRIER_SPREAD = 0.2
+_HEAD_WINDOWS = 4  # held windows whose logits are computed at once
 
 
 @dataclass
@@ -88,9 +89,9 @@ class LayerStats:
     counts: torch.Tensor  # (E,) tokens each centroid was computed from
     center: torch.Tensor  # (H,) g: mean of the centroids the rows were made with
     temperature: float  # tau of the rows
-    # (E, HELD_WINDOWS, T) int: a few calibration windows of each domain's tokens, on which the
-    # default norm of a new expert's row is bounded by the change of the earlier domains' loss
-    # (:func:`bound_new_rows`). None in statistics made before they were kept.
+    # (E, W, T) int32, W <= HELD_WINDOWS: calibration windows of each domain's tokens, on which
+    # the default norm of a new expert's row is bounded by the rise of the earlier domains' loss
+    # (:func:`place_new_rows`). None in statistics made before they were kept.
     held: torch.Tensor | None = None
 
 
@@ -452,12 +453,15 @@ class _HeldForward:
 
         x, _ = self._run(self.x, self.prev, self.block, len(self.model.model.layers))
         hidden = self.model.model.norm(x)
-        per_window = hidden.shape[0] // self.domains
+        per_domain = hidden.shape[0] // self.domains
         out = []
-        for d in range(self.domains):  # one domain's logits at a time
-            rows = slice(d * per_window, (d + 1) * per_window)
-            logits = self.model.lm_head(hidden[rows])
-            out.append(float(language_model_loss(logits, self.targets[rows])))
+        for d in range(self.domains):  # a few windows' logits at a time (large vocabularies)
+            total = 0.0
+            for start in range(d * per_domain, (d + 1) * per_domain, _HEAD_WINDOWS):
+                rows = slice(start, min(start + _HEAD_WINDOWS, (d + 1) * per_domain))
+                logits = self.model.lm_head(hidden[rows])
+                total += float(language_model_loss(logits, self.targets[rows], reduction="sum"))
+            out.append(total / self.targets[d * per_domain : (d + 1) * per_domain].numel())
         return torch.tensor(out, dtype=torch.float64)
 
 

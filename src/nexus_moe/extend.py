@@ -113,13 +113,17 @@ def extend_model(
 
     ``calibration_windows`` (rows, seq_len) of the new domain's training tokens place the new
     router row from the domain's hidden states (the MoE must carry routing statistics, see
-    ``nexus_moe.calibrate``); without them the router's own rule applies. The calibrated row
-    gets ``row_scale`` (default ``config.new_row_scale`` of the router's context: 1.0 from
-    context 0.75, else 0.9; ``config.REFIT_ROW_SCALE`` with ``refit_rows``) times the earlier
-    rows' norm, or, with ``leak_budget`` (the share of the earlier domains' gates on their own
-    experts it may take), a norm fitted per layer (``calibrate.fit_row_scale``). With
-    ``refit_rows`` and no leak budget the earlier experts' rows are refit among all the domains
-    as well (``calibrate.refit_earlier_rows``).
+    ``nexus_moe.calibrate``); without them the router's own rule applies. By default the
+    calibrated rows are placed layer by layer on the model, each as large as it can be (up to
+    ``config.new_row_scale`` of the router's context times the earlier rows' norm) while no
+    earlier domain's perplexity on the windows kept with the statistics rises by more than
+    ``loss_budget`` (``calibrate.place_new_rows``; ``report`` receives what it gave). Otherwise
+    (``row_scale`` given, statistics without windows, or ``refit_rows``) the row gets
+    ``row_scale`` (default ``config.new_row_scale``; ``config.REFIT_ROW_SCALE`` with
+    ``refit_rows``) times the earlier rows' norm, or, with ``leak_budget`` (the share of the
+    earlier domains' gates on their own experts it may take), a norm fitted per layer
+    (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier experts'
+    rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
     """
     cfg = moe.cfg
     assert cfg.moe is not None
@@ -189,8 +193,6 @@ def extend_model(
         if refit_rows:  # the rows and statistics as they were, for remove_expert
             undo.update(_router_rows(moe, n))
             undo.update({_STATS_UNDO + k: v for k, v in calibrate.stats_to_tensors(stats).items()})
-        # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
-        # MoE computes when it routes them there.
         if bounded:
             # Never larger than the fixed norm: a sample of the earlier text can miss the part
             # of a domain that looks like the new one (BENCHMARKS.md), so the bound only shrinks.
@@ -210,6 +212,8 @@ def extend_model(
                     held_worst_rise=round(info["worst"], 5),
                 )
             return moe, undo
+        # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
+        # MoE computes when it routes them there.
         inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
         for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
             earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
@@ -298,11 +302,11 @@ def extend(
     and an MoE with a calibrated router, the
     new expert's router row is placed from ``calibration_tokens`` tokens of the domain's
     training text, so the MoE routes the domain to it before any finetuning; its norm is
-    ``row_scale`` (default ``config.new_row_scale`` of the router's context,
-    ``config.REFIT_ROW_SCALE`` with ``refit_rows``) times the earlier rows', or, with
-    ``leak_budget``, fitted so that it takes at most that share of the earlier domains' gates on
-    their own experts; with ``refit_rows`` (and no leak budget) the earlier experts' rows are
-    refit among all the domains.
+    bounded by the earlier domains' loss on the windows kept with the statistics (see
+    :func:`extend_model`; the checkpoint's metadata records the result), or ``row_scale``
+    times the earlier rows', or, with ``leak_budget``, fitted so that it takes at most that
+    share of the earlier domains' gates on their own experts; with ``refit_rows`` (and no leak
+    budget) the earlier experts' rows are refit among all the domains.
     """
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)

@@ -396,8 +396,9 @@ class Study:
             *([_default_row_scale(trained), config.REFIT_ROW_SCALE] if calibrates else []),
             *(
                 [
-                    "placed on held windows",
+                    "placed on held windows, at most the fixed norm",
                     calibrate.LOSS_BUDGET,
+                    calibrate._CARRIER_SPREAD,
                     calibrate.HELD_WINDOWS,
                     calibrate._NORM_GRID.tolist(),
                     calibrate._BIAS_GRID.tolist(),
