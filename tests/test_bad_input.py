@@ -679,14 +679,15 @@ def test_extend_with_embeddings_of_the_wrong_dimension(w, tmp_path):
     )
 
 
-def test_extend_with_a_leak_budget_that_is_not_a_share(w, tmp_path):
+@pytest.mark.parametrize("budget", ["1.5", "-1", "nan"])
+def test_extend_with_a_leak_budget_that_is_not_a_share(w, tmp_path, budget):
     fails(
         *_extend_beta(w),
         "--leak-budget",
-        "1.5",
+        budget,
         "--out",
         tmp_path / "out",
-        names=["--leak-budget 1.5", "0.01"],
+        names=[f"--leak-budget {float(budget)}", "0.01"],
         keep=[w / "moe"],
     )
 
@@ -695,6 +696,8 @@ def test_extend_with_a_leak_budget_that_is_not_a_share(w, tmp_path):
     ("flags", "names"),
     [
         (["--row-scale", "0"], ["--row-scale 0", "positive"]),
+        (["--row-scale", "nan"], ["--row-scale nan", "positive"]),
+        (["--row-scale", "inf"], ["--row-scale inf", "positive"]),
         (["--row-scale", "1.1", "--leak-budget", "0.01"], ["--row-scale 1.1", "--leak-budget"]),
     ],
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import math
 import re
 import sys
 from pathlib import Path
@@ -758,12 +759,12 @@ def extend_cmd(
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir
 
-    if leak_budget >= 1.0:
+    if not 0.0 <= leak_budget < 1.0:  # (NaN fails this too)
         raise NexusError(
-            f"--leak-budget {leak_budget}: not a share below 1; use e.g. 0.01, or 0 for the "
-            "fixed norm"
+            f"--leak-budget {leak_budget}: not a share in [0, 1); use e.g. 0.01, or 0 for the "
+            "default bound on the earlier domains' loss"
         )
-    if row_scale is not None and row_scale <= 0:
+    if row_scale is not None and not 0.0 < row_scale < math.inf:
         raise NexusError(f"--row-scale {row_scale}: give a positive norm factor, e.g. 1.0")
     if row_scale is not None and leak_budget > 0:
         raise NexusError(
