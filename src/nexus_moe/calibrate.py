@@ -70,7 +70,7 @@ _SAMPLES_PER_DOMAIN = 2048  # samples of N(c_i, S) per earlier domain that estim
 # The default safeguard of a new expert's row (docs/design.md §5.6; its budget is
 # config.LOSS_BUDGET): windows of each domain's calibration tokens kept with the statistics, and
 # the candidate norms of a new row (times the earlier rows' mean).
-HELD_WINDOWS = 32
+HELD_WINDOWS = 64
 _NORM_GRID = torch.linspace(0.1, 2.5, 25)  # the candidates up to the cap place_new_rows gets
 # Below the smallest norm a bias-free row still takes tokens (every logit near 0 ties with it),
 # so the most cautious candidates add a negative bias along the direction all the layer's inputs
