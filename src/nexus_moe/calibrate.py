@@ -426,6 +426,7 @@ class _HeldForward:
     kept: the blocks below a layer whose row is being placed are fixed by then, so each
     candidate runs only the blocks from it up (half the work of whole forward passes)."""
 
+    @torch.no_grad()
     def __init__(self, model: Transformer, held: torch.Tensor, device: str | torch.device):
         self.model, self.domains = model, held.shape[0]
         ids = held.long().reshape(-1, held.shape[-1]).to(device)
@@ -442,11 +443,13 @@ class _HeldForward:
                 prev = info.top1
         return x, prev
 
+    @torch.no_grad()
     def advance(self, block: int) -> None:
         """Keep the residual stream at the input of ``block`` (the blocks below it are final)."""
         self.x, self.prev = self._run(self.x, self.prev, self.block, block)
         self.block = block
 
+    @torch.no_grad()
     def losses(self) -> torch.Tensor:
         """(E,) mean next-token loss of each domain's held windows, float64."""
         from nexus_moe.losses import language_model_loss
