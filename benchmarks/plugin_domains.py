@@ -74,7 +74,7 @@ def per_token(model):
     moe = replace(model.cfg.moe, router_context=0.0)
     model.cfg.moe = moe
     for layer in model.moe_layers():
-        layer.cfg = moe
+        layer._set_config(moe)  # as growing and shrinking a layer set it
     return model
 
 
