@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -210,6 +211,158 @@ def fit_temperature(rows: torch.Tensor, samples: list[torch.Tensor]) -> float:
     return best
 
 
+class DomainMoments:
+    """One domain's inputs at one router, accumulated batch by batch: token count, mean and
+    scatter (sum of centred outer products, float64; batches merged by Chan et al.'s pairwise
+    update), and the first ``_KEEP_FOR_TAU`` inputs (float32), which fit the temperature.
+
+    Only these moments are kept, not every input: calibration holds (H, H) per layer and
+    domain, whatever the number of tokens."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.scatter: torch.Tensor | None = None
+        self._kept: list[torch.Tensor] = []
+        self._num_kept = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add inputs ``x`` (N, H)."""
+        if len(x) == 0:
+            return
+        xd = x.double()
+        mean = xd.mean(0)
+        centred = xd - mean
+        scatter = centred.t() @ centred
+        if self.mean is None or self.scatter is None:
+            self.mean, self.scatter = mean, scatter
+        else:
+            total = self.count + len(x)
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (len(x) / total)
+            self.scatter = (
+                self.scatter + scatter + torch.outer(delta, delta) * (self.count * len(x) / total)
+            )
+        self.count += len(x)
+        if self._num_kept < _KEEP_FOR_TAU:
+            take = x[: _KEEP_FOR_TAU - self._num_kept].float().clone()
+            self._kept.append(take)
+            self._num_kept += len(take)
+
+    @property
+    def samples(self) -> torch.Tensor | None:
+        """The first inputs (up to ``_KEEP_FOR_TAU``, float32); None when none were kept."""
+        return torch.cat(self._kept) if self._kept else None
+
+    @classmethod
+    def of(
+        cls,
+        count: int,
+        mean: torch.Tensor,
+        scatter: torch.Tensor,
+        samples: torch.Tensor | None = None,
+    ) -> DomainMoments:
+        """Moments read back (e.g. from a domain statistics file)."""
+        out = cls()
+        out.count, out.mean, out.scatter = count, mean.double(), scatter.double()
+        if samples is not None and len(samples):
+            out._kept, out._num_kept = [samples.float()], len(samples)
+        return out
+
+
+@torch.no_grad()
+def accumulate_moments(
+    model: Transformer,
+    windows: torch.Tensor,
+    modules: list[torch.nn.Module],
+    route: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> list[DomainMoments]:
+    """Run ``model`` over ``windows`` and accumulate, at each of ``modules``, the moments of
+    ``route(module, input)`` (what a router there scores)."""
+    moments = [DomainMoments() for _ in modules]
+
+    def capture(i: int, module: torch.nn.Module, args: tuple) -> None:
+        x = route(module, args[0])
+        moments[i].update(x.reshape(-1, x.shape[-1]).float().cpu())
+
+    hooks = [
+        m.register_forward_pre_hook(functools.partial(capture, i)) for i, m in enumerate(modules)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            model(windows[start : start + batch_size].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return moments
+
+
+@torch.no_grad()
+def forced_moments(
+    model: Transformer, windows: torch.Tensor, expert: int, device: str | torch.device = "cpu"
+) -> list[DomainMoments]:
+    """Moments of every MoE layer's router input over ``windows``, tokens forced to ``expert``
+    (with experts branched FFN-only, what the dense expert computes on its own)."""
+    layers = model.moe_layers()
+    masks = [layer.expert_mask for layer in layers]
+    try:
+        for layer in layers:
+            mask = torch.zeros(layer.num_experts, dtype=torch.bool, device=device)
+            mask[expert] = True
+            layer.expert_mask = mask
+        return accumulate_moments(
+            model, windows, list(layers), lambda m, x: m.routing_input(x), device=device
+        )
+    finally:
+        for layer, mask in zip(layers, masks, strict=True):
+            layer.expert_mask = mask
+
+
+def statistics_from_moments(
+    moments: list[list[DomainMoments]],
+    held_per_expert: list[torch.Tensor | None],
+    ridge: float = DEFAULT_RIDGE,
+) -> list[LayerStats]:
+    """Each MoE layer's statistics from each expert's domain moments (``moments[i][layer]``)
+    and calibration windows (``held_per_expert[i]``; the held windows are kept only when every
+    domain has them). A domain without kept inputs takes, for the temperature fit only, samples
+    of a Gaussian with its mean and covariance (a fixed generator: the same rows every time)."""
+    num_layers = len(moments[0])
+    out = []
+    for layer in range(num_layers):
+        per_domain = [m[layer] for m in moments]
+        centroids = torch.stack([m.mean for m in per_domain])  # type: ignore[misc]
+        counts = torch.tensor([float(m.count) for m in per_domain], dtype=torch.float64)
+        covariance = sum(m.scatter for m in per_domain) / counts.sum()  # type: ignore[operator]
+        center = centroids.mean(0)
+        rows = directions(centroids, center, covariance, ridge)
+        samples = [_samples_of(m, layer) for m in per_domain]
+        temperature = fit_temperature(rows, samples)
+        held = None
+        if all(w is not None for w in held_per_expert):
+            keep = min([HELD_WINDOWS] + [w.shape[0] for w in held_per_expert])  # type: ignore[union-attr]
+            held = torch.stack([held_windows(w, keep) for w in held_per_expert])  # type: ignore[arg-type]
+        out.append(LayerStats(centroids, covariance, counts, center, temperature, held))
+    return out
+
+
+def _samples_of(moments: DomainMoments, layer: int) -> torch.Tensor:
+    """The kept inputs of a domain, or Gaussian samples of its moments when none were kept."""
+    if moments.samples is not None:
+        return moments.samples
+    assert moments.mean is not None and moments.scatter is not None
+    generator = torch.Generator().manual_seed(layer)
+    covariance = moments.scatter / max(moments.count - 1, 1)
+    root = _covariance_root(covariance, 1e-6)
+    noise = torch.randn(_KEEP_FOR_TAU, len(moments.mean), generator=generator, dtype=torch.float64)
+    return (moments.mean + noise @ root.t()).float()
+
+
 @torch.no_grad()
 def domain_statistics(
     model: Transformer,
@@ -218,22 +371,8 @@ def domain_statistics(
     device: str | torch.device = "cpu",
 ) -> list[LayerStats]:
     """Statistics of every MoE layer, expert i's domain given by ``windows_per_expert[i]``."""
-    num_layers = len(model.moe_layers())
-    inputs = [moe_inputs(model, w, i, device=device) for i, w in enumerate(windows_per_expert)]
-    out = []
-    for layer in range(num_layers):
-        xs = [per_expert[layer] for per_expert in inputs]  # E x (N_i, H)
-        centroids = torch.stack([x.double().mean(0) for x in xs])
-        counts = torch.tensor([float(len(x)) for x in xs], dtype=torch.float64)
-        covariance = sum(_covariance(x, c) * len(x) for x, c in zip(xs, centroids, strict=True))
-        covariance = covariance / counts.sum()
-        center = centroids.mean(0)
-        rows = directions(centroids, center, covariance, ridge)
-        temperature = fit_temperature(rows, [x[:_KEEP_FOR_TAU] for x in xs])
-        keep = min([HELD_WINDOWS] + [w.shape[0] for w in windows_per_expert])
-        held = torch.stack([held_windows(w, keep) for w in windows_per_expert])
-        out.append(LayerStats(centroids, covariance, counts, center, temperature, held))
-    return out
+    moments = [forced_moments(model, w, i, device) for i, w in enumerate(windows_per_expert)]
+    return statistics_from_moments(moments, list(windows_per_expert), ridge)
 
 
 def held_windows(windows: torch.Tensor, keep: int = HELD_WINDOWS) -> torch.Tensor:

@@ -321,6 +321,25 @@ class RoutingInfo:
         return router_z_loss(self.router_logits)
 
 
+def routing_input(
+    x: torch.Tensor, context: float, prefix: tuple[torch.Tensor, int] | None = None
+) -> torch.Tensor:
+    """What a router on ``context`` scores for its layer's input ``x`` (B, T, H): ``x`` itself
+    at 0, else ``(1 - c) x_t + c mean(x_1..x_t)`` (float32). ``prefix``: the sum (B, H) and
+    count of the inputs before this chunk (incremental decoding). A function of ``x`` alone, so
+    a dense model's FFN inputs give what an MoE router built from it would score
+    (``calibrate.dense_moments``)."""
+    if context == 0.0:
+        return x
+    running = x.float().cumsum(dim=1)  # (B, T, H)
+    counts = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)
+    if prefix is not None:
+        running = running + prefix[0][:, None, :]
+        counts = counts + prefix[1]
+    mean = running / counts[None, :, None]
+    return (1.0 - context) * x.float() + context * mean
+
+
 class MoELayer(nn.Module):
     """Routed experts (+ optional always-on shared expert) behind a pluggable router."""
 
@@ -405,16 +424,7 @@ class MoELayer(nn.Module):
         """What the router scores: ``x`` (B, T, H) itself, or with ``cfg.router_context`` = c
         > 0, ``(1 - c) x_t + c mean(x_1..x_t)`` (float32). ``prefix``: the sum (B, H) and count
         of the inputs before this chunk (incremental decoding)."""
-        context = self.cfg.router_context
-        if context == 0.0:
-            return x
-        running = x.float().cumsum(dim=1)  # (B, T, H)
-        counts = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)
-        if prefix is not None:
-            running = running + prefix[0][:, None, :]
-            counts = counts + prefix[1]
-        mean = running / counts[None, :, None]
-        return (1.0 - context) * x.float() + context * mean
+        return routing_input(x, self.cfg.router_context, prefix)
 
     def forward(
         self,
