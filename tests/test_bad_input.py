@@ -641,6 +641,7 @@ def test_tokenizer_larger_than_the_model(w, tmp_path):
     words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(6)) for _ in range(400)]
     text = write_texts(tmp_path / "words", texts={"words": " ".join(words) + " {i}"})
     ok("corpus", "build", "--from", text, "--out", tmp_path / "wc")
+    (ckpt / "tokenizer.json").unlink()  # (a file inside a checkpoint is never replaced)
     ok(
         "tokenizer",
         "train",
@@ -687,7 +688,7 @@ def test_extend_with_a_leak_budget_that_is_not_a_share(w, tmp_path, budget):
         budget,
         "--out",
         tmp_path / "out",
-        names=[f"--leak-budget {float(budget)}", "0.01"],
+        names=[f"--leak-budget / extend.leak_budget: {float(budget)}", "0.01"],
         keep=[w / "moe"],
     )
 
@@ -695,9 +696,9 @@ def test_extend_with_a_leak_budget_that_is_not_a_share(w, tmp_path, budget):
 @pytest.mark.parametrize(
     ("flags", "names"),
     [
-        (["--row-scale", "0"], ["--row-scale 0", "positive"]),
-        (["--row-scale", "nan"], ["--row-scale nan", "positive"]),
-        (["--row-scale", "inf"], ["--row-scale inf", "positive"]),
+        (["--row-scale", "0"], ["--row-scale: 0", "positive"]),
+        (["--row-scale", "nan"], ["--row-scale: nan", "positive"]),
+        (["--row-scale", "inf"], ["--row-scale: inf", "positive"]),
         (["--row-scale", "1.1", "--leak-budget", "0.01"], ["--row-scale 1.1", "--leak-budget"]),
     ],
 )
@@ -954,3 +955,277 @@ def test_real_entry_point_gives_exit_code_2(w, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert str(src) in done.stderr
     assert_unchanged(before)
+
+
+# --------------------------------------------------------------------------------------------
+# single-file outputs: never an input, never a file nexus-moe did not write, atomic
+
+
+def _seed_weights(w: Path) -> Path:
+    return w / "seed" / "model" / "model.safetensors"
+
+
+@pytest.mark.parametrize(
+    "kind", ["evaluate-into-checkpoint", "tokenizer-into-corpus", "embed-into-corpus"]
+)
+def test_single_file_output_inside_an_input_is_refused(w, kind):
+    args, option, target = {
+        "evaluate-into-checkpoint": (
+            ["evaluate", w / "seed", "--corpus", w / "corpus", "--device", "cpu"],
+            "--json",
+            _seed_weights(w),
+        ),
+        "tokenizer-into-corpus": (
+            ["tokenizer", "train", "--corpus", w / "corpus"],
+            "--out",
+            w / "corpus" / "manifest.json",
+        ),
+        "embed-into-corpus": (
+            ["embed-domains", "--corpus", w / "corpus", "--embedder", "x"],
+            "--out",
+            w / "corpus" / "e.safetensors",
+        ),
+    }[kind]
+    fails(*args, option, target, names=[option, "input"], keep=[w / "seed", w / "corpus"])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "tokenizer"])
+def test_single_file_output_never_replaces_a_users_file(w, tmp_path, command):
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "notes"}\n')
+    if command == "evaluate":
+        args = ["evaluate", w / "seed", "--corpus", w / "corpus", "--device", "cpu"]
+        args += ["--max-tokens", 64, "--seq-len", 16, "--json"]
+        option = "--json"
+    else:
+        args, option = ["tokenizer", "train", "--corpus", w / "corpus", "--out"], "--out"
+    fails(*args, mine, names=[option, str(mine), "did not write"], keep=[mine])
+    fresh = tmp_path / "fresh.json"
+    ok(*args, fresh)
+    record = tmp_path / ".fresh.json.nexus-moe.json"
+    assert json.loads(record.read_text())["sha256"] == [
+        hashlib.sha256(fresh.read_bytes()).hexdigest()
+    ]
+    ok(*args, fresh)  # its own earlier file is replaced
+    fresh.write_text(fresh.read_text() + " ")  # changed by the user since: theirs now
+    fails(*args, fresh, names=[option, "changed since"], keep=[fresh])
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_embed_domains_out_is_checked_before_the_embedder_runs(w, tmp_path):
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "domain_embeddings.json").write_text("{}\n")  # a user's file of that name
+    fails(
+        "embed-domains", "--corpus", w / "corpus", "--embedder", tmp_path / "no-such-model",
+        "--out", out, names=["--out", "did not write"], keep=[out],
+    )  # fmt: skip
+
+
+def test_analyse_out_inside_the_checkpoint_is_refused(w):
+    fails(
+        "analyse", w / "moe", "--corpus", w / "corpus", "--out", w / "moe" / "model",
+        "--device", "cpu", names=["--out", "input"], keep=[w / "moe"],
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# every option in its declared range; no option that nothing would use
+
+
+def _extend(w: Path, out: Path, *extra) -> list:
+    return [
+        "extend", "--moe", w / "moe", "--expert", w / "experts" / "beta", "--embeddings",
+        w / "emb", "--domain", "beta", "--out", out, *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra,option",
+    [
+        (["--merge-weight", "2"], "--merge-weight"),
+        (["--merge-weight", "-1"], "--merge-weight"),
+        (["--merge-weight", "nan"], "--merge-weight"),
+        (["--calibration-tokens", "0"], "--calibration-tokens"),
+        (["--calibration-tokens", "-1"], "--calibration-tokens"),
+        (["--leak-budget", "-1"], "--leak-budget"),
+        (["--leak-budget", "nan"], "--leak-budget"),
+        (["--row-scale", "nan"], "--row-scale"),
+        (["--row-scale", "1.0"], "--corpus"),  # nothing places a row without the text
+        (["--leak-budget", "0.01"], "--corpus"),
+        (["--refit-rows"], "--corpus"),
+    ],
+)
+def test_extend_options_out_of_range_or_unused(w, tmp_path, extra, option):
+    out = tmp_path / "out"
+    fails(*_extend(w, out, *extra), names=option, keep=[w / "moe"])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["evaluate", "{w}/seed", "--corpus", "{w}/corpus", "--seq-len", "0"], "--seq-len"),
+        (["analyse", "{w}/moe", "--corpus", "{w}/corpus", "--seq-len", "0"], "--seq-len"),
+        (
+            [
+                "tokenizer",
+                "train",
+                "--corpus",
+                "{w}/corpus",
+                "--out",
+                "{t}/t.json",
+                "--vocab-size",
+                "1000000000",
+            ],
+            "--vocab-size",
+        ),  # fmt: skip
+        (
+            [
+                "branch",
+                "--seed",
+                "{w}/seed",
+                "--corpus",
+                "{w}/corpus",
+                "--out",
+                "{t}/x",
+                "--parallel-devices",
+                "-1",
+            ],
+            "--parallel-devices",
+        ),  # fmt: skip
+        (
+            [
+                "branch",
+                "--seed",
+                "{w}/seed",
+                "--corpus",
+                "{w}/corpus",
+                "--out",
+                "{t}/x",
+                "--ffn-only",
+                "--set",
+                "train_only=[self_attn]",
+            ],
+            "--ffn-only",
+        ),  # fmt: skip
+        (
+            [
+                "upcycle",
+                "--method",
+                "moe-linear",
+                "--seed",
+                "{w}/seed",
+                "--expert",
+                "{w}/experts/alpha",
+                "--out",
+                "{t}/x",
+                "--set",
+                "load_balance_weight=.nan",
+            ],
+            "moe.load_balance_weight",
+        ),  # fmt: skip
+        (
+            [
+                "upcycle",
+                "--method",
+                "moe-linear",
+                "--seed",
+                "{w}/seed",
+                "--expert",
+                "{w}/experts/alpha",
+                "--out",
+                "{t}/x",
+                "--corpus",
+                "{w}/corpus",
+                "--calibration-tokens",
+                "0",
+            ],
+            "--calibration-tokens",
+        ),  # fmt: skip
+    ],
+)
+def test_cli_options_out_of_range(w, tmp_path, args, option):
+    args = [a.format(w=w, t=tmp_path) for a in args]
+    fails(*args, names=option, keep=[w / "seed", w / "corpus"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "t.json").exists()
+
+
+def test_model_config_out_of_range_is_refused(w, tmp_path):
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({**MODEL, "hidden_size": -8}))
+    args = ["train", *_common(w), "--out", tmp_path / "run", "--tokenizer", w / "tok.json"]
+    fails(
+        *args, "--model-config", tmp_path / "m.yaml", names="model.hidden_size", keep=[w / "corpus"]
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "section,field",
+    [
+        ({"study": {"corrupt": [1.5]}}, "study.corrupt[0]"),
+        ({"extend": {"budgets": [-8192]}}, "extend.budgets[0]"),
+        ({"extend": {"leak_budget": float("nan")}}, "extend.leak_budget"),
+        (
+            {"moe": {"variants": [{"name": "n", "method": "nexus", "train_steps": 0}]}},
+            "train_steps",
+        ),
+        ({"model": {"hidden_size": -8}}, "model.hidden_size"),
+        ({"moe": {"overrides": {"load_balance_weight": float("nan")}}}, "load_balance_weight"),
+        ({"tokenizer": {"vocab_size": 1_000_000_000}}, "tokenizer.vocab_size"),
+    ],
+)
+def test_recipe_fields_out_of_range_are_refused_at_load(tmp_path, section, field):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "wd"), **section}))
+    fails("run", recipe, names=[str(recipe), field])
+    assert not (tmp_path / "wd").exists()  # refused before any stage ran
+
+
+# --------------------------------------------------------------------------------------------
+# no model with NaN or infinite values is ever written; no stale result passed off as new
+
+
+def test_upcycle_names_the_expert_with_nan_weights(w, tmp_path):
+    bad = tmp_path / "alpha"
+    shutil.copytree(w / "experts" / "alpha" / "model", bad)
+    state = load_file(bad / "model.safetensors")
+    name = next(n for n in sorted(state) if "mlp" in n)
+    state[name][0, 0] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "moe"
+    args = _upcycle(w, out)
+    args[args.index(w / "experts" / "alpha")] = bad
+    fails(*args, names=[str(bad / "model.safetensors"), name, "NaN"], keep=[bad])
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_save_refuses_a_model_with_nan(tmp_path):
+    from conftest import tiny_config
+    from nexus_moe.checkpoint import NonFiniteModel, save_checkpoint
+    from nexus_moe.model import Transformer
+
+    model = Transformer(tiny_config())
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    with pytest.raises(NonFiniteModel, match="model.norm.weight"):
+        save_checkpoint(tmp_path / "ck", model)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_upcycle_refuses_an_expert_branched_from_another_seed(w, tmp_path):
+    args = _upcycle(w, tmp_path / "moe")
+    args[args.index(w / "seed")] = w / "seedB"
+    fails(*args, names=[str(w / "experts" / "alpha"), "another seed"], keep=[w / "experts"])
+
+
+def test_init_weights_replaced_in_place_are_not_passed_off_as_the_old_result(w, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(w / "seed" / "model", init)
+    args = ["train", "--init", init, *_common(w), "--out", tmp_path / "run"]
+    ok(*args)
+    first = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    shutil.copyfile(w / "seedB" / "model" / "model.safetensors", init / "model.safetensors")
+    fails(*args, names=["init"], keep=[tmp_path / "run"])  # refused, not "model written"
+    ok(*args, "--overwrite")
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() != first

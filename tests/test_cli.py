@@ -44,7 +44,10 @@ def test_help_lists_every_stage():
         (["evaluate", "m", "--corpus", "c", "--routing", "best"], "--routing 'best': choose"),
         (["run", "bad_set.yaml"], "bad_set.yaml: moe.variants 'nexus': experts 'fnn' is not"),
         (["run", "bad_ref.yaml"], "bad_ref.yaml: study.reference: 'nexus' is not a variant"),
-        (["evaluate", "m", "--corpus", "c", "--corrupt", "1.5"], "--corrupt 1.5: a share"),
+        (
+            ["evaluate", "m", "--corpus", "c", "--corrupt", "1.5"],
+            "--corrupt: 1.5 is not a finite number in [0, 1]",
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_error(args, message, tmp_path, monkeypatch):

@@ -71,7 +71,10 @@ VARIANTS = [{"name": "nexus", "method": "nexus"}, {"name": "moe-linear", "method
             {"extend__domains": ["maths"]},
             r"extend\.domains: maths not in corpus\.heldout \(math, locales\)",
         ),
-        ({"extend__leak_budget": 1.5}, r"extend\.leak_budget: 1\.5 is not a share in \(0, 1\)"),
+        (
+            {"extend__leak_budget": 1.5},
+            r"extend\.leak_budget: 1\.5 is not a finite number in \[0, 1\)",
+        ),
         (
             {"extend__train_only": {"btx": ["mlp.experts"]}},
             r"extend\.train_only: 'btx' is not one of extend\.variants \(nexus, moe-linear\)",

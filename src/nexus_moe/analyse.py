@@ -9,7 +9,7 @@ import torch
 
 from nexus_moe.data import TokenShards, iter_eval_batches
 from nexus_moe.evaluate import EvalConfig, check_seq_len
-from nexus_moe.io_utils import atomic_path, write_json
+from nexus_moe.io_utils import output_file, write_output_json
 from nexus_moe.model import Transformer
 from nexus_moe.moe import RoutingInfo
 
@@ -144,7 +144,7 @@ def plot_heatmap(
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of tokens")
     ax.set_title(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
@@ -185,5 +185,5 @@ def write_routing_report(report: dict[str, Any], out_dir: Path, name: str) -> di
             f"{name}: MoE layer {layer}",
             out_dir / f"routing-{name}-layer{layer}.png",
         )
-    write_json(out_dir / f"routing-{name}.json", report)
+    write_output_json(out_dir / f"routing-{name}.json", report)
     return report

@@ -18,7 +18,8 @@ never leaves a half-written checkpoint. Nothing is unpickled on load.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,11 @@ from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, file_sha256, read_json, write_json
 from nexus_moe.model import Transformer
 from nexus_moe.safetensors_io import (
+    NonFiniteTensor,
     SafetensorsFiles,
+    TensorSource,
     TensorSpec,
+    check_finite_tensor,
     read_safetensors,
     storage_order,
     write_safetensors,
@@ -98,8 +102,10 @@ def save_checkpoint(
     (written as safetensors) or a path (copied).
     """
     out_dir = Path(out_dir)
+    state = model_state_dict(model)
+    check_model_finite(state.items(), out_dir)  # before anything is written
     with atomic_dir(out_dir) as tmp:
-        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(
             tmp / CONFIG_FILE, _config_doc(model.cfg, metadata, file_sha256(tmp / WEIGHTS_FILE))
         )
@@ -127,16 +133,58 @@ def write_checkpoint(
     weights (the recorded weights hash is then refreshed).
     """
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, finite_or_error(out_dir):
         write_safetensors(tmp / WEIGHTS_FILE, storage_order(specs), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, _config_doc(cfg, metadata, file_sha256(tmp / WEIGHTS_FILE)))
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
         if finish is not None:
             finish(tmp)
+            rewritten = SafetensorsFiles([tmp / WEIGHTS_FILE])  # checked again, one at a time
+            check_model_finite(((n, rewritten.get(n)) for n in rewritten.shapes), out_dir)
             doc = _config_doc(cfg, metadata, file_sha256(tmp / WEIGHTS_FILE))
             write_json(tmp / CONFIG_FILE, doc)
     return out_dir
+
+
+NONFINITE_FIX = (
+    "nothing was written; check the inputs and options that made it (a weight file with NaN "
+    "values, a factor such as --row-scale or --merge-weight, a domain without training text)"
+)
+
+
+class NonFiniteModel(NexusError):
+    """A model would have been written with NaN or infinite values (nothing was written)."""
+
+
+def nonfinite_error(out: Path, tensor: str, cause: str | None = None) -> NexusError:
+    """The one message for a model that would be written with NaN or infinite values."""
+    why = f" ({cause})" if cause else ""
+    return NonFiniteModel(
+        f"{out}: the model to be written holds NaN or infinite values in '{tensor}'{why}; "
+        + NONFINITE_FIX
+    )
+
+
+def check_model_finite(tensors: Any, out: str | Path, cause: str | None = None) -> None:
+    """NexusError (:func:`nonfinite_error`) unless every (name, tensor) of ``tensors`` is finite.
+
+    Every model nexus-moe writes passes here or through ``write_safetensors``' own check.
+    """
+    for name, tensor in tensors:
+        try:
+            check_finite_tensor(name, tensor)
+        except NonFiniteTensor as exc:
+            raise nonfinite_error(Path(out), exc.tensor, cause) from None
+
+
+@contextmanager
+def finite_or_error(out: str | Path, cause: str | None = None) -> Iterator[None]:
+    """Turn ``write_safetensors``' NonFiniteTensor inside the block into :func:`nonfinite_error`."""
+    try:
+        yield
+    except NonFiniteTensor as exc:
+        raise nonfinite_error(Path(out), exc.tensor, cause) from None
 
 
 def _config_doc(
@@ -164,16 +212,57 @@ def _write_extra(path: Path, content: Any) -> None:
         write_json(path, content)
 
 
+def first_nonfinite(source: TensorSource) -> str | None:
+    """The first tensor of ``source`` (an input's weights) holding NaN or infinite values."""
+    for name in source.shapes:
+        try:
+            check_finite_tensor(name, source.get(name))
+        except NonFiniteTensor:
+            return name
+    return None
+
+
+def require_text(windows: torch.Tensor, corpus: Path, domain: str) -> None:
+    """NexusError when ``domain``'s calibration ``windows`` hold no token (an empty train split):
+    a router row placed from no text would be NaN."""
+    if windows.numel() == 0:
+        raise NexusError(
+            f"{corpus}: the training split of domain '{domain}' holds no tokens, so its router "
+            "row cannot be placed from its text; add text to the domain and rebuild the corpus"
+        )
+
+
+def check_branched_from(seed_dir: Path, expert_dir: Path, expert_meta: dict[str, Any]) -> None:
+    """NexusError unless the expert in ``expert_dir`` was branched from the seed in ``seed_dir``
+    (as far as both record it: the expert's ``seed_sha256`` metadata against the seed's weights;
+    experts or seeds that are not native checkpoints are not checked)."""
+    theirs, ours = expert_meta.get("seed_sha256"), seed_hash(seed_dir)
+    if isinstance(theirs, str) and ours is not None and theirs != ours:
+        raise NexusError(
+            f"{expert_dir}: this expert was branched from another seed than {seed_dir} (seed "
+            f"hashes {theirs[:12]} vs {ours[:12]}); pass its own seed, or branch it from this one"
+        )
+
+
+_HASHES: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime, inode) -> sha256
+
+
 def weights_hash(ckpt_dir: str | Path) -> str:
-    """sha256 of a checkpoint's weights: recorded in config.json when saved, else computed."""
-    ckpt_dir = Path(ckpt_dir)
-    doc = read_json(ckpt_dir / CONFIG_FILE)
-    recorded = doc.get("weights_sha256") if isinstance(doc, dict) else None
-    if isinstance(recorded, str):
-        return recorded
-    if not (ckpt_dir / WEIGHTS_FILE).is_file():
-        raise NexusError(f"{ckpt_dir / WEIGHTS_FILE}: weights file not found")
-    return file_sha256(ckpt_dir / WEIGHTS_FILE)
+    """sha256 of a checkpoint's weights file as it is now.
+
+    The ``weights_sha256`` recorded in config.json when the checkpoint was saved is not trusted:
+    resume and skip decisions key on this hash, and weights replaced in place must count as new
+    inputs (a stale result is never passed off as new). The hash is computed once per file
+    version (path, size, modification time, inode) in this process.
+    """
+    path = Path(ckpt_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise NexusError(f"{path}: weights file not found")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
 
 
 def seed_hash(model_dir: str | Path) -> str | None:

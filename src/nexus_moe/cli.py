@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import errno
-import math
 import re
 import sys
 from pathlib import Path
@@ -136,11 +135,14 @@ def _weights_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())
 
 
-def _check_out_file(out: Path, option: str = "--out") -> None:
-    """``out`` must be a file path in a writable folder (not an existing folder)."""
-    from nexus_moe.io_utils import check_writable_file
+def _check_out_file(
+    out: Path, inputs: list[Path | None] | None = None, option: str = "--out"
+) -> None:
+    """A bad output file (a folder, an input or inside one, a file nexus-moe did not write, an
+    unwritable folder) is reported before any work (see ``io_utils.output_file``)."""
+    from nexus_moe.io_utils import check_output_file
 
-    check_writable_file(out, option)
+    check_output_file(out, [p for p in inputs or [] if p is not None], option)
 
 
 def _check_device(device: str) -> None:
@@ -281,9 +283,11 @@ def tokenizer_train(
     domains: DomainsOpt = None,
 ) -> None:
     """Train a byte-level BPE tokenizer on the corpus' training split."""
-    from nexus_moe.tokenizer import train_tokenizer
+    from nexus_moe.config import check_option
+    from nexus_moe.tokenizer import tokenizer_file, train_tokenizer
 
-    _check_out_file(out)
+    check_option("vocab_size", vocab_size)
+    _check_out_file(tokenizer_file(out), [corpus])
 
     tok = train_tokenizer(corpus, out, vocab_size=vocab_size, domains=_split(domains))
     console.print(f"tokenizer with {tok.get_vocab_size()} tokens written to {out}")
@@ -408,16 +412,23 @@ def branch(
     _tune_allocator()
     import torch
 
+    from nexus_moe.config import check_option
     from nexus_moe.distributed import assign_to_devices, run_per_device
     from nexus_moe.pipeline import branch_expert, resolve_device
 
     _check_device(device)
+    check_option("parallel_devices", parallel_devices)
     cfg = _train_config(config, set_, "branch_train")
     if ffn_only:
         from dataclasses import replace
 
         from nexus_moe.train import FFN_PARAMETERS
 
+        if cfg.train_only and cfg.train_only != list(FFN_PARAMETERS):
+            raise NexusError(
+                f"--ffn-only: trains {list(FFN_PARAMETERS)} only, but the settings give "
+                f"train_only={cfg.train_only}; drop --ffn-only or the train_only setting"
+            )
         cfg = replace(cfg, train_only=list(FFN_PARAMETERS))
     if out.exists() and not out.is_dir():
         raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
@@ -487,21 +498,23 @@ def evaluate(
     """Per-domain validation loss, perplexity and bits-per-byte for each checkpoint."""
     _tune_allocator()
     from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint
+    from nexus_moe.config import check_option
     from nexus_moe.evaluate import ROUTING_MODES, evaluate_domains, scores_to_dict
-    from nexus_moe.io_utils import write_json
+    from nexus_moe.io_utils import write_output_json
     from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
     if routing not in ROUTING_MODES:
         raise NexusError(f"--routing {routing!r}: choose one of {', '.join(ROUTING_MODES)}")
-    if not 0.0 <= corrupt <= 1.0:
-        raise NexusError(f"--corrupt {corrupt}: a share of tokens, between 0 and 1")
+    check_option("corrupt", corrupt, "--corrupt")
+    check_option("seq_len", seq_len, "--seq-len")
     cfg = EvalConfig(
-        seq_len=seq_len or _EVAL.seq_len,
+        seq_len=seq_len if seq_len is not None else _EVAL.seq_len,
         batch_size=batch_size,
         max_tokens=max_tokens or None,
     )
+    inputs = [*checkpoints, corpus]  # a run directory holds its model/
     if json_out is not None:
-        _check_out_file(json_out, "--json")
+        _check_out_file(json_out, inputs, "--json")
     names = _domains(domains, corpus)
     dev = resolve_device(device)
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -522,7 +535,7 @@ def evaluate(
     console.print(score_table("validation perplexity", results, "perplexity"))
     console.print(score_table("bits per byte", results, "bits_per_byte"))
     if json_out is not None:
-        write_json(json_out, results)
+        write_output_json(json_out, results, inputs, "--json")
 
 
 @app.command("embed-domains")
@@ -545,17 +558,19 @@ def embed_domains_cmd(
     ] = None,
 ) -> None:
     """Compute one embedding per domain: the mean sentence embedding of sampled chunks (docs/design.md §6)."""
-    from nexus_moe.embed import EMBEDDINGS_FILENAME, DomainEmbeddings, embed_domains
+    from nexus_moe.embed import DomainEmbeddings, embed_domains, storage_paths
 
-    # checked before the embedder runs; a folder gets the file of DomainEmbeddings.save
-    _check_out_file(out if out.suffix == ".safetensors" else out / EMBEDDINGS_FILENAME)
+    # checked before the embedder runs; a folder gets the files of DomainEmbeddings.save
+    inputs = [corpus, merge_into, Path(embedder) if embedder and Path(embedder).exists() else None]
+    for target in storage_paths(out):
+        _check_out_file(target, inputs)
     names = _domains(domains, corpus)
     result = embed_domains(
         corpus, names, embedder=embedder, num_chunks=num_chunks, chunk_chars=chunk_chars, seed=seed
     )
     if merge_into is not None:
         result = DomainEmbeddings.load(merge_into).merged(result)
-    result.save(out)
+    result.save(out, [p for p in inputs if p is not None])
     console.print(
         f"{len(result.names)} domain embeddings ({result.embedder}, dim {result.dim}) "
         f"written to {out}"
@@ -759,17 +774,10 @@ def extend_cmd(
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir
 
-    if not 0.0 <= leak_budget < 1.0:  # (NaN fails this too)
-        raise NexusError(
-            f"--leak-budget {leak_budget}: not a share in [0, 1); use e.g. 0.01, or 0 for the "
-            "default bound on the earlier domains' loss"
-        )
-    if row_scale is not None and not 0.0 < row_scale < math.inf:
-        raise NexusError(f"--row-scale {row_scale}: give a positive norm factor, e.g. 1.0")
-    if row_scale is not None and leak_budget > 0:
-        raise NexusError(
-            f"--row-scale {row_scale}: a --leak-budget fits the norm itself; give one of the two"
-        )
+    check_extend_options(  # before any file is read (extend checks them again)
+        corpus is not None, calibration_tokens, leak_budget, refit_rows,
+        row_scale, merge_weight,
+    )  # fmt: skip
     moe_dir, expert_dir = resolve_model_dir(moe), resolve_model_dir(expert)
     _claim(
         "extend",
@@ -799,7 +807,7 @@ def extend_cmd(
         seed=random_seed,
         calibration_shards=_calibration_shards(corpus, moe_dir),
         calibration_tokens=calibration_tokens,
-        leak_budget=leak_budget if leak_budget > 0 else None,
+        leak_budget=leak_budget,
         refit_rows=refit_rows,
         row_scale=row_scale,
     )
@@ -835,6 +843,7 @@ def remove_expert_cmd(
         )
     console.print(f"MoE without '{domain}' written to {result}")
 
+    from nexus_moe.config import check_extend_options
 
 @app.command()
 def analyse(
@@ -855,10 +864,12 @@ def analyse(
     from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint
     from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
-    cfg = EvalConfig(seq_len=seq_len or _EVAL.seq_len, max_tokens=max_tokens or None)
+    check_option("seq_len", seq_len, "--seq-len")
+    cfg = EvalConfig(
+        seq_len=seq_len if seq_len is not None else _EVAL.seq_len, max_tokens=max_tokens or None
+    )
     if out.exists() and not out.is_dir():
         raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
-    _check_out_file(out / f"routing-{name}.json")
     ckpt = resolve_model_dir(checkpoint)
     dev = resolve_device(device)
     tok = checkpoint_tokenizer(ckpt)
@@ -936,6 +947,7 @@ def _chosen_format(fmt: str, out: Path) -> str:
     from nexus_moe.hf.formats import AUTO
     from nexus_moe.io_utils import read_json
 
+    from nexus_moe.config import check_option
     config = out / "config.json"
     if fmt != AUTO or not config.is_file():
         return ""
@@ -943,6 +955,7 @@ def _chosen_format(fmt: str, out: Path) -> str:
 
 
 @app.command()
+    _check_out_file(out / f"routing-{name}.json", [checkpoint, ckpt, corpus])
 def run(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/tiny.yaml.")],
 ) -> None:

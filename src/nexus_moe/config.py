@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,186 @@ LOSS_BUDGET = 0.015
 # With the earlier rows refit (``REFIT_EARLIER_ROWS``): 0.9 cost math's earlier domains up to
 # +0.73% on the study's trained MoEs and 0.8 up to +0.45%, for 0.76-0.80 of math's tokens.
 REFIT_ROW_SCALE = 0.8
+
+
+# --------------------------------------------------------------------------------------------
+# Option ranges: one declaration per option, checked by the library, so that the command line
+# and recipes refuse the same values with the same message.
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values an option may take: a finite number (an integer with ``integer``) between
+    ``low`` and ``high`` (each excluded with ``low_open``/``high_open``; None: unbounded)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    flag: str = ""  # the command-line option, e.g. --leak-budget ("": recipes only)
+    key: str = ""  # the recipe field, e.g. extend.leak_budget ("": command line only)
+    hint: str = ""  # what to give instead
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        return kind
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+OPTION_RANGES: dict[str, Range] = {
+    "calibration_tokens": Range(
+        1, integer=True, flag="--calibration-tokens", hint=f"e.g. {DEFAULT_CALIBRATION_TOKENS}"
+    ),
+    "leak_budget": Range(
+        0.0,
+        1.0,
+        high_open=True,
+        flag="--leak-budget",
+        key="extend.leak_budget",
+        hint="a share such as 0.01 (0 or null: the default bound)",
+    ),
+    "row_scale": Range(0.0, low_open=True, flag="--row-scale", hint="a positive factor, e.g. 1.0"),
+    "merge_weight": Range(
+        0.0,
+        1.0,
+        flag="--merge-weight",
+        hint="a weight between 0 and 1, or leave it out for the default",
+    ),
+    "parallel_devices": Range(
+        0,
+        integer=True,
+        flag="--parallel-devices",
+        hint="0 for every visible GPU, 1 for one after another",
+    ),
+    "vocab_size": Range(
+        257,
+        1 << 20,
+        integer=True,
+        flag="--vocab-size",
+        key="tokenizer.vocab_size",
+        hint=f"256 bytes + EOS at least, e.g. {DEFAULT_VOCAB_SIZE}",
+    ),
+    "seq_len": Range(
+        1,
+        integer=True,
+        flag="--seq-len",
+        key="evaluate.seq_len",
+        hint="a window length such as 256",
+    ),
+    "corrupt": Range(
+        0.0, 1.0, flag="--corrupt", key="study.corrupt", hint="a share of tokens between 0 and 1"
+    ),
+    "budgets": Range(0, integer=True, key="extend.budgets", hint="finetuning tokens, 0 for none"),
+    "train_steps": Range(
+        1,
+        integer=True,
+        key="moe.variants[].train_steps",
+        hint="at least 1 step, or leave it out for moe.train.steps",
+    ),
+    "num_experts": Range(1, integer=True, flag="--num-experts", key="moe.num_experts"),
+    # ModelConfig
+    "vocab_size_model": Range(1, integer=True, key="model.vocab_size"),
+    "hidden_size": Range(1, integer=True, key="model.hidden_size"),
+    "intermediate_size": Range(1, integer=True, key="model.intermediate_size"),
+    "num_layers": Range(1, integer=True, key="model.num_layers"),
+    "num_heads": Range(1, integer=True, key="model.num_heads"),
+    "num_kv_heads": Range(1, integer=True, key="model.num_kv_heads"),
+    "head_dim": Range(1, integer=True, key="model.head_dim"),
+    "max_seq_len": Range(1, integer=True, key="model.max_seq_len"),
+    "rope_theta": Range(0.0, low_open=True, key="model.rope_theta"),
+    "rms_norm_eps": Range(0.0, low_open=True, key="model.rms_norm_eps"),
+    "init_std": Range(0.0, key="model.init_std"),
+    # MoEConfig
+    "moe_every": Range(1, integer=True, key="moe.moe_every"),
+    "expert_intermediate_size": Range(1, integer=True, key="moe.expert_intermediate_size"),
+    "load_balance_weight": Range(0.0, key="moe.load_balance_weight"),
+    "z_loss_weight": Range(0.0, key="moe.z_loss_weight"),
+    "router_init_std": Range(0.0, key="moe.router_init_std"),
+    "domain_embedding_dim": Range(1, integer=True, key="moe.domain_embedding_dim"),
+    "nexus_hidden_size": Range(1, integer=True, key="moe.nexus_hidden_size"),
+    "ac_eps": Range(0.0, low_open=True, key="moe.ac_eps"),
+    "ac_tau": Range(0.0, low_open=True, key="moe.ac_tau"),
+    "ac_momentum": Range(0.0, 1.0, key="moe.ac_momentum"),
+}
+
+
+def option_label(name: str) -> str:
+    """How a message names option ``name``: its flag and its recipe field, where it has them."""
+    rng = OPTION_RANGES[name]
+    return " / ".join(x for x in (rng.flag, rng.key) if x) or name
+
+
+def check_option(name: str, value: Any, where: str | None = None) -> None:
+    """NexusError naming the option unless ``value`` is in its declared :data:`OPTION_RANGES`.
+
+    ``None`` (the option not given) always passes; ``where`` replaces the name in the message.
+    """
+    rng = OPTION_RANGES[name]
+    if value is None or rng.admits(value):
+        return
+    hint = f"; give {rng.hint}" if rng.hint else ""
+    raise NexusError(f"{where or option_label(name)}: {value!r} is not {rng.describe()}{hint}")
+
+
+def check_fields(obj: Any, names: dict[str, str] | tuple[str, ...]) -> None:
+    """:func:`check_option` on fields of dataclass ``obj`` (a tuple of names, or a mapping of
+    field name to its :data:`OPTION_RANGES` name)."""
+    pairs = names.items() if isinstance(names, dict) else ((n, n) for n in names)
+    for field_name, option in pairs:
+        check_option(option, getattr(obj, field_name))
+
+
+def check_extend_options(
+    has_corpus: bool,
+    calibration_tokens: int,
+    leak_budget: float | None,
+    refit_rows: bool,
+    row_scale: float | None,
+    merge_weight: float | None,
+) -> None:
+    """The options of ``extend`` (command line and recipes): each in its range, and none given
+    that nothing would use (the placement of the new row needs the domain's text)."""
+    check_option("calibration_tokens", calibration_tokens)
+    check_option("leak_budget", leak_budget)
+    check_option("row_scale", row_scale)
+    check_option("merge_weight", merge_weight)
+    if row_scale is not None and leak_budget:
+        raise NexusError(
+            f"--row-scale {row_scale}: a --leak-budget fits the norm itself; give one of the two"
+        )
+    if not has_corpus:
+        given = [
+            flag
+            for flag, value in (
+                ("--leak-budget", leak_budget),
+                ("--refit-rows", refit_rows),
+                ("--row-scale", row_scale),
+            )
+            if value
+        ]
+        if given:
+            raise NexusError(
+                f"{given[0]}: shapes the new router row placed from the domain's text, so it "
+                f"needs --corpus; add --corpus, or drop {given[0]}"
+            )
 
 
 class RouterType(enum.StrEnum):
@@ -101,6 +282,19 @@ def check_device_name(name: str, where: str = "--device") -> None:
     raise NexusError(f"{where}: '{name}' is not one of: {DEVICE_CHOICES}")
 
 
+_MOE_RANGED = (
+    "num_experts", "moe_every", "expert_intermediate_size", "load_balance_weight",
+    "z_loss_weight", "router_init_std", "domain_embedding_dim", "nexus_hidden_size", "ac_eps",
+    "ac_tau", "ac_momentum",
+)  # fmt: skip
+_MODEL_RANGED = {
+    "vocab_size": "vocab_size_model", "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size", "num_layers": "num_layers", "num_heads": "num_heads",
+    "num_kv_heads": "num_kv_heads", "head_dim": "head_dim", "max_seq_len": "max_seq_len",
+    "rope_theta": "rope_theta", "rms_norm_eps": "rms_norm_eps", "init_std": "init_std",
+}  # fmt: skip
+
+
 @dataclass
 class MoEConfig:
     """The MoE part of a model (docs/design.md §3, §4). Absent (None) on a dense model."""
@@ -136,6 +330,7 @@ class MoEConfig:
     embedder: str | None = None  # sentence-transformers model the domain embeddings came from
 
     def __post_init__(self) -> None:
+        check_fields(self, _MOE_RANGED)
         self.router = RouterType(self.router)
         self.ac_base = RouterType(self.ac_base)
         if self.ac_base == RouterType.ac:
@@ -187,6 +382,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = from_dict(MoEConfig, self.moe, "moe")
+        check_fields(self, _MODEL_RANGED)
         if self.num_heads % self.num_kv_heads:
             raise NexusError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -257,6 +453,7 @@ class EvalConfig:
     max_tokens: int | None = 65536  # per domain; None scores the whole validation split
 
     def __post_init__(self) -> None:
+        check_option("seq_len", self.seq_len)
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise NexusError(f"evaluate.{name} must be >= 1 (got {getattr(self, name)})")

@@ -29,7 +29,7 @@ import torch
 
 from nexus_moe.config import EmbedConfig
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import atomic_path
+from nexus_moe.io_utils import check_output_file, output_file
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -232,7 +232,7 @@ def embedder_dimension(model: SentenceTransformer) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _storage_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+def storage_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """(safetensors file, JSON sidecar) for ``path`` (a .safetensors/.json file or a directory)."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -303,26 +303,29 @@ class DomainEmbeddings:
             "names": list(self.names),
         }
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, inputs: list[Path] | tuple = ()) -> None:
         """Write the embeddings (safetensors + JSON sidecar), each file atomically.
 
         ``path`` is either a ``.safetensors`` file (the sidecar is the same name with ``.json``) or
         a directory (files ``domain_embeddings.safetensors`` / ``domain_embeddings.json`` in it).
         The metadata is also stored in the safetensors header, so that file alone is
-        self-describing. No pickle is used.
+        self-describing. No pickle is used. Neither file may be one of ``inputs`` or inside one,
+        nor a file nexus-moe did not write (:func:`~nexus_moe.io_utils.output_file`).
         """
         from safetensors.torch import save_file
 
-        st_path, json_path = _storage_paths(path)
+        st_path, json_path = storage_paths(path)
         meta = self.metadata()
         header = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
             "nexus_moe": json.dumps(meta),
         }
-        with atomic_path(st_path) as tmp:
+        for target in (st_path, json_path):  # both, before either is written
+            check_output_file(target, inputs)
+        with output_file(st_path, inputs) as tmp:
             save_file({_TENSOR_KEY: self.vectors.clone().contiguous()}, str(tmp), metadata=header)
-        with atomic_path(json_path) as tmp:
+        with output_file(json_path, inputs) as tmp:
             tmp.write_text(json.dumps({**meta, "vectors_file": st_path.name}, indent=2) + "\n")
 
     @classmethod
@@ -334,7 +337,7 @@ class DomainEmbeddings:
         """
         from safetensors import safe_open
 
-        st_path, json_path = _storage_paths(path)
+        st_path, json_path = storage_paths(path)
         if not st_path.is_file():
             raise NexusError(
                 f"{st_path}: domain embeddings file not found; run `nexus-moe embed-domains` first"

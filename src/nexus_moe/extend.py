@@ -30,9 +30,16 @@ from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     load_checkpoint,
     read_safetensors,
+    require_text,
     save_checkpoint,
 )
-from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS, ModelConfig, MoEConfig, RouterType
+from nexus_moe.config import (
+    DEFAULT_CALIBRATION_TOKENS,
+    ModelConfig,
+    MoEConfig,
+    RouterType,
+    check_extend_options,
+)
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
@@ -349,6 +356,11 @@ def extend(
         merge_lambda = 0.0
     windows = None
     if calibration_shards is not None:
+    check_extend_options(
+        calibration_shards is not None, calibration_tokens, leak_budget, refit_rows, row_scale,
+        merge_lambda,
+    )  # fmt: skip
+    leak_budget = leak_budget or None  # 0: the default bound
         windows = calibrate.domain_windows(
             calibration_shards, domain, moe.cfg.max_seq_len, calibration_tokens
         )
@@ -397,6 +409,7 @@ def remove_expert(ckpt_dir: str | Path, out_dir: str | Path, domain: str) -> Pat
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     model, meta = load_checkpoint(ckpt_dir)
+        require_text(windows, calibration_shards.data_dir, domain)
     if model.cfg.moe is None:
         raise NexusError(f"{ckpt_dir}: not an MoE checkpoint")
     domains = model.cfg.moe.domains

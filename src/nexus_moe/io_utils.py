@@ -6,6 +6,12 @@ only when it is missing, empty, or holds nexus-moe's own output; a folder with f
 not write, a file where a folder is expected, or an output of another configuration (unless
 ``--overwrite``) is an error naming the folder. Leftover temporary files of an interrupted write
 are removed the next time the same target is written.
+
+Single files a command writes at a path the user chose (``evaluate --json``, ``tokenizer train
+--out``, ``embed-domains --out``) go through :func:`output_file`, the one guard for them: the path
+may not be one of the command's inputs nor lie inside an input folder, an existing file is replaced
+only when nexus-moe wrote it (a record ``.NAME.nexus-moe.json`` beside it holds the sha256 of what
+was written, so a file the user changed since is theirs again), and the file is written atomically.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from nexus_moe.errors import NexusError
 OUTPUT_MARKER = ".nexus-moe.json"
 # Names nexus-moe itself writes into an output folder after the folder was written (the stage
 # fingerprint and cached evaluations of `nexus-moe run`, leftover temporaries).
-_OWN_EXTRAS = ("stage.json", "eval-*.json", ".*.tmp", ".*.old")
+_OWN_EXTRAS = ("stage.json", "eval-*.json", ".*.tmp", ".*.old", ".*.nexus-moe.json")
+FILE_RECORD_SUFFIX = ".nexus-moe.json"  # ".NAME.nexus-moe.json": the record of a file we wrote
 
 
 @dataclass(frozen=True)
@@ -339,6 +346,99 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _record_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}{FILE_RECORD_SUFFIX}")
+
+
+def _recorded_hashes(target: Path) -> list[str]:
+    try:
+        doc = json.loads(_record_path(target).read_text())
+    except (OSError, ValueError):
+        return []
+    hashes = doc.get("sha256") if isinstance(doc, dict) else None
+    return [h for h in hashes if isinstance(h, str)] if isinstance(hashes, list) else []
+
+
+def is_own_file(target: str | os.PathLike) -> bool:
+    """True when nexus-moe wrote the file ``target`` as it is now.
+
+    Its record beside it (``.NAME.nexus-moe.json``) names the sha256 of what was written; a file
+    in a stage folder of ``nexus-moe run`` (``stage.json`` beside it) is the recipe's own too.
+    A symbolic link is never ours (nexus-moe writes none).
+    """
+    target = Path(target)
+    if target.is_symlink() or not target.is_file():
+        return False
+    if (target.parent / "stage.json").is_file():
+        return True
+    hashes = _recorded_hashes(target)
+    return bool(hashes) and file_sha256(target) in hashes
+
+
+def check_output_file(
+    target: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), option: str = "--out"
+) -> None:
+    """NexusError naming ``option`` unless :func:`output_file` may write ``target``.
+
+    ``target`` may be neither one of ``inputs`` nor inside an input folder, nor a folder, nor an
+    existing file nexus-moe did not write; its folder must be writable.
+    """
+    target = Path(target)
+    if target.is_dir():
+        raise NexusError(f"{option} {target}: is a folder; {option} takes a file path")
+    resolved = target.resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == resolved or path in resolved.parents:
+            where = "is" if path == resolved else "is inside"
+            raise NexusError(
+                f"{option} {target}: {where} the input {item}; writing it would change the "
+                f"command's input — choose a path outside its inputs for {option}"
+            )
+    if (target.exists() or target.is_symlink()) and not is_own_file(target):
+        raise NexusError(
+            f"{option} {target}: the file exists and nexus-moe did not write it (or it was "
+            f"changed since); nothing was changed — choose a new path for {option}, or remove "
+            "the file yourself"
+        )
+    _check_writable(target)
+
+
+@contextmanager
+def output_file(
+    target: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), option: str = "--out"
+) -> Iterator[Path]:
+    """Yield a temporary path for the user-chosen output file ``target``; on success it replaces
+    ``target`` and a record beside it marks the file as nexus-moe's (see :func:`is_own_file`).
+
+    ``target`` is checked with :func:`check_output_file` before and again right before the rename.
+    """
+    target = Path(target)
+    inputs = list(inputs)
+    check_output_file(target, inputs, option)
+    record = _record_path(target)
+    with atomic_path(target) as tmp:
+        yield tmp
+        check_output_file(target, inputs, option)  # it may have changed meanwhile
+        new = file_sha256(tmp)
+        old = _recorded_hashes(target) if target.is_file() else []
+        doc = {"command": current_policy().command, "file": target.name}
+        # Until the rename, the file in place may still be the old one: both hashes are ours.
+        write_json(record, {**doc, "sha256": [new, *old[:1]]})
+    write_json(record, {**doc, "sha256": [new]})
+
+
+def write_output_json(
+    path: str | os.PathLike,
+    obj: Any,
+    inputs: Iterable[str | os.PathLike] = (),
+    option: str = "--out",
+) -> None:
+    """Write ``obj`` as indented JSON to the user-chosen ``path`` through :func:`output_file`."""
+    with output_file(path, inputs, option) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -33,6 +33,7 @@ from nexus_moe.config import (
     ModelConfig,
     MoEConfig,
     check_device_name,
+    check_option,
     from_dict,
     to_dict,
 )
@@ -77,6 +78,9 @@ class TokenizerSection:
     vocab_size: int = DEFAULT_VOCAB_SIZE
     path: Path | None = None  # use this tokenizer.json instead of training one
 
+    def __post_init__(self) -> None:
+        check_option("vocab_size", self.vocab_size)
+
 
 DEFAULT_EXPERT_SET = "default"  # the experts branched with `branch_train` as it is
 
@@ -99,6 +103,9 @@ class MoEVariant:
     # Train for as many tokens as branching the experts plus MoE training took together (a
     # compute-matched sparse-upcycle baseline: it branches nothing, so it gets those tokens here).
     compute_matched: bool = False
+
+    def __post_init__(self) -> None:
+        check_option("train_steps", self.train_steps, f"moe.variants '{self.name}'.train_steps")
 
     @property
     def kind(self) -> Method:
@@ -172,6 +179,11 @@ class ExtendSection:
     # extend.train says (default: everything).
     train_only: dict[str, list[str]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for i, budget in enumerate(self.budgets):
+            check_option("budgets", budget, f"extend.budgets[{i}]")
+        check_option("leak_budget", self.leak_budget)
+
 
 @dataclass
 class StudySection:
@@ -186,6 +198,10 @@ class StudySection:
     # None: evaluate.max_tokens as well.
     bounds_tokens: int | None = None
     plot: bool = True  # validation-loss curves of the MoE variants as a PNG
+
+    def __post_init__(self) -> None:
+        for i, share in enumerate(self.corrupt):
+            check_option("corrupt", share, f"study.corrupt[{i}]")
 
 
 @dataclass
@@ -256,12 +272,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise NexusError(
             f"extend.domains: {', '.join(unknown)} not in corpus.heldout "
             f"({', '.join(c.heldout) or 'empty'}); the corpus only holds the domains it lists"
-        )
-    budget = recipe.extend.leak_budget
-    if budget is not None and not 0.0 < budget < 1.0:
-        raise NexusError(
-            f"extend.leak_budget: {budget} is not a share in (0, 1); use e.g. 0.01, or null for "
-            "the fixed norm"
         )
     for name, patterns in recipe.extend.train_only.items():  # types checked at load
         if name not in recipe.extend.variants:

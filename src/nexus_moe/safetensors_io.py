@@ -196,6 +196,20 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+class NonFiniteTensor(NexusError):
+    """A tensor about to be written holds NaN or infinite values (``tensor``: its name)."""
+
+    def __init__(self, tensor: str) -> None:
+        super().__init__(f"tensor '{tensor}' holds NaN or infinite values")
+        self.tensor = tensor
+
+
+def check_finite_tensor(name: str, tensor: torch.Tensor) -> None:
+    """:class:`NonFiniteTensor` when floating-point ``tensor`` holds NaN or infinite values."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteTensor(name)
+
+
 def storage_order(specs: list[TensorSpec]) -> list[TensorSpec]:
     """``specs`` in the order of safetensors' own writer: larger dtypes first, then by name
     (so every tensor stays aligned to its element size)."""
@@ -211,7 +225,8 @@ def write_safetensors(
     several times larger than one input, so the file is written here directly: an 8-byte
     little-endian header length, the JSON header (computed from the shapes up front, padded with
     spaces to a multiple of 8), then each tensor's raw little-endian bytes. The result is read by
-    ``safe_open`` exactly like a file from ``save_file``.
+    ``safe_open`` exactly like a file from ``save_file``. A floating-point piece holding NaN or
+    infinite values stops the write with :class:`NonFiniteTensor` (the caller discards the file).
     """
     assert sys.byteorder == "little", "safetensors stores little-endian data"
     header: dict[str, Any] = {}
@@ -239,6 +254,7 @@ def write_safetensors(
                     raise ValueError(
                         f"{spec.name}: got a {piece.dtype} piece, expected {spec.dtype}"
                     )
+                check_finite_tensor(spec.name, piece)  # no broken model is ever written
                 # Raw bytes through a uint8 view: works for bf16, which numpy cannot represent.
                 data = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                 f.write(data)

@@ -14,10 +14,10 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from nexus_moe.config import DEFAULT_VOCAB_SIZE
+from nexus_moe.config import DEFAULT_VOCAB_SIZE, check_option
 from nexus_moe.corpus import corpus_domains, iter_documents
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import atomic_path
+from nexus_moe.io_utils import check_output_file, output_file
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -91,11 +91,10 @@ def train_tokenizer(
     write it into; it is written atomically. Returns the trained tokenizer.
     """
     corpus_dir = Path(corpus_dir)
-    # 256 byte symbols plus the special token must fit, and ids are stored as at most uint32.
-    if not isinstance(vocab_size, int) or not 257 <= vocab_size < 2**32:
-        raise NexusError(
-            f"vocab_size must be an integer >= 257 (256 bytes + EOS), got {vocab_size!r}"
-        )
+    # 256 byte symbols plus the special token must fit; the trainer allocates by the size asked.
+    check_option("vocab_size", vocab_size)
+    target = tokenizer_file(out_path)
+    check_output_file(target, [corpus_dir])
     names = corpus_domains(corpus_dir, domains)
     files: dict[str, Path] = {}
     for name in names:
@@ -130,8 +129,7 @@ def train_tokenizer(
             f"{corpus_dir}: the train split of domains {names} holds no text to train a "
             "tokenizer on; rebuild the corpus"
         )
-    target = tokenizer_file(out_path)
-    with atomic_path(target) as tmp:
+    with output_file(target, [corpus_dir]) as tmp:
         tok.save(str(tmp))
     return tok
 

@@ -41,6 +41,9 @@ from nexus_moe import calibrate
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    NonFiniteModel,
+    check_branched_from,
+    first_nonfinite,
     load_checkpoint,
     load_config,
     model_shapes,
@@ -57,13 +60,20 @@ from nexus_moe.config import (
     MoEConfig,
     RouterType,
     from_dict,
+    check_option,
     to_dict,
 )
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.hf.formats import AUTO, FORMATS, NATIVE
 from nexus_moe.routers import NexusRouter, build_router
-from nexus_moe.safetensors_io import DTYPE_NAMES, TensorSource, TensorSpec, storage_order
+from nexus_moe.safetensors_io import (
+    DTYPE_NAMES,
+    NonFiniteTensor,
+    TensorSource,
+    TensorSpec,
+    storage_order,
+)
 
 if TYPE_CHECKING:
     from nexus_moe.embed import DomainEmbeddings
@@ -161,6 +171,7 @@ def upcycle(
     if method != Method.sparse_upcycle and not expert_paths:
         raise NexusError(f"{method.value} needs at least one dense expert checkpoint; got none")
     if method != Method.sparse_upcycle and num_experts is not None:
+    check_option("calibration_tokens", calibration_tokens)
         raise NexusError(
             f"num_experts is only for sparse-upcycle; {method.value} has one routed expert per "
             f"expert checkpoint ({len(expert_paths)})"
@@ -225,9 +236,20 @@ def upcycle(
     hf_options = {"dtype": out_dtype}
     if max_shard_size is not None:
         hf_options["max_shard_size"] = max_shard_size
-    return _write_output(
-        out_dir, out_format, cfg, specs, metadata, seed_in.tokenizer, finish, hf_options
-    )
+    try:
+        return _write_output(
+            out_dir, out_format, cfg, specs, metadata, seed_in.tokenizer, finish, hf_options
+        )
+    except (NonFiniteModel, NonFiniteTensor):  # name the input it came from, if one holds it
+        for source in (seed_in, *expert_ins):
+            bad = first_nonfinite(source.tensors)
+            if bad is not None:
+                raise NexusError(
+                    f"{source.tensors.file_of(bad)}: tensor '{bad}' holds NaN or infinite "
+                    "values, so the upcycled model would too; nothing was written — restore "
+                    "this input or train it again"
+                ) from None
+        raise
 
 
 def _check_out_format(out_format: str) -> None:
@@ -497,6 +519,8 @@ def moe_config(
             raise NexusError(
                 f"moe.{name} comes from importing a Qwen2-MoE checkpoint; an upcycled MoE's "
                 "shared expert is the seed's FFN, always on (drop the setting)"
+    for expert in experts:
+        check_branched_from(seed.path, expert.path, expert.metadata)
             )
     settings.update(overrides)
     settings.update(num_experts=num_routed, domains=domains)
