@@ -770,6 +770,7 @@ def extend_cmd(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Append a new domain expert to an MoE (docs/design.md §7); then finetune with `train --init`."""
+    from nexus_moe.config import check_extend_options
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir
@@ -843,7 +844,6 @@ def remove_expert_cmd(
         )
     console.print(f"MoE without '{domain}' written to {result}")
 
-    from nexus_moe.config import check_extend_options
 
 @app.command()
 def analyse(
@@ -862,6 +862,7 @@ def analyse(
     _tune_allocator()
     from nexus_moe.analyse import analyse as run_analysis
     from nexus_moe.checkpoint import checkpoint_tokenizer, load_checkpoint
+    from nexus_moe.config import check_option
     from nexus_moe.pipeline import check_vocab, resolve_device, resolve_model_dir, tokens_for
 
     check_option("seq_len", seq_len, "--seq-len")
@@ -871,6 +872,7 @@ def analyse(
     if out.exists() and not out.is_dir():
         raise NexusError(f"{out}: exists and is a file, not a folder; choose a folder for --out")
     ckpt = resolve_model_dir(checkpoint)
+    _check_out_file(out / f"routing-{name}.json", [checkpoint, ckpt, corpus])
     dev = resolve_device(device)
     tok = checkpoint_tokenizer(ckpt)
     model, _ = load_checkpoint(ckpt, device=str(dev))
@@ -947,7 +949,6 @@ def _chosen_format(fmt: str, out: Path) -> str:
     from nexus_moe.hf.formats import AUTO
     from nexus_moe.io_utils import read_json
 
-    from nexus_moe.config import check_option
     config = out / "config.json"
     if fmt != AUTO or not config.is_file():
         return ""
@@ -955,7 +956,6 @@ def _chosen_format(fmt: str, out: Path) -> str:
 
 
 @app.command()
-    _check_out_file(out / f"routing-{name}.json", [checkpoint, ckpt, corpus])
 def run(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/tiny.yaml.")],
 ) -> None:

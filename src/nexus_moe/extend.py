@@ -315,6 +315,11 @@ def extend(
     share of the earlier domains' gates on their own experts; with ``refit_rows`` (and no leak
     budget) the earlier experts' rows are refit among all the domains.
     """
+    check_extend_options(
+        calibration_shards is not None, calibration_tokens, leak_budget, refit_rows, row_scale,
+        merge_lambda,
+    )  # fmt: skip
+    leak_budget = leak_budget or None  # 0: the default bound
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)
     expert, expert_meta = load_checkpoint(expert_dir)
@@ -356,14 +361,10 @@ def extend(
         merge_lambda = 0.0
     windows = None
     if calibration_shards is not None:
-    check_extend_options(
-        calibration_shards is not None, calibration_tokens, leak_budget, refit_rows, row_scale,
-        merge_lambda,
-    )  # fmt: skip
-    leak_budget = leak_budget or None  # 0: the default bound
         windows = calibrate.domain_windows(
             calibration_shards, domain, moe.cfg.max_seq_len, calibration_tokens
         )
+        require_text(windows, calibration_shards.data_dir, domain)
     placement: dict = {}
     moe, undo = extend_model(
         moe,
@@ -409,7 +410,6 @@ def remove_expert(ckpt_dir: str | Path, out_dir: str | Path, domain: str) -> Pat
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     model, meta = load_checkpoint(ckpt_dir)
-        require_text(windows, calibration_shards.data_dir, domain)
     if model.cfg.moe is None:
         raise NexusError(f"{ckpt_dir}: not an MoE checkpoint")
     domains = model.cfg.moe.domains

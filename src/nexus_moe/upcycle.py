@@ -59,8 +59,8 @@ from nexus_moe.config import (
     ModelConfig,
     MoEConfig,
     RouterType,
-    from_dict,
     check_option,
+    from_dict,
     to_dict,
 )
 from nexus_moe.data import TokenShards
@@ -161,6 +161,7 @@ def upcycle(
     atomically.
     """
     method = _parse_method(method)
+    check_option("calibration_tokens", calibration_tokens)
     out_dir = Path(out_dir)
     expert_paths = [Path(p) for p in expert_dirs]
     if method == Method.sparse_upcycle and expert_paths:
@@ -171,7 +172,6 @@ def upcycle(
     if method != Method.sparse_upcycle and not expert_paths:
         raise NexusError(f"{method.value} needs at least one dense expert checkpoint; got none")
     if method != Method.sparse_upcycle and num_experts is not None:
-    check_option("calibration_tokens", calibration_tokens)
         raise NexusError(
             f"num_experts is only for sparse-upcycle; {method.value} has one routed expert per "
             f"expert checkpoint ({len(expert_paths)})"
@@ -383,6 +383,8 @@ def _check_inputs(seed_dir: Path, expert_dirs: list[Path]) -> tuple[_Input, list
     seed = _open_input(seed_dir)
     experts = [_open_input(path) for path in expert_dirs]
     for expert in experts:
+        check_branched_from(seed.path, expert.path, expert.metadata)
+    for expert in experts:
         for name in ARCHITECTURE_FIELDS:
             mine, theirs = getattr(expert.cfg, name), getattr(seed.cfg, name)
             if mine != theirs:
@@ -519,8 +521,6 @@ def moe_config(
             raise NexusError(
                 f"moe.{name} comes from importing a Qwen2-MoE checkpoint; an upcycled MoE's "
                 "shared expert is the seed's FFN, always on (drop the setting)"
-    for expert in experts:
-        check_branched_from(seed.path, expert.path, expert.metadata)
             )
     settings.update(overrides)
     settings.update(num_experts=num_routed, domains=domains)
