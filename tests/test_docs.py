@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "src").rglob("*.py"))
 CITATION = re.compile(r"docs/design\.md (§\d+(?:\.\d+)?(?:\s*(?:,|-|and)\s*§\d+(?:\.\d+)?)*)")
@@ -92,42 +94,46 @@ def test_readme_links_and_doc_paths_exist():
         assert (ROOT / image).stat().st_size < 100_000, f"{image}: keep documentation images small"
 
 
-def _readme_invocations() -> list[list[str]]:
-    """Every `nexus-moe ...` invocation in the README's bash blocks and table cells, as argv."""
+def _invocations(doc: Path) -> list[list[str]]:
+    """Every `nexus-moe ...` (or `-m nexus_moe.cli ...`) invocation in a document's bash blocks
+    and inline code, as the argv after the program name."""
     import shlex
 
-    text = README.read_text()
+    text = doc.read_text()
     lines = []
-    for block in _blocks("bash"):
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
         lines += block.replace("\\\n", " ").splitlines()
-    lines += re.findall(r"`(nexus-moe [^`]+)`", text)
+    lines += re.findall(r"`([^`\n]*nexus(?:-moe |_moe\.cli )[^`]+)`", text)
     calls = []
     for line in lines:
-        line = line.split("#")[0].strip()
-        if line.startswith("nexus-moe "):
-            calls.append(shlex.split(re.sub(r"\[--[^\]]*\]", "", line))[1:])  # [--optional]
+        line = line.split("#")[0]
+        match = re.search(r"(?:^|\s)(?:nexus-moe|-m nexus_moe\.cli) (.*)$", line.strip())
+        if match:
+            argv = shlex.split(re.sub(r"\[--[^\]]*\]", "", match.group(1)))  # [--optional]
+            calls.append([arg for arg in argv if arg != "..."])
     return calls
 
 
-def test_readme_commands_and_options_exist():
-    """Each command the README shows is a real sub-command, and each option one it takes."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/scaling.md"])
+def test_commands_and_options_shown_in_the_docs_exist(doc):
+    """Each command a document shows is a real sub-command, and each option one it takes."""
     import typer
 
     from nexus_moe.cli import app
 
     root = typer.main.get_command(app)
-    calls = _readme_invocations()
-    assert len(calls) >= 20
+    calls = _invocations(ROOT / doc)
+    assert len(calls) >= 5
     for argv in calls:
         command, rest = root, list(argv)
         while hasattr(command, "commands") and rest and rest[0] in command.commands:
             command = command.commands[rest.pop(0)]
         if rest == ["--help"] or rest[:1] == ["<command>"]:  # `nexus-moe [<command>] --help`
             continue
-        assert not hasattr(command, "commands"), f"README: no command in {argv}"
+        assert not hasattr(command, "commands"), f"{doc}: no command in {argv}"
         known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
         used = {arg.split("=")[0] for arg in rest if arg.startswith("--")}
-        assert used <= known, f"README: nexus-moe {argv[0]} has no {sorted(used - known)}"
+        assert used <= known, f"{doc}: nexus-moe {argv[0]} has no {sorted(used - known)}"
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
