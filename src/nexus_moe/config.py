@@ -132,6 +132,16 @@ OPTION_RANGES: dict[str, Range] = {
         key="evaluate.seq_len",
         hint="a window length such as 256",
     ),
+    "batch_size": Range(
+        1, integer=True, flag="--batch-size", key="evaluate.batch_size", hint="e.g. 16"
+    ),
+    "max_tokens": Range(
+        1,
+        integer=True,
+        flag="--max-tokens",
+        key="evaluate.max_tokens",
+        hint="a token count (0 on the command line or null in a recipe scores every token)",
+    ),
     "corrupt": Range(
         0.0, 1.0, flag="--corrupt", key="study.corrupt", hint="a share of tokens between 0 and 1"
     ),
@@ -453,15 +463,7 @@ class EvalConfig:
     max_tokens: int | None = 65536  # per domain; None scores the whole validation split
 
     def __post_init__(self) -> None:
-        check_option("seq_len", self.seq_len)
-        for name in ("seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise NexusError(f"evaluate.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise NexusError(
-                f"--max-tokens / evaluate.max_tokens must be >= 1 (got {self.max_tokens}); 0 on "
-                "the command line or null in a recipe scores every token"
-            )
+        check_fields(self, ("seq_len", "batch_size", "max_tokens"))
 
 
 @dataclass
