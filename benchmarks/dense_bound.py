@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import iter_eval_batches
-from nexus_moe.pipeline import DEFAULT_EXPERT_SET, load_recipe, tokens_for
+from nexus_moe.pipeline import load_recipe, tokens_for
+from nexus_moe.study.layout import RunLayout
 from nexus_moe.train import tune_cpu_allocator
 
 
@@ -79,24 +80,23 @@ def main() -> None:
     tune_cpu_allocator()
 
     recipe = load_recipe(args.recipe)
-    run = args.study or recipe.workdir
+    run = RunLayout(args.study or recipe.workdir)
     domains, cfg = recipe.corpus.domains, recipe.evaluate
     variant = next((v for v in recipe.moe.variants if v.name == args.variant), None)
     if variant is None:
         raise SystemExit(f"error: {args.recipe} has no MoE variant named {args.variant!r}")
-    default = variant.experts == DEFAULT_EXPERT_SET
-    experts_dir = run / ("experts" if default else f"experts-{variant.experts}")  # as the study
-    dense = [load_checkpoint(experts_dir / d / "model")[0].eval() for d in domains]
-    moes = {"step 0": load_checkpoint(run / f"s{args.seeds[0]}/moe/{args.variant}/upcycled")[0]}
+    experts = [run.expert_model(d, variant.experts) for d in domains]
+    dense = [load_checkpoint(path)[0].eval() for path in experts]
+    moes = {"step 0": load_checkpoint(run.upcycled(args.variant, args.seeds[0]))[0]}
     for seed in args.seeds:
-        path = run / f"s{seed}/moe/{args.variant}/trained/model"
+        path = run.trained_model(args.variant, seed)
         moes[f"trained, seed {seed}"] = load_checkpoint(path)[0]
     for item in args.also:
         name, sep, path = item.partition("=")
         if not sep or not Path(path).is_dir():
             raise SystemExit(f"error: --also {item!r}: expected NAME=DIR with a checkpoint DIR")
         moes[name] = load_checkpoint(Path(path))[0]
-    shards = tokens_for(run / "corpus", experts_dir / domains[0] / "model" / TOKENIZER_FILE)
+    shards = tokens_for(run.corpus, experts[0] / TOKENIZER_FILE)
 
     names = ["dense experts (oracle)", "dense mixture (no label)", *moes]
     per_domain: dict[str, list[torch.Tensor]] = {n: [] for n in names}  # mean loss by position
@@ -134,7 +134,7 @@ def main() -> None:
     for name in names:
         cells = [f"{v:.2f} ({v / o - 1:+.1%})" for v, o in zip(table[name], oracle, strict=True)]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    out = run / "results" / f"dense-bound-{args.variant}.json"
+    out = run.results / f"dense-bound-{args.variant}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"buckets": buckets, "domains": domains, "perplexity": table}
     tmp = out.with_suffix(".json.tmp")

@@ -29,7 +29,10 @@ import torch
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
-from nexus_moe.study import _interval, paired_interval
+from nexus_moe.study.layout import RunLayout
+from nexus_moe.study.report import interval as _interval
+from nexus_moe.study.results import load_scores
+from nexus_moe.study.stats import paired_interval
 from nexus_moe.train import FFN_PARAMETERS
 
 
@@ -54,16 +57,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     recipe = load_recipe(args.recipe)
-    run, domains = recipe.workdir, recipe.corpus.domains
-    folder = "experts" if args.expert_set == "default" else f"experts-{args.expert_set}"
-    corpus = run / "corpus"
-    before = {d: score(run / folder / d / "model", corpus, d, recipe.evaluate) for d in domains}
+    run, domains = RunLayout(recipe.workdir), recipe.corpus.domains
+    corpus = run.corpus
+    experts = {d: run.expert_model(d, args.expert_set) for d in domains}
+    before = {d: score(experts[d], corpus, d, recipe.evaluate) for d in domains}
     after: dict[int, dict[str, float]] = {}
     for seed in args.seeds:
         cfg = replace(recipe.moe.train, steps=args.steps, lr=args.lr, seed=seed, eval_every=0,
                       train_only=list(args.train_only))  # fmt: skip
         for domain in domains:
-            init = run / folder / domain / "model"
+            init = experts[domain]
             model, meta = load_checkpoint(init)
             out = args.out / f"s{seed}" / f"{domain}-steps{args.steps}-lr{args.lr:g}"
             final = train_model(model, corpus, init / TOKENIZER_FILE, [domain], cfg, out,
@@ -86,10 +89,9 @@ def main() -> None:
         print(f"| +{args.steps} steps at {args.lr:g}, seed {seed} | "
               + " | ".join(f"{scores[d]:.2f}" for d in domains)
               + f" | {mean:.2f} ({100 * (mean / mean_before - 1):+.1f}%) |")  # fmt: skip
-    scores_file = run / "results" / "scores.json"
     moe = {}
-    if scores_file.is_file():
-        moe = json.loads(scores_file.read_text())["models"].get(args.against, {})
+    if run.scores_json.is_file():
+        moe = load_scores(run.scores_json).models.get(args.against, {})
     seeds = [s for s in after if str(s) in moe]
     if seeds:
         print(

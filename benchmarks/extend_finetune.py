@@ -37,6 +37,7 @@ from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.extend import extend
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
 from nexus_moe.study import tokens_per_step
+from nexus_moe.study.layout import RunLayout
 
 TRAIN_ONLY = {
     "all": [],
@@ -68,19 +69,20 @@ def main() -> None:
     budget = max(recipe.extend.budgets)
     steps = max(1, budget // tokens_per_step(tcfg))  # as the study sets it
     ways = [parse_way(w, recipe.extend.new_domain_share, tcfg.lr) for w in args.ways]
-    study, corpus = args.study, args.study / "corpus"
+    run = RunLayout(args.study)
+    corpus = run.corpus
     earlier = list(recipe.corpus.domains)
-    embeddings = DomainEmbeddings.load(study / "domain_embeddings")
+    embeddings = DomainEmbeddings.load(run.domain_embeddings)
     mean = lambda s: statistics.fmean(s[d] for d in earlier)  # noqa: E731
     rows = []
     print(f"finetune: {steps} steps x {tcfg.batch_size} x {tcfg.seq_len} tokens")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            trained = study / f"s{seed}" / "moe" / "nexus" / "trained" / "model"
+            trained = run.trained_model("nexus", seed)
             shards = tokens_for(corpus, trained / TOKENIZER_FILE)
             before_old = mean(score(trained, shards, earlier, args.earlier_tokens))
             for domain in recipe.corpus.heldout:
-                expert = study / "experts-ffn" / domain / "model"
+                expert = run.expert_model(domain, "ffn")
                 extended = Path(tmp) / f"s{seed}-{domain}"
                 extend(trained, expert, extended, domain=domain, domain_embeddings=embeddings,
                        calibration_shards=shards, seed=seed)  # fmt: skip

@@ -15,7 +15,6 @@ domains' mean perplexity (scored on the same tokens before and after).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -32,6 +31,8 @@ from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.evaluate import evaluate_domains
 from nexus_moe.extend import extend
 from nexus_moe.pipeline import tokens_for
+from nexus_moe.study.layout import RunLayout
+from nexus_moe.study.results import load_scores
 from nexus_moe.train import tune_cpu_allocator
 
 
@@ -54,18 +55,19 @@ def measure(study: Path, seeds: list[int], domains: list[str] | None, ways: dict
     `nexus` MoE zero-shot in each of the ``ways`` (label -> keyword arguments of
     :func:`nexus_moe.extend.extend`) and measure it as the study does: rows with ``seed``,
     ``domain``, ``way``, ``share``, ``gap_recovered``, ``earlier_change``."""
-    saved = json.loads((study / "results" / "scores.json").read_text())
-    earlier, heldout = saved["domains"], domains or saved["heldout"]
-    corpus = study / "corpus"
-    embeddings = DomainEmbeddings.load(study / "domain_embeddings")
+    run = RunLayout(study)
+    saved = load_scores(run.scores_json)
+    earlier, heldout = saved.domains, domains or saved.heldout
+    corpus = run.corpus
+    embeddings = DomainEmbeddings.load(run.domain_embeddings)
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         for seed in seeds:
-            trained = study / f"s{seed}" / "moe" / "nexus" / "trained" / "model"
+            trained = run.trained_model("nexus", seed)
             shards = tokens_for(corpus, trained / TOKENIZER_FILE)
             before_old = score(trained, shards, earlier, earlier_tokens)
             for domain in heldout:
-                expert = study / "experts-ffn" / domain / "model"
+                expert = run.expert_model(domain, "ffn")
                 before_new = score(trained, shards, [domain], new_tokens)[domain]
                 dense = score(expert, shards, [domain], new_tokens)[domain]
                 for label, kwargs in ways.items():

@@ -34,7 +34,10 @@ import torch
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
 from nexus_moe.pipeline import load_recipe, tokens_for, train_model
-from nexus_moe.study import _dense_bound, _interval, paired_interval
+from nexus_moe.study.layout import RunLayout
+from nexus_moe.study.report import interval as _interval
+from nexus_moe.study.results import load_scores
+from nexus_moe.study.stats import dense_bound, paired_interval
 
 
 def main() -> None:
@@ -53,14 +56,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     recipe = load_recipe(args.recipe)
-    run, domains = recipe.workdir, recipe.corpus.domains
+    run, domains = RunLayout(recipe.workdir), recipe.corpus.domains
     means: dict[str, dict[float, dict[int, float]]] = {v: {} for v in args.variants}
     step0: dict[str, dict[int, float]] = {v: {} for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
-            init = run / f"s{seed}" / "moe" / variant / "upcycled"
+            init = run.upcycled(variant, seed)
             model, _ = load_checkpoint(init)
-            shards = tokens_for(run / "corpus", init / TOKENIZER_FILE)
+            shards = tokens_for(run.corpus, init / TOKENIZER_FILE)
             scores = scores_to_dict(evaluate_domains(model, shards, domains, recipe.evaluate))
             step0[variant][seed] = statistics.fmean(scores[d]["perplexity"] for d in domains)
             print(f"{variant} step 0 seed {seed}: mean perplexity {step0[variant][seed]:.3f}")
@@ -75,10 +78,10 @@ def main() -> None:
                 if args.steps is not None:
                     cfg = replace(cfg, steps=args.steps)
                 model, meta = load_checkpoint(init)
-                final = train_model(model, run / "corpus", init / TOKENIZER_FILE, domains, cfg,
+                final = train_model(model, run.corpus, init / TOKENIZER_FILE, domains, cfg,
                                     out, metadata=meta, show_progress=False)  # fmt: skip
                 trained, _ = load_checkpoint(final)
-                shards = tokens_for(run / "corpus", final / TOKENIZER_FILE)
+                shards = tokens_for(run.corpus, final / TOKENIZER_FILE)
                 scores = scores_to_dict(evaluate_domains(trained, shards, domains, recipe.evaluate))
                 mean = statistics.fmean(scores[d]["perplexity"] for d in domains)
                 means[variant].setdefault(lr, {})[seed] = mean
@@ -87,16 +90,17 @@ def main() -> None:
     (args.out / "results.json").write_text(
         json.dumps({"trained": means, "step0": step0}, indent=2) + "\n"
     )
-    scores_file = run / "results" / "scores.json"
-    study = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+    study = load_scores(run.scores_json) if run.scores_json.exists() else None
     if study:  # the study's dense experts (FFN-only set) on their own domains
-        bound = _dense_bound(study, "ffn")
+        bound = dense_bound(study, "ffn")
         if bound is not None:
             print(f"\ndense experts (ffn set), each on its own domain: mean perplexity {bound:.2f}")
     if args.against:
-        by_seed = study.get("models", {}).get(args.against)
+        by_seed = study.models.get(args.against) if study else None
         if by_seed is None:
-            raise SystemExit(f"--against: the study at {run} has no trained '{args.against}'")
+            raise SystemExit(
+                f"--against: the study at {run.workdir} has no trained '{args.against}'"
+            )
         own = {int(s): statistics.fmean(v[d]["perplexity"] for d in domains)
                for s, v in by_seed.items()}  # fmt: skip
         print(f"\n(row - {args.against}) / row per seed, > 0: {args.against} (the study) is better")

@@ -58,6 +58,7 @@ from nexus_moe.pipeline import (  # noqa: E402
     tokens_for,
 )
 from nexus_moe.study import Study  # noqa: E402
+from nexus_moe.study.layout import RunLayout  # noqa: E402
 
 RULES = {
     # label: extend_model keyword arguments
@@ -156,6 +157,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     study = args.study
+    run = RunLayout(study)
     recipe_path = args.recipe or {
         "tiny": Path("configs/tiny.yaml"), "paper-small": Path("configs/paper-small.yaml")
     }[study.name]  # fmt: skip
@@ -171,25 +173,25 @@ def main() -> None:
     corpus_key = cached(corpus, fingerprint([data_key(args.data / d) for d in args.domains],
                         build), "corpus", "build", "--from", str(args.data), "--out",
                         str(corpus), *build)  # fmt: skip
-    seed_dir = study / "seed"
+    seed_dir = run.seed
     branch_cfg = to_dict(recipe.branch_train)
     sets = ["--set", f"steps={branch_cfg['steps']}", "--set", f"lr={branch_cfg['lr']}", "--set",
             f"batch_size={branch_cfg['batch_size']}", "--set", f"seq_len={branch_cfg['seq_len']}",
             "--set", f"warmup_frac={branch_cfg['warmup_frac']}", "--set", "checkpoint_every=0",
             "--device", "cpu"]  # fmt: skip
     experts_dir = work / "experts-ffn"
-    cached(experts_dir, fingerprint(model_key(seed_dir / "model"), corpus_key, sets), "branch",
+    cached(experts_dir, fingerprint(model_key(run.seed_model), corpus_key, sets), "branch",
            "--seed", str(seed_dir), "--corpus", str(corpus), "--out", str(experts_dir),
            "--ffn-only", *sets)  # fmt: skip
     embeddings_dir = work / "domain_embeddings"
-    merged = study / "domain_embeddings" / "domain_embeddings.safetensors"
+    merged = run.domain_embeddings / "domain_embeddings.safetensors"
     cached(embeddings_dir, fingerprint(corpus_key, file_hash(merged)), "embed-domains",
            "--corpus", str(corpus), "--out", str(embeddings_dir), "--merge-into", str(merged),
            "--num-chunks", str(recipe.embed.num_chunks))  # fmt: skip
 
-    tokenizer = seed_dir / "model" / TOKENIZER_FILE
+    tokenizer = run.seed_model / TOKENIZER_FILE
     new_shards = tokens_for(corpus, tokenizer)
-    old_shards = tokens_for(study / "corpus", tokenizer)
+    old_shards = tokens_for(run.corpus, tokenizer)
     experts = {d: load_checkpoint(experts_dir / d / "model")[0] for d in args.domains}
     embeddings = DomainEmbeddings.load(embeddings_dir)
     dense_bpb = {}
@@ -201,8 +203,8 @@ def main() -> None:
     runner = Study(recipe)
     results = []
     for seed in args.seeds:
-        step0_dir = study / f"s{seed}" / "moe" / "nexus" / "upcycled"
-        trained_dir = study / f"s{seed}" / "moe" / "nexus" / "trained" / "model"
+        step0_dir = run.upcycled("nexus", seed)
+        trained_dir = run.trained_model("nexus", seed)
         for routing in args.routing:
             models = {}
             if routing == "context":
@@ -221,7 +223,7 @@ def main() -> None:
                     cfg_file = work / f"s{seed}" / "per-token" / "train.json"
                     cfg_file.write_text(json.dumps(to_dict(tcfg)))
                     cached(out, fingerprint(model_key(token_dir), to_dict(tcfg)), "train",
-                           "--init", str(token_dir), "--corpus", str(study / "corpus"),
+                           "--init", str(token_dir), "--corpus", str(run.corpus),
                            "--out", str(out), "--config", str(cfg_file),
                            "--device", "cpu")  # fmt: skip
                     models["trained"] = out / "model"

@@ -33,6 +33,7 @@ from nexus_moe.evaluate import evaluate_domains
 from nexus_moe.extend import extend
 from nexus_moe.pipeline import Recipe, tokens_for
 from nexus_moe.study import Study
+from nexus_moe.study.layout import RunLayout
 from nexus_moe.train import FFN_PARAMETERS, TrainConfig
 from nexus_moe.upcycle import Method, method_defaults, upcycle
 
@@ -80,17 +81,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.testbed:
-        bed = args.testbed
-        corpus, tokenizer, seed = (
-            bed / "corpus",
-            bed / "tokenizer/tokenizer.json",
-            bed / "seed/model",
-        )
+        bed = RunLayout(args.testbed)
+        corpus, tokenizer, seed = bed.corpus, bed.tokenizer, bed.seed_model
         experts = {
-            kind: {d: bed / folder / d / "model" for d in DOMAINS + HELDOUT}
-            for kind, folder in (("default", "experts"), ("ffn", "experts-ffn"))
+            kind: {d: bed.expert_model(d, kind) for d in DOMAINS + HELDOUT}
+            for kind in ("default", "ffn")
         }
-        embeddings = DomainEmbeddings.load(bed / "domain_embeddings")
+        embeddings = DomainEmbeddings.load(bed.domain_embeddings)
     else:
         study = Study(testbed_recipe(args.workdir))
         corpus = study.stage_corpus()

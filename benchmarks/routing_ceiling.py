@@ -31,7 +31,6 @@ router has, each direction swept over norms of 0.5-1.5x the router's row.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -41,6 +40,8 @@ import torch.nn.functional as F
 from nexus_moe.calibrate import gates_of, moe_inputs, sample_windows, with_new_expert
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.pipeline import tokens_for
+from nexus_moe.study.layout import RunLayout
+from nexus_moe.study.results import load_scores
 from nexus_moe.train import tune_cpu_allocator
 
 
@@ -138,15 +139,16 @@ def main() -> None:
     tune_cpu_allocator()
     torch.manual_seed(0)
 
-    saved = json.loads((args.study / "results" / "scores.json").read_text())
-    earlier, heldout = saved["domains"], saved["heldout"]
+    run = RunLayout(args.study)
+    saved = load_scores(run.scores_json)
+    earlier, heldout = saved.domains, saved.heldout
     rows = []
     for seed in args.seeds:
         for domain in heldout:
-            path = args.study / f"s{seed}" / "extend" / f"nexus-{domain}" / "extended"
+            path = run.extended("nexus", domain, seed)
             model, _ = load_checkpoint(path)
             model.eval()
-            shards = tokens_for(args.study / "corpus", path / TOKENIZER_FILE)
+            shards = tokens_for(run.corpus, path / TOKENIZER_FILE)
             domains, new = earlier + [domain], len(earlier)
 
             train = domain_inputs(model, shards, domains, "train", args.train_tokens)

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import nexus_moe
 from nexus_moe.pipeline import corpus_fingerprint, file_hash, fingerprint
+from nexus_moe.study.layout import RunLayout
+from nexus_moe.study.results import load_scores
 
 CLI = [sys.executable, "-m", "nexus_moe.cli"]
 # Extensions depend on code defaults (the new row's norm), so they are keyed on the source.
@@ -148,8 +150,9 @@ def main() -> None:
 
     study, work = args.study, args.work
     domain = args.domain or next(p.name for p in sorted(args.data.iterdir()) if p.is_dir())
-    earlier = json.loads((study / "results" / "scores.json").read_text())["domains"]
-    corpus, study_corpus = work / "corpus", study / "corpus"
+    run = RunLayout(study)
+    earlier = load_scores(run.scores_json).domains
+    corpus, study_corpus = work / "corpus", run.corpus
     work.mkdir(parents=True, exist_ok=True)
     # Every step below is redone when its inputs changed since this --work last made it.
     build = ["--domains", domain, "--max-mb", "3", "--val-fraction", "0.16"]
@@ -158,16 +161,16 @@ def main() -> None:
     branch = ["--set", f"steps={args.branch_steps}", "--set", "batch_size=16", "--set",
               "seq_len=128", "--set", "lr=1e-3", "--set", "warmup_frac=0.05", "--set",
               "checkpoint_every=0", "--device", "cpu"]  # fmt: skip
-    seed_key = model_key(study / "seed" / "model")
+    seed_key = model_key(run.seed_model)
     experts = {"ffn": work / "experts-ffn", "full": work / "experts"}
     expert_keys = {}
     for kind, out in experts.items():
         flags = ["--ffn-only"] if kind == "ffn" else []
         expert_keys[kind] = cached(out, fingerprint(seed_key, corpus_key, flags, branch),
-                                   "branch", "--seed", str(study / "seed"), "--corpus",
+                                   "branch", "--seed", str(run.seed), "--corpus",
                                    str(corpus), "--out", str(out), *flags, *branch)  # fmt: skip
     embeddings = work / "domain_embeddings"
-    merged = study / "domain_embeddings" / "domain_embeddings.safetensors"
+    merged = run.domain_embeddings / "domain_embeddings.safetensors"
     embeddings_key = cached(embeddings, fingerprint(corpus_key, file_hash(merged)),
                             "embed-domains", "--corpus", str(corpus), "--out", str(embeddings),
                             "--merge-into", str(merged), "--num-chunks", "128")  # fmt: skip
@@ -201,7 +204,7 @@ def main() -> None:
     rows: dict[str, dict[int, dict]] = {label: {} for label in ways}
     for seed in args.seeds:
         for label, (variant, kind, flags) in ways.items():
-            trained = study / f"s{seed}" / "moe" / variant / "trained" / "model"
+            trained = run.trained_model(variant, seed)
             out = work / f"s{seed}" / label.replace(", ", "-").replace(" ", "-")
             extended = out / "model"
             # The folder holds the extension and everything measured on it.

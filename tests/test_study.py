@@ -222,9 +222,12 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path, monk
     timings = results["timings"]
     assert timings["by_kind"]["seed"] > 0 and timings["wall_s"] > 0
     ran = sum(timings["stages"][name] for name in timings["ran_now"])
+    # Every figure is rounded to 1 ms, each within 0.5 ms of its exact value: the stages run
+    # now, evaluation, the rest and the wall. Their exact values add up, so the rounded ones
+    # differ by at most 0.5 ms per figure (plus float error), however many stages ran.
+    rounded = len(timings["ran_now"]) + 3
     assert ran + timings["evaluate_s"] + timings["other_s"] == pytest.approx(
-        timings["wall_s"],
-        abs=0.005,  # each stage is timed to 1 ms; evaluations, the rest and the wall round once
+        timings["wall_s"], abs=0.0005 * rounded + 1e-9
     )
     assert set(timings["by_kind"]) >= {"corpus", "branch", "upcycle", "train", "extend"}
 
@@ -296,3 +299,131 @@ def test_study_runs_end_to_end_with_bounds_statistics_and_resumes(tmp_path, monk
     assert not [n for n in fourth.ran if "linear" in n or "sparse" in n or n.startswith("branch")]
     nexus_cfg = json.loads((tmp_path / "run/s0/moe/nexus/upcycled/config.json").read_text())
     assert nexus_cfg["model"]["moe"]["router_context"] == 0.5
+
+
+# -- the report on a small hand-made results object (no study run) ------------------------------
+def _scores(ppl: dict[str, float], tokens: int = 100):
+    import math
+
+    out = {d: {"loss": math.log(p), "perplexity": p, "bits_per_byte": 1.0, "tokens": tokens}
+           for d, p in ppl.items()}  # fmt: skip
+    losses = [s["loss"] for s in out.values()]
+    out["mean"] = {"loss": sum(losses) / len(losses), "perplexity": 0.0, "bits_per_byte": 1.0,
+                   "tokens": tokens * len(losses)}  # fmt: skip
+    return out
+
+
+def hand_made_results():
+    from nexus_moe.study.results import Results
+
+    info = {"experts": "default", "router": None, "train_tokens": 1000}
+    results = Results(domains=["a", "b"], heldout=["c"])
+    results.variants = {
+        "nexus": {**info, "method": "nexus", "router": "nexus"},
+        "moe-linear": {**info, "method": "moe-linear", "router": "linear"},
+    }
+    results.models = {
+        "seed": {"0": _scores({"a": 20.0, "b": 30.0, "c": 40.0})},
+        "expert:a": {"0": _scores({"a": 10.0})},
+        "expert:b": {"0": _scores({"b": 20.0})},
+        "expert:c": {"0": _scores({"c": 8.0})},
+        "nexus": {"0": _scores({"a": 11.0, "b": 22.0, "c": 30.0}),
+                  "1": _scores({"a": 12.0, "b": 21.0, "c": 31.0})},
+        "moe-linear": {"0": _scores({"a": 12.0, "b": 24.0}), "1": _scores({"a": 13.0, "b": 23.0})},
+    }  # fmt: skip
+    results.step0 = {"nexus": {"0": _scores({"a": 14.0, "b": 26.0}, 50)}}
+    results.oracle = {"nexus": {"0": _scores({"a": 10.5, "b": 21.0}, 50)}}
+    results.random = {"nexus": {"0": _scores({"a": 15.0, "b": 28.0}, 50)}}
+    results.routing_share["trained"] = {"nexus": {"0": {"a": 0.9, "b": 0.8}}}
+    results.curves = {
+        "nexus": {"0": [[0, 3.0], [2, 2.5], [4, 2.0]]},
+        "moe-linear": {"0": [[0, 3.0], [2, 2.8], [4, 2.4]]},
+    }
+    results.corrupted = {
+        "nexus": {"0.1": {"0": {"scores": _scores({"a": 12.0, "b": 23.0}), "clean_loss": 2.0}}}
+    }
+    results.extension = {
+        "nexus+c": {"0": {"0": {"scores": _scores({"a": 11.5, "b": 22.5, "c": 16.0}),
+                                "new_expert_share": 0.75}}}
+    }  # fmt: skip
+    results.extension_models = {"nexus": "nexus"}
+    results.timings = {"by_kind": {"seed": 1.25, "train": 2.5}, "evaluate_s": 0.5,
+                       "other_s": 0.25, "wall_s": 4.5, "study_s": 4.5}  # fmt: skip
+    return results
+
+
+def test_report_of_a_hand_made_results_object_has_its_figures_and_is_deterministic(tmp_path):
+    from nexus_moe.study.report import REPORT_HEADER, results_markdown, write_report
+    from nexus_moe.study.results import load_scores
+
+    results = hand_made_results()
+    text = results_markdown(results)
+    assert text == results_markdown(results)
+    lines = text.splitlines()
+    # Means over seeds with their sd, and the bounds: dense experts (10, 20) mean 15.
+    assert "| seed | 20.00 | 30.00 | 25.00 | - | - | - |" in lines
+    assert "| dense experts (own domain) | 10.00 | 20.00 | 15.00 | - | - | - |" in lines
+    # nexus: a 11.5 ± 0.71, b 21.5 ± 0.71, mean 16.5 (+10.0% vs the dense experts' 15); its
+    # oracle mean is 15.75 (+4.8%).
+    assert (
+        "| nexus | 11.50 ± 0.71 | 21.50 ± 0.71 | 16.50 ± 0.00 | 1,000 | +10.0% | +4.8% |" in lines
+    )
+    # Paired per seed: moe-linear means 18 and 18, nexus 16.5 and 16.5: (18 - 16.5) / 18.
+    assert (
+        "| moe-linear | after training | 2 | +8.3%, +8.3% | +8.3% | [+8.3%, +8.3%] | win |" in lines
+    )
+    assert "| nexus (step 0) | 14.00 | 26.00 | 20.00 | +33.3% | +40.0% (a) |" in lines
+    assert "| nexus | 0.90 | 0.80 |" in lines  # routing share
+    assert "Target loss per seed: s0: 2.400." in text  # the worse final loss of the two routers
+    # Extension: the gap (ln 30 - ln 16) / (ln 30 - ln 8) of seed 0; earlier 17 against 16.5.
+    assert "| nexus+c | 0 | 16.00 | 17.00 | 0.75 | 0.48 | +3.0% |" in lines
+    assert "| total wall (this run) | 4.5 |" in lines
+
+    # The same text from scores.json, and a report outside the run: the same bytes each time.
+    scores = tmp_path / "results" / "scores.json"
+    scores.parent.mkdir()
+    scores.write_text(json.dumps({"recipe": {}, **results.to_dict()}, indent=2))
+    assert results_markdown(load_scores(scores)) == text
+    out = tmp_path / "docs" / "results.md"
+    first = write_report(scores, out).read_bytes()
+    assert first == write_report(scores, out).read_bytes()
+    assert first.decode() == f"{REPORT_HEADER}\n\n{text}"
+
+
+def test_report_refuses_a_file_it_did_not_write_and_a_file_that_is_not_scores(tmp_path):
+    from nexus_moe.errors import NexusError
+    from nexus_moe.study.report import write_report
+
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps(hand_made_results().to_dict()))
+    mine = tmp_path / "notes.md"
+    mine.write_text("my own notes\n")
+    with pytest.raises(NexusError, match="notes.md: exists and was not written by nexus-moe"):
+        write_report(scores, mine)
+    assert mine.read_text() == "my own notes\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"domains": ["a"]}))
+    with pytest.raises(NexusError, match="bad.json: no 'models'"):
+        write_report(bad, tmp_path / "out.md")
+    bad.write_text(json.dumps({"domains": "a", "models": {}}))
+    with pytest.raises(NexusError, match="'domains' is a str, expected a list"):
+        write_report(bad, tmp_path / "out.md")
+    assert not (tmp_path / "out.md").exists()
+
+
+def test_run_layout_names_every_stage_folder(tmp_path):
+    from nexus_moe.study.layout import RunLayout
+
+    layout = RunLayout(tmp_path)
+    assert layout.seed_model == tmp_path / "seed" / "model"
+    assert layout.expert_model("code") == tmp_path / "experts" / "code" / "model"
+    assert layout.expert_model("code", "ffn") == tmp_path / "experts-ffn" / "code" / "model"
+    assert (
+        layout.trained_model("nexus", 1) == tmp_path / "s1" / "moe" / "nexus" / "trained" / "model"
+    )
+    assert layout.extended("moe-linear", "law", 0, appended=True) == (
+        tmp_path / "s0" / "extend" / "moe-linear-append-law" / "extended"
+    )
+    assert layout.finetuned("nexus", "law", 2, 256) == tmp_path / "s2/extend/nexus-law/ft256"
+    assert layout.scores_json == tmp_path / "results" / "scores.json"
+    assert layout.routing_dir(1, first=False) == tmp_path / "s1" / "routing"
