@@ -966,6 +966,18 @@ def run(
     run_recipe(recipe, console=console)
 
 
+@app.command()
+def report(
+    scores: Annotated[Path, typer.Argument(help="A study's results/scores.json.")],
+    out: Annotated[Path, typer.Option("--out", help="Markdown file to write (docs/results.md).")],
+) -> None:
+    """Write a study's report from its scores.json: the run's results.md under a header line,
+    the same bytes for the same scores. Replaces --out only when this command wrote it."""
+    from nexus_moe.study.report import write_report
+
+    console.print(f"report written to {write_report(scores, out)}")
+
+
 def _tune_allocator() -> None:
     """Training and evaluation commands: keep large freed blocks for reuse (see
     :func:`nexus_moe.train.tune_cpu_allocator`)."""
