@@ -63,3 +63,44 @@ def test_bad_input_gives_one_clear_error(args, message, tmp_path, monkeypatch):
     assert result.returncode == 2
     assert "error:" in result.stderr and message in result.stderr.replace("\n", " ")
     assert "Traceback" not in result.stderr
+
+
+def test_help_uses_the_terminal_width_when_no_stream_is_one(monkeypatch):
+    """Help piped and captured is drawn as wide as the controlling terminal, not at 80."""
+    import contextlib
+    import io
+
+    import typer.rich_utils
+
+    from nexus_moe import cli
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("TERMINAL_WIDTH", raising=False)
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", None)
+    monkeypatch.setattr(cli, "terminal_width", lambda: 150)
+    monkeypatch.setattr(sys, "argv", ["nexus-moe", "upcycle", "--help"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli.main()
+    widths = [len(line) for line in out.getvalue().splitlines()]
+    assert max(widths) == 150, max(widths)
+    text = " ".join(out.getvalue().split())
+    assert "any --format but native" in text  # not "only qwen2_moe writes a Hugging Face folder"
+
+
+def test_model_card_shows_no_absolute_path():
+    from pathlib import Path
+
+    from conftest import tiny_config
+    from nexus_moe.hf.card import model_card
+    from nexus_moe.hf.formats import FORMATS
+
+    metadata = {
+        "source": "gguf",
+        "gguf_file": "/home/someone/models/smol.gguf",
+        "inputs": ["/srv/runs/seed/model", "runs/experts/code"],
+        "extended_with": {"from": "/srv/runs/moe/model", "domain": "math"},
+    }
+    card = model_card(tiny_config(), FORMATS["llama"], metadata, "out", Path("/nowhere"))
+    assert "/home/someone" not in card and "/srv/" not in card
+    assert "smol.gguf" in card and "runs/experts/code" in card

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import os
 import re
 import sys
 from pathlib import Path
@@ -639,8 +640,9 @@ def upcycle(
 ) -> None:
     """Build an MoE from a seed and dense experts (docs/design.md §5); --set overrides MoEConfig fields.
 
-    Inputs may be Hugging Face dense folders, read in place; with --format qwen2_moe the result
-    is a Hugging Face folder, written in one pass without intermediate checkpoints.
+    Inputs may be Hugging Face dense folders, read in place; with any --format but native (auto
+    or a Hugging Face format) the result is a Hugging Face folder, written in one pass without
+    intermediate checkpoints.
     """
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.hf.formats import parse_size
@@ -992,6 +994,7 @@ def main() -> None:
     So do the file system's refusals (read-only folder, permission denied, disk full) and
     running out of memory, which no check made in advance can rule out entirely.
     """
+    _help_at_terminal_width()
     try:
         contextvars.copy_context().run(app)  # the output policy of one command stays in it
     except NexusError as exc:
@@ -1008,6 +1011,39 @@ def main() -> None:
         _fail(f"{where}{exc.strerror or exc}; {advice}")
     except MemoryError:
         _fail("out of memory; use a smaller model, batch_size or seq_len")
+
+
+def _help_at_terminal_width() -> None:
+    """``--help`` as wide as the terminal. Typer draws help with rich at ``rich_utils.MAX_WIDTH``
+    (from $TERMINAL_WIDTH) or, when unset, what rich detects: $COLUMNS, else the size of a
+    standard stream that is a terminal, else 80 columns. When no standard stream is one (help
+    piped and captured), the controlling terminal's width is used instead of 80."""
+    import typer.rich_utils
+
+    if os.environ.get("TERMINAL_WIDTH") or os.environ.get("COLUMNS"):
+        return  # the user's choice, honoured by typer and rich themselves
+    width = terminal_width()
+    if width is not None:
+        typer.rich_utils.MAX_WIDTH = width
+
+
+def terminal_width() -> int | None:
+    """Columns of the terminal of a standard stream or, failing that, of /dev/tty."""
+    for fd in (1, 2, 0):
+        try:
+            return os.get_terminal_size(fd).columns
+        except (OSError, ValueError):
+            continue
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        return os.get_terminal_size(fd).columns
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 _FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

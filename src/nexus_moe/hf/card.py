@@ -72,7 +72,9 @@ def model_card(
         lines += ["## Experts", "", "| expert | domain |", "|---|---|"]
         lines += [f"| {i} | {domain} |" for i, domain in enumerate(domains)]
         lines.append("")
-    provenance = {k: v for k, v in metadata.items() if k != "domains" and v not in (None, [], {})}
+    provenance = {
+        k: _portable(v) for k, v in metadata.items() if k != "domains" and v not in (None, [], {})
+    }
     if provenance:
         lines += ["## How it was built", ""]
         for key, value in provenance.items():
@@ -111,3 +113,15 @@ def _shared(moe: Any) -> str:
     if not moe.shared_expert:
         return "no"
     return "yes, gated per token by sigmoid(x . w)" if moe.shared_expert_gate else "yes (always on)"
+
+
+def _portable(value: Any) -> Any:
+    """``value`` with every absolute path replaced by its file name: a published card shows no
+    folder of the machine that made the model."""
+    if isinstance(value, str):
+        return Path(value).name if Path(value).is_absolute() else value
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    return value

@@ -158,7 +158,8 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Tra
     path = Path(gguf_path)
     doc, state = read_gguf(path)
     model = _checked(doc, path, state, "the GGUF file's config")
-    model.metadata = {"source": "gguf", "gguf_file": str(path.resolve()), **model.metadata}
+    # the file's name only: a path on the machine that imported it means nothing elsewhere
+    model.metadata = {"source": "gguf", "gguf_file": path.name, **model.metadata}
     if out_dir is None:
         return build_model(model.cfg, model.tensors)
     with tempfile.TemporaryDirectory() as tmp:
