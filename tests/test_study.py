@@ -427,3 +427,30 @@ def test_run_layout_names_every_stage_folder(tmp_path):
     assert layout.finetuned("nexus", "law", 2, 256) == tmp_path / "s2/extend/nexus-law/ft256"
     assert layout.scores_json == tmp_path / "results" / "scores.json"
     assert layout.routing_dir(1, first=False) == tmp_path / "s1" / "routing"
+
+
+def test_report_command_writes_the_same_bytes_and_refuses_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    def report(*args):
+        cmd = [sys.executable, "-m", "nexus_moe.cli", "report", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps(hand_made_results().to_dict()))
+    out = tmp_path / "docs" / "results.md"
+    assert report(scores, "--out", out).returncode == 0
+    first = out.read_bytes()
+    assert report(scores, "--out", out).returncode == 0 and out.read_bytes() == first
+    theirs = tmp_path / "theirs.md"
+    theirs.write_text("typed by hand\n")
+    refused = report(scores, "--out", theirs)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {theirs}: exists and was not written by nexus-moe report; "
+        "choose another --out or remove the file"
+    ]
+    assert theirs.read_text() == "typed by hand\n"
+    missing = report(tmp_path / "none.json", "--out", tmp_path / "x.md")
+    assert missing.returncode == 2 and "none.json: file not found" in missing.stderr
