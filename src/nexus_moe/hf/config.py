@@ -124,17 +124,25 @@ def _dense_from_hf(
     return cfg, notes
 
 
+QWEN_SLIDING = ("qwen", "qwen2_moe", "qwen3_moe")  # switched on by use_sliding_window
+
+
 def _sliding_window(fmt: DenseFormat, doc: dict[str, Any], where: str) -> int | None:
     """The attention window every layer uses, or None for full attention; a window on some
     layers only is refused (our blocks all attend alike)."""
     if fmt.sliding == "mistral":
         window = doc.get("sliding_window", fmt.default_sliding_window)
-    elif fmt.sliding == "qwen" and doc.get("use_sliding_window", False):
+    elif fmt.sliding in QWEN_SLIDING and doc.get("use_sliding_window", False):
         window = doc.get("sliding_window", 4096)
         layers = doc["num_hidden_layers"]
         layer_types = doc.get("layer_types")
-        if layer_types is not None:
+        if fmt.sliding == "qwen3_moe":  # transformers: the window on every layer
+            sliding = [True] * layers
+        elif layer_types is not None:
             sliding = [kind == "sliding_attention" for kind in layer_types]
+        elif fmt.sliding == "qwen2_moe":  # transformers: even layers below max_window_layers
+            first = _int_field(doc, "max_window_layers", 28, where)
+            sliding = [i % 2 == 0 and i < first for i in range(layers)]
         else:  # transformers' rule: layers from max_window_layers on slide
             first = _int_field(doc, "max_window_layers", 28, where)
             sliding = [i >= first for i in range(layers)]
@@ -231,7 +239,7 @@ def _dense_to_hf(
     window = cfg.sliding_window
     if fmt.sliding == "mistral":
         doc["sliding_window"] = window
-    elif fmt.sliding == "qwen":
+    elif fmt.sliding in QWEN_SLIDING:
         doc["use_sliding_window"] = window is not None
         doc["sliding_window"] = window
         # Layers from max_window_layers on slide (transformers 4.x); layer_types (5.x).

@@ -31,7 +31,12 @@ class DenseFormat:
     qkv_bias: Literal["config", "always", "never"]  # where q/k/v biases come from
     o_proj_bias_follows_qkv: bool  # Llama/Qwen3: ``attention_bias`` also biases o_proj
     qk_norm: bool  # per-head RMSNorm on q and k (Qwen3), always present when True
-    sliding: Literal["none", "mistral", "qwen"]  # how config.json turns sliding windows on
+    # How config.json turns sliding windows on, as transformers reads it: "mistral": a window
+    # on every layer when sliding_window is set; "qwen" (Qwen2/Qwen3): with use_sliding_window,
+    # the layers layer_types names, else those from max_window_layers on; "qwen2_moe": the
+    # layers layer_types names, else the even layers below max_window_layers; "qwen3_moe":
+    # every layer (layer_types and max_window_layers are not read).
+    sliding: Literal["none", "mistral", "qwen", "qwen2_moe", "qwen3_moe"]
     default_head_dim: int | None  # config.json without head_dim: None means hidden / heads
     default_max_positions: int  # transformers' default max_position_embeddings
     extra_config: dict[str, Any] = field(default_factory=dict)  # static fields on export
@@ -145,7 +150,7 @@ MOE_FORMATS: dict[str, MoEFormat] = {
             qkv_bias="always",  # on import, config.json's qkv_bias decides (default true)
             o_proj_bias_follows_qkv=False,
             qk_norm=False,
-            sliding="qwen",
+            sliding="qwen2_moe",
             default_head_dim=None,
             default_max_positions=32768,
         ),
@@ -171,7 +176,7 @@ MOE_FORMATS: dict[str, MoEFormat] = {
             qkv_bias="config",
             o_proj_bias_follows_qkv=True,
             qk_norm=True,
-            sliding="qwen",
+            sliding="qwen3_moe",
             default_head_dim=None,
             default_max_positions=32768,
         ),
