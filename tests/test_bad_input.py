@@ -1229,3 +1229,18 @@ def test_init_weights_replaced_in_place_are_not_passed_off_as_the_old_result(w, 
     fails(*args, names=["init"], keep=[tmp_path / "run"])  # refused, not "model written"
     ok(*args, "--overwrite")
     assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() != first
+
+
+def test_extend_with_an_empty_train_split_for_the_new_domain(w, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(w / "corpus", corpus, ignore=shutil.ignore_patterns("tokens-*"))
+    (corpus / "beta" / "train.jsonl").write_text("")
+    moe = tmp_path / "moe"
+    ok(
+        "upcycle", "--method", "moe-linear", "--seed", w / "seed", "--expert",
+        w / "experts" / "alpha", "--corpus", w / "corpus", "--set", "top_k=1", "--out", moe,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    args = ["extend", "--moe", moe, "--expert", w / "experts" / "beta", "--out", out]
+    fails(*args, "--corpus", corpus, names=["'beta'", "holds no tokens"], keep=[moe, corpus])
+    assert not out.exists()

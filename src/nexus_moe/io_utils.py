@@ -211,14 +211,6 @@ def _check_writable(target: Path) -> None:
         ) from exc
 
 
-def check_writable_file(target: str | os.PathLike, option: str = "--out") -> None:
-    """NexusError unless a file can be written at ``target`` (not a folder; folder writable)."""
-    target = Path(target)
-    if target.is_dir():
-        raise NexusError(f"{target}: is a folder; {option} takes a file path")
-    _check_writable(target)
-
-
 def check_free_space(target: str | os.PathLike, need_bytes: int) -> None:
     """NexusError when the file system of ``target`` has less than ``need_bytes`` free."""
     parent = _existing_ancestor(Path(target))
