@@ -104,3 +104,19 @@ def test_model_card_shows_no_absolute_path():
     card = model_card(tiny_config(), FORMATS["llama"], metadata, "out", Path("/nowhere"))
     assert "/home/someone" not in card and "/srv/" not in card
     assert "smol.gguf" in card and "runs/experts/code" in card
+
+
+def test_a_disk_filling_up_under_numpy_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """numpy's tofile reports a full disk as an OSError without errno (seen writing the token
+    cache onto a full tmpfs)."""
+    from nexus_moe import cli
+
+    def full_disk():
+        raise OSError("15822 requested and 12288 written")
+
+    monkeypatch.setattr(cli, "app", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "disk is full" in err, err

@@ -1000,6 +1000,11 @@ def main() -> None:
     except NexusError as exc:
         _fail(str(exc))
     except OSError as exc:
+        if exc.errno is None and _SHORT_WRITE.search(str(exc)):  # numpy's tofile: disk full
+            _fail(
+                f"writing the output failed ({exc}): the disk is full; free some space or write "
+                "elsewhere; nothing half-written was left in place"
+            )
         if exc.errno not in _FS_ERRNOS:
             raise
         advice = (
@@ -1046,6 +1051,8 @@ def terminal_width() -> int | None:
         os.close(fd)
 
 
+# What numpy's ndarray.tofile raises (no errno) when the file system fills up mid-write.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 _FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
