@@ -1068,6 +1068,14 @@ def test_extend_options_out_of_range_or_unused(w, tmp_path, extra, option):
         (["evaluate", "{w}/seed", "--corpus", "{w}/corpus", "--seq-len", "0"], "--seq-len"),
         (["analyse", "{w}/moe", "--corpus", "{w}/corpus", "--seq-len", "0"], "--seq-len"),
         (
+            ["corpus", "build", "--from", "{w}/src", "--out", "{t}/x", "--val-fraction", "1.5"],
+            "--val-fraction",
+        ),  # fmt: skip
+        (
+            ["embed-domains", "--corpus", "{w}/corpus", "--out", "{t}/x", "--num-chunks", "0"],
+            "--num-chunks",
+        ),  # fmt: skip
+        (
             [
                 "tokenizer",
                 "train",

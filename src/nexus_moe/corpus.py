@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nexus_moe.config import check_option
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, read_json
 
@@ -969,10 +970,8 @@ def check_request(
     """The domains :func:`build_corpus` would build with these arguments, after checking them
     (nothing is read but the listing of ``source_dir``): a recipe is checked this way before
     any stage runs."""
-    if not 0.0 < val_fraction < 1.0:
-        raise NexusError(f"val_fraction: must be between 0 and 1 (exclusive), got {val_fraction}")
-    if not max_mb_per_domain > 0:
-        raise NexusError(f"max_mb_per_domain: must be positive, got {max_mb_per_domain}")
+    check_option("val_fraction", val_fraction)
+    check_option("max_mb_per_domain", max_mb_per_domain)
     if source_dir is not None:
         names = _user_domains(Path(source_dir), domains)
     else:

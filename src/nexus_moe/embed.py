@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nexus_moe.config import EmbedConfig
+from nexus_moe.config import EmbedConfig, check_option
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import check_output_file, output_file
 
@@ -536,10 +536,8 @@ def sample_domain_chunks(
     Raises NexusError naming the domain when its file is missing or holds no text, and naming the
     file and line for non-UTF-8 or malformed lines.
     """
-    if num_chunks < 1:
-        raise NexusError(f"num_chunks must be at least 1, got {num_chunks}")
-    if chunk_chars < 16:
-        raise NexusError(f"chunk_chars must be at least 16, got {chunk_chars}")
+    check_option("num_chunks", num_chunks)
+    check_option("chunk_chars", chunk_chars)
     path = Path(corpus_dir) / domain / "train.jsonl"
     if not path.is_file():
         raise NexusError(
