@@ -80,8 +80,8 @@ def test_help_uses_the_terminal_width_when_no_stream_is_one(monkeypatch):
     monkeypatch.setattr(cli, "terminal_width", lambda: 150)
     monkeypatch.setattr(sys, "argv", ["nexus-moe", "upcycle", "--help"])
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        cli.main()
+    with contextlib.redirect_stdout(out):
+        cli.main()  # (help: exit status 0)
     widths = [len(line) for line in out.getvalue().splitlines()]
     assert max(widths) == 150, max(widths)
     text = " ".join(out.getvalue().split())
@@ -111,7 +111,7 @@ def test_a_disk_filling_up_under_numpy_is_one_line_not_a_traceback(monkeypatch, 
     cache onto a full tmpfs)."""
     from nexus_moe import cli
 
-    def full_disk():
+    def full_disk(**_):
         raise OSError("15822 requested and 12288 written")
 
     monkeypatch.setattr(cli, "app", full_disk)
@@ -120,3 +120,18 @@ def test_a_disk_filling_up_under_numpy_is_one_line_not_a_traceback(monkeypatch, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "disk is full" in err, err
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["evaluate", "m", "--corpus", "c", "--seq-len", "abc"], "--seq-len"),
+        (["upcycle", "--method", "best", "--seed", "s", "--out", "o"], "--method"),
+        (["evaluate", "m", "--corpus", "c", "--bogus"], "--bogus"),
+    ],
+)
+def test_usage_errors_are_one_line(args, option):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], lines

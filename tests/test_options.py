@@ -38,12 +38,14 @@ FLOATS = st.one_of(
     st.floats(min_value=-3.0, max_value=3.0, allow_nan=False),
 )
 INTS = st.one_of(st.sampled_from([0, 1, -1, 2, 16, 64, 10**9]), st.integers(-100, 5000))
+# What a user may type that is no number at all (click refuses it, naming the option).
+TEXT = st.sampled_from(["abc", "", "1,5", "0x10", "--"])
 
 
 SEEN: set[tuple[str, int]] = set()  # (command, exit code) of every generated call
 
 
-def _text(value: float | int) -> str:
+def _text(value: float | int | str) -> str:
     return repr(value) if isinstance(value, int) else str(value)
 
 
@@ -92,8 +94,8 @@ def moe1(w, tmp_path_factory):  # noqa: F811
 
 @SETTINGS
 @given(
-    merge_weight=st.none() | FLOATS,
-    calibration_tokens=st.none() | INTS,
+    merge_weight=st.none() | FLOATS | TEXT,
+    calibration_tokens=st.none() | INTS | TEXT,
     leak_budget=st.none() | FLOATS,
     row_scale=st.none() | FLOATS,
     refit=st.booleans(),
@@ -136,12 +138,13 @@ def test_extend_with_generated_options(
                 if flag == "--refit-rows":
                     continue
                 name = flag[2:].replace("-", "_")
-                assert OPTION_RANGES[name].admits(options[flag]), (flag, options[flag])
+                value = options[flag]
+                assert isinstance(value, str) or OPTION_RANGES[name].admits(value), (flag, value)
 
 
 @SETTINGS
 @given(
-    seq_len=st.none() | INTS.filter(lambda n: n <= 64),
+    seq_len=st.none() | INTS.filter(lambda n: n <= 64) | TEXT,
     max_tokens=st.none() | INTS.filter(lambda n: n <= 4096),
     batch_size=st.none() | INTS.filter(lambda n: n <= 64),
     corrupt=st.none() | FLOATS,

@@ -991,12 +991,25 @@ def _tune_allocator() -> None:
 def main() -> None:
     """Console entry point: NexusError becomes one clear message and exit code 2.
 
-    So do the file system's refusals (read-only folder, permission denied, disk full) and
+    So do click's usage errors (an unknown option, a value of the wrong type), the file system's
+    refusals (read-only folder, permission denied, disk full) and
     running out of memory, which no check made in advance can rule out entirely.
     """
+    click = _click_exceptions()
     _help_at_terminal_width()
     try:
-        contextvars.copy_context().run(app)  # the output policy of one command stays in it
+        # standalone_mode=False: click's usage errors come here, to be one line like ours
+        code = contextvars.copy_context().run(app, standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:  # a group alone: its help, as typer shows it
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # an unknown option, a value of the wrong type
+        command = exc.ctx.command_path if exc.ctx is not None else "nexus-moe"
+        _fail(f"{exc.format_message()} (see `{command} --help`)")
+    except typer.Abort:
+        sys.exit(130)
     except NexusError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -1016,6 +1029,17 @@ def main() -> None:
         _fail(f"{where}{exc.strerror or exc}; {advice}")
     except MemoryError:
         _fail("out of memory; use a smaller model, batch_size or seq_len")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _click_exceptions():
+    """The exceptions of the click that typer runs on (typer 0.2x carries its own copy)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # typer on the click package
+        from click import exceptions
+    return exceptions
 
 
 def _help_at_terminal_width() -> None:
