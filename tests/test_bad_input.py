@@ -1252,3 +1252,11 @@ def test_extend_with_an_empty_train_split_for_the_new_domain(w, tmp_path):
     args = ["extend", "--moe", moe, "--expert", w / "experts" / "beta", "--out", out]
     fails(*args, "--corpus", corpus, names=["'beta'", "holds no tokens"], keep=[moe, corpus])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["upcycle", "extend"])
+def test_calibration_tokens_without_a_corpus_is_refused(w, tmp_path, command):
+    out = tmp_path / "out"
+    args = _upcycle(w, out) if command == "upcycle" else _extend(w, out)
+    fails(*args, "--calibration-tokens", "100", names=["--calibration-tokens", "--corpus"])
+    assert not out.exists()

@@ -632,8 +632,12 @@ def upcycle(
         ),
     ] = None,
     calibration_tokens: Annotated[
-        int, typer.Option(help="Training tokens per domain used to calibrate the router.")
-    ] = DEFAULT_CALIBRATION_TOKENS,
+        int | None,
+        typer.Option(
+            help="Training tokens per domain used to calibrate the router, with --corpus "
+            f"(default {DEFAULT_CALIBRATION_TOKENS})."
+        ),
+    ] = None,
     dtype: DtypeOpt = None,
     max_shard_size: MaxShardOpt = None,
     overwrite: OverwriteOpt = False,
@@ -649,6 +653,7 @@ def upcycle(
     from nexus_moe.pipeline import resolve_model_dir
     from nexus_moe.upcycle import upcycle as run_upcycle
 
+    calibration_tokens = _calibration_tokens(calibration_tokens, corpus)
     seed_dir = resolve_model_dir(seed)
     expert_dirs = [resolve_model_dir(p) for p in experts or []]
     _claim(
@@ -692,6 +697,16 @@ def upcycle(
     console.print(f"{method} model written to {result}{_chosen_format(fmt, result)}")
 
 
+def _calibration_tokens(given: int | None, corpus: Path | None) -> int:
+    """``--calibration-tokens`` as given (checked), or the default; refused without --corpus,
+    where no text is read to calibrate anything."""
+    from nexus_moe.config import check_option, require_with
+
+    require_with("--calibration-tokens", given is not None, "--corpus", corpus is not None)
+    check_option("calibration_tokens", given)
+    return DEFAULT_CALIBRATION_TOKENS if given is None else given
+
+
 def _calibration_shards(corpus: Path | None, model_dir: Path):
     """Token shards of ``corpus`` under ``model_dir``'s tokenizer (None without a corpus)."""
     if corpus is None:
@@ -729,8 +744,12 @@ def extend_cmd(
         ),
     ] = None,
     calibration_tokens: Annotated[
-        int, typer.Option(help="Training tokens of the new domain used to place its row.")
-    ] = DEFAULT_CALIBRATION_TOKENS,
+        int | None,
+        typer.Option(
+            help="Training tokens of the new domain used to place its row, with --corpus "
+            f"(default {DEFAULT_CALIBRATION_TOKENS})."
+        ),
+    ] = None,
     leak_budget: Annotated[
         float,
         typer.Option(
@@ -781,6 +800,7 @@ def extend_cmd(
         corpus is not None, calibration_tokens, leak_budget, refit_rows,
         row_scale, merge_weight,
     )  # fmt: skip
+    calibration_tokens = _calibration_tokens(calibration_tokens, corpus)
     moe_dir, expert_dir = resolve_model_dir(moe), resolve_model_dir(expert)
     _claim(
         "extend",

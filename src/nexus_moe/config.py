@@ -236,6 +236,12 @@ def check_fields(obj: Any, names: dict[str, str] | tuple[str, ...]) -> None:
         check_option(option, getattr(obj, field_name))
 
 
+def require_with(flag: str, given: bool, needs: str, present: bool) -> None:
+    """NexusError when option ``flag`` is given without ``needs``, without which it does nothing."""
+    if given and not present:
+        raise NexusError(f"{flag}: does nothing without {needs}; add {needs}, or drop {flag}")
+
+
 def check_extend_options(
     has_corpus: bool,
     calibration_tokens: int,
