@@ -17,6 +17,7 @@ from nexus_moe.checkpoint import load_checkpoint, save_checkpoint
 from nexus_moe.config import MoEConfig
 from nexus_moe.corpus import build_corpus
 from nexus_moe.embed import DomainEmbeddings
+from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig, evaluate_domains
 from nexus_moe.extend import extend, remove_expert
 from nexus_moe.model import KVCache, Transformer
@@ -583,3 +584,219 @@ def test_fitted_row_norm_from_a_covariance_of_fewer_tokens_than_dimensions():
         stats, new, rows, top_k=2, renormalize=True, leak_budget=calibrate.LEAK_BUDGET
     )
     assert torch.isfinite(row).all() and row.norm() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# calibration from each dense expert alone, and from statistics files (docs/design.md §5.7)
+
+
+def _router_state(model: Transformer) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".router." in k}
+
+
+def test_statistics_of_the_dense_experts_give_the_rows_of_the_assembled_moe(world):
+    """upcycle measures each FFN-only expert alone; the rows and statistics equal those of
+    calibrating the assembled MoE with each domain forced to its expert (the earlier path)."""
+    dense_path, _ = load_checkpoint(_upcycled(world))
+    raw = upcycle(
+        "nexus",
+        world["seed"],
+        [world["experts"][d] for d in DOMAINS],
+        world["root"] / "uncalibrated",
+        domain_embeddings=world["emb"],
+        moe_overrides={"nexus_hidden_size": 8},
+        calibrate_router=False,
+    )
+    moe_path, _ = load_checkpoint(raw)
+    calibrate.calibrate_model(moe_path, world["shards"], 512)
+    for name, tensor in _router_state(moe_path).items():
+        torch.testing.assert_close(_router_state(dense_path)[name], tensor, atol=1e-5, rtol=1e-5)
+    for a, b in zip(moe_path.moe_layers(), dense_path.moe_layers(), strict=True):
+        torch.testing.assert_close(a.domain_stats.centroids, b.domain_stats.centroids)
+        torch.testing.assert_close(a.domain_stats.covariance, b.domain_stats.covariance)
+        assert torch.equal(a.domain_stats.held, b.domain_stats.held)
+        assert a.domain_stats.temperature == b.domain_stats.temperature
+
+
+def test_calibrated_upcycle_straight_to_a_hugging_face_folder(world):
+    from safetensors.torch import load_file
+
+    native = load_checkpoint(_upcycled(world, "moe-ctx0", router_context=0.0))[0]
+    out = world["root"] / "mixtral"
+    upcycle(
+        "nexus",
+        world["seed"],
+        [world["experts"][d] for d in DOMAINS],
+        out,
+        domain_embeddings=world["emb"],
+        moe_overrides={"nexus_hidden_size": 8, "router_context": 0.0},
+        calibration_shards=world["shards"],
+        calibration_tokens=512,
+        out_format="mixtral",
+    )
+    tensors = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    gates = sorted(k for k in tensors if k.endswith("block_sparse_moe.gate.weight"))
+    assert len(gates) == len(native.moe_layers()) > 0
+    for name, layer in zip(gates, native.moe_layers(), strict=True):
+        rows = layer.router.expert_embeddings().detach()
+        torch.testing.assert_close(tensors[name].float(), rows, atol=1e-6, rtol=1e-6)
+
+
+def test_an_moe_from_statistics_files_without_any_corpus(world):
+    """Each owner hands over an expert and its statistics file; the MoE is built with no
+    corpus: with samples shared, the rows are those of --corpus bit for bit; without them
+    (means and covariances only) the same directions at a temperature fitted on samples of
+    those, still routing each domain to its expert."""
+    from nexus_moe import domain_stats
+    from nexus_moe.hf.importing import build_model
+    from nexus_moe.upcycle import _open_input
+
+    files = {}
+    for share in (True, False):
+        for d in DOMAINS:
+            source = _open_input(world["experts"][d])
+            model = build_model(source.cfg, source.tensors)
+            stats = domain_stats.measure(
+                model,
+                domain_stats.tensor_fingerprint(source.tensors),
+                world["shards"],
+                d,
+                512,
+                router_context=0.75,
+                share_samples=share,
+            )
+            path = world["root"] / f"stats-{d}-{share}.safetensors"
+            domain_stats.write(stats, path)
+            files[d, share] = path
+            assert domain_stats.read(path).shares_text is share
+    reference = load_checkpoint(_upcycled(world))[0]
+    for share in (True, False):
+        out = upcycle(
+            "nexus",
+            world["seed"],
+            [world["experts"][d] for d in DOMAINS],
+            world["root"] / f"from-stats-{share}",
+            domain_embeddings=world["emb"],
+            moe_overrides={"nexus_hidden_size": 8},
+            domain_stats=[domain_stats.read(files[d, share]) for d in DOMAINS],
+        )
+        model = load_checkpoint(out)[0]
+        for a, b in zip(reference.moe_layers(), model.moe_layers(), strict=True):
+            ra, rb = a.router.expert_embeddings().detach(), b.router.expert_embeddings().detach()
+            if share:
+                assert torch.equal(ra, rb)
+                assert torch.equal(a.domain_stats.held, b.domain_stats.held)
+            else:
+                torch.testing.assert_close(
+                    torch.nn.functional.normalize(ra, dim=-1),
+                    torch.nn.functional.normalize(rb, dim=-1),
+                )
+                assert b.domain_stats.held is None  # no text: later extensions fall back
+        if not share:
+            share_of = _own_share(model, world["shards"], DOMAINS)
+            assert min(share_of.values()) >= 0.6, share_of
+    # Statistics of another expert, or for another router, are refused.
+    mixed = [domain_stats.read(files[d, False]) for d in DOMAINS]
+    mixed[0], mixed[1] = replace(mixed[0], domain=DOMAINS[1]), replace(mixed[1], domain=DOMAINS[0])
+    for bad, words in [
+        (mixed, "other weights"),
+        ([replace(s, router_context=0.5) for s in mixed[2:]], "context 0.5"),
+    ]:
+        with pytest.raises(NexusError, match=words):
+            upcycle(
+                "nexus",
+                world["seed"],
+                [world["experts"][d] for d in DOMAINS],
+                world["root"] / "refused",
+                domain_embeddings=world["emb"],
+                moe_overrides={"nexus_hidden_size": 8},
+                domain_stats=bad,
+                calibration_shards=world["shards"],
+            )
+    assert not (world["root"] / "refused").exists()
+
+
+def test_owners_hand_over_statistics_files_on_the_command_line(world):
+    """domain-stats on each owner's machine, then upcycle --stats with no corpus; the output
+    file follows the file rules (never an input)."""
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "nexus_moe.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    root = world["root"] / "owners"
+    root.mkdir()
+    emb = root / "emb.safetensors"
+    world["emb"].save(emb)
+    files = []
+    for d in DOMAINS:
+        files.append(root / f"{d}.safetensors")
+        done = cli("domain-stats", "--expert", world["experts"][d], "--corpus", world["corpus"],
+                   "--out", files[-1], "--calibration-tokens", 512)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    weights = world["experts"][DOMAINS[0]] / "model.safetensors"
+    before = weights.read_bytes()
+    refused = cli("domain-stats", "--expert", world["experts"][DOMAINS[0]], "--corpus",
+                  world["corpus"], "--out", weights)  # fmt: skip
+    assert refused.returncode == 2 and "--out" in refused.stderr + refused.stdout
+    assert weights.read_bytes() == before
+    args = ["upcycle", "--method", "nexus", "--seed", world["seed"], "--out", root / "moe",
+            "--embeddings", emb, "--set", "nexus_hidden_size=8"]  # fmt: skip
+    for d, f in zip(DOMAINS, files, strict=True):
+        args += ["--expert", world["experts"][d], "--stats", f]
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    model = load_checkpoint(root / "moe")[0]
+    share = _own_share(model, world["shards"], DOMAINS)
+    assert min(share.values()) >= 0.6, share
+
+
+def test_extend_from_a_statistics_file_without_the_text(world):
+    """The new domain's owner hands over its expert and statistics file: the row is placed with
+    the default bound on the earlier domains' loss, its direction from the dense expert."""
+    from nexus_moe import domain_stats
+    from nexus_moe.upcycle import _open_input
+
+    moe_dir = _upcycled(world)
+    source = _open_input(world["experts"][NEW])
+    stats = domain_stats.measure(
+        build_model_of(source), domain_stats.tensor_fingerprint(source.tensors),
+        world["shards"], NEW, 512, router_context=0.75,
+    )  # fmt: skip
+    out = world["root"] / "extended-from-stats"
+    extend(moe_dir, world["experts"][NEW], out, domain_embeddings=world["emb"],
+           calibration_stats=stats)  # fmt: skip
+    model, meta = load_checkpoint(out)
+    held = load_checkpoint(moe_dir)[0].moe_layers()[0].domain_stats.held
+    rise = calibrate.held_losses(model, held) - calibrate.held_losses(
+        load_checkpoint(moe_dir)[0], held
+    )
+    assert float(rise.max()) <= math.log1p(calibrate.LOSS_BUDGET) + 1e-6, rise
+    assert meta["extended_with"]["new_row"]["loss_budget"] == calibrate.LOSS_BUDGET
+    # the new domain gains as from its text (test_default_new_row_keeps_the_earlier_domains...)
+    old = load_checkpoint(moe_dir)[0]
+    before = evaluate_domains(old, world["shards"], [NEW], EVAL)[NEW].perplexity
+    after = evaluate_domains(model, world["shards"], [NEW], EVAL)[NEW].perplexity
+    assert after < 0.9 * before, (before, after)
+    # the statistics of another domain, or with the text as well, are refused
+    for kw, words in [
+        (dict(calibration_stats=replace(stats, domain="x")), "domain 'x'"),
+        (dict(calibration_stats=stats, calibration_shards=world["shards"]), "give one"),
+    ]:
+        with pytest.raises(NexusError, match=words):
+            extend(moe_dir, world["experts"][NEW], world["root"] / "refused-extend",
+                   domain_embeddings=world["emb"], **kw)  # fmt: skip
+
+
+def build_model_of(source):
+    from nexus_moe.hf.importing import build_model
+
+    return build_model(source.cfg, source.tensors)

@@ -249,6 +249,12 @@ class DomainMoments:
             self._kept.append(take)
             self._num_kept += len(take)
 
+    def drop_scatter(self) -> torch.Tensor:
+        """Give up the scatter (returned), keeping the mean, count and samples."""
+        assert self.scatter is not None
+        scatter, self.scatter = self.scatter, None
+        return scatter
+
     @property
     def samples(self) -> torch.Tensor | None:
         """The first inputs (up to ``_KEEP_FOR_TAU``, float32); None when none were kept."""
@@ -270,6 +276,9 @@ class DomainMoments:
         return out
 
 
+NewInputs = torch.Tensor | DomainMoments  # a new domain's inputs at a layer, or their moments
+
+
 @torch.no_grad()
 def accumulate_moments(
     model: Transformer,
@@ -279,13 +288,17 @@ def accumulate_moments(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
 ) -> list[DomainMoments]:
-    """Run ``model`` over ``windows`` and accumulate, at each of ``modules``, the moments of
-    ``route(module, input)`` (what a router there scores)."""
+    """Run ``model`` over ``windows`` and accumulate, at each of ``modules`` (in the order the
+    forward pass reaches them), the moments of ``route(module, input)`` (what a router there
+    scores). The pass stops at the last of them: the blocks above and the logits are never
+    computed."""
     moments = [DomainMoments() for _ in modules]
 
     def capture(i: int, module: torch.nn.Module, args: tuple) -> None:
         x = route(module, args[0])
         moments[i].update(x.reshape(-1, x.shape[-1]).float().cpu())
+        if i == len(modules) - 1:
+            raise _Enough
 
     hooks = [
         m.register_forward_pre_hook(functools.partial(capture, i)) for i, m in enumerate(modules)
@@ -294,12 +307,19 @@ def accumulate_moments(
     model.eval()
     try:
         for start in range(0, windows.shape[0], batch_size):
-            model(windows[start : start + batch_size].to(device))
+            try:
+                model(windows[start : start + batch_size].to(device))
+            except _Enough:
+                pass
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
     return moments
+
+
+class _Enough(Exception):
+    """Raised by :func:`accumulate_moments`'s last hook: nothing above it is needed."""
 
 
 @torch.no_grad()
@@ -327,18 +347,24 @@ def statistics_from_moments(
     moments: list[list[DomainMoments]],
     held_per_expert: list[torch.Tensor | None],
     ridge: float = DEFAULT_RIDGE,
+    pooled_scatter: list[torch.Tensor] | None = None,
 ) -> list[LayerStats]:
     """Each MoE layer's statistics from each expert's domain moments (``moments[i][layer]``)
     and calibration windows (``held_per_expert[i]``; the held windows are kept only when every
     domain has them). A domain without kept inputs takes, for the temperature fit only, samples
-    of a Gaussian with its mean and covariance (a fixed generator: the same rows every time)."""
+    of a Gaussian with its mean and covariance (a fixed generator: the same rows every time).
+    ``pooled_scatter``: each layer's sum of the domains' scatters, in domain order, when the
+    caller has summed them already (and dropped each domain's, to save memory)."""
     num_layers = len(moments[0])
     out = []
     for layer in range(num_layers):
         per_domain = [m[layer] for m in moments]
         centroids = torch.stack([m.mean for m in per_domain])  # type: ignore[misc]
         counts = torch.tensor([float(m.count) for m in per_domain], dtype=torch.float64)
-        covariance = sum(m.scatter for m in per_domain) / counts.sum()  # type: ignore[operator]
+        if pooled_scatter is not None:
+            covariance = pooled_scatter[layer] / counts.sum()
+        else:
+            covariance = sum(m.scatter for m in per_domain) / counts.sum()  # type: ignore[operator]
         center = centroids.mean(0)
         rows = directions(centroids, center, covariance, ridge)
         samples = [_samples_of(m, layer) for m in per_domain]
@@ -475,7 +501,7 @@ def fit_row_scale(
 
 def new_expert_row(
     stats: LayerStats,
-    new_inputs: torch.Tensor,
+    new_inputs: NewInputs,
     current_rows: torch.Tensor,
     ridge: float = DEFAULT_RIDGE,
     scale: float | None = None,
@@ -509,6 +535,8 @@ def new_expert_row(
     centroid, covariance = _pooled_with(stats, new_inputs)
     direction = directions(centroid[None], stats.center, covariance, ridge)[0].float()
     if leak_budget is not None and scale is None:
+        if isinstance(new_inputs, DomainMoments):
+            raise NexusError("a leak budget is estimated on the new domain's text; pass --corpus")
         norm, _ = fit_row_scale(
             stats, direction, new_inputs, current_rows, top_k, renormalize, leak_budget, seed, ridge
         )
@@ -524,7 +552,7 @@ def new_expert_row(
         stats,
         centroids=torch.cat([stats.centroids, centroid[None]]),
         counts=torch.cat(
-            [stats.counts, torch.tensor([float(len(new_inputs))], dtype=torch.float64)]
+            [stats.counts, torch.tensor([_num_tokens(new_inputs)], dtype=torch.float64)]
         ),
         held=_grown_held(stats, new_windows),
     )
@@ -610,12 +638,14 @@ class _HeldForward:
 @torch.no_grad()
 def place_new_rows(
     model: Transformer,
-    windows: torch.Tensor,
+    windows: torch.Tensor | None,
     stats: list[LayerStats],
     budget: float = LOSS_BUDGET,
     ridge: float = DEFAULT_RIDGE,
     device: str | torch.device = "cpu",
     max_factor: float | None = None,
+    new_moments: list[DomainMoments] | None = None,
+    new_held: torch.Tensor | None = None,
 ) -> tuple[list[LayerStats], list[float], dict[str, float]]:
     """Place the row of the new (last) expert of every MoE layer of ``model`` from its domain's
     calibration ``windows``, with a norm bounded by what it costs the earlier domains on their
@@ -635,8 +665,14 @@ def place_new_rows(
     the candidates (:func:`_candidate_rows`: ``_NORM_GRID`` up to ``max_factor``, below it
     negative biases) within the layer's share of the budget (by bisection), measured on the
     whole model with the new expert masked above; the most cautious candidate when none is.
+
+    Without the new domain's text (``windows`` None), ``new_moments`` give its inputs' moments
+    at each MoE layer as its dense expert computes them (a domain statistics file; its windows,
+    if it shares them, ``new_held``), in place of its inputs as routed: the bound on the earlier
+    domains holds the same, the direction is taken from the expert's own hidden states.
     """
     assert stats[0].held is not None
+    assert (windows is None) != (new_moments is None)
     layers = model.moe_layers()
     blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
     new = layers[0].num_experts - 1
@@ -654,10 +690,19 @@ def place_new_rows(
         for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
             limit = math.log1p(budget * (index + 1) / len(layers))
             held.advance(blocks[index])
-            x = moe_inputs(model, windows, None, device=device)[index]
+            if new_moments is not None:
+                x: NewInputs = new_moments[index]
+            else:
+                assert windows is not None
+                x = moe_inputs(model, windows, None, device=device)[index]
             earlier = layer.router.expert_embeddings().detach()[:new].float()
             unit, grown = new_expert_row(
-                layer_stats, x, earlier.cpu(), ridge, scale=1.0, new_windows=windows
+                layer_stats,
+                x,
+                earlier.cpu(),
+                ridge,
+                scale=1.0,
+                new_windows=windows if windows is not None else new_held,
             )
             layer.expert_mask = saved[index]
             candidates = _candidate_rows(unit, layer_stats, ridge, max_factor)
@@ -728,20 +773,28 @@ def _candidate_rows(
     return biased + [(f, f * unit) for f in factors]
 
 
-def _pooled_with(stats: LayerStats, new_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _num_tokens(new_inputs: NewInputs) -> float:
+    return float(new_inputs.count if isinstance(new_inputs, DomainMoments) else len(new_inputs))
+
+
+def _pooled_with(stats: LayerStats, new_inputs: NewInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The new domain's centroid (H,) and the stored pooled covariance with its within-domain
-    scatter pooled in, weighted by calibration tokens (float64)."""
-    centroid = new_inputs.double().mean(0)
-    earlier_tokens, new_tokens = stats.counts.sum(), float(len(new_inputs))
-    covariance = (
-        stats.covariance * earlier_tokens + _covariance(new_inputs, centroid) * new_tokens
-    ) / (earlier_tokens + new_tokens)
+    scatter pooled in, weighted by calibration tokens (float64). ``new_inputs``: (N, H), or
+    their moments (e.g. from a domain statistics file)."""
+    earlier_tokens, new_tokens = stats.counts.sum(), _num_tokens(new_inputs)
+    if isinstance(new_inputs, DomainMoments):
+        assert new_inputs.mean is not None and new_inputs.scatter is not None
+        centroid, scatter = new_inputs.mean.double(), new_inputs.scatter.double()
+    else:
+        centroid = new_inputs.double().mean(0)
+        scatter = _covariance(new_inputs, centroid) * new_tokens
+    covariance = (stats.covariance * earlier_tokens + scatter) / (earlier_tokens + new_tokens)
     return centroid, covariance
 
 
 def refit_earlier_rows(
     stats: LayerStats,
-    new_inputs: torch.Tensor,
+    new_inputs: NewInputs,
     ridge: float = DEFAULT_RIDGE,
     new_windows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LayerStats]:
@@ -769,7 +822,7 @@ def refit_earlier_rows(
     refit = LayerStats(
         centroids,
         covariance,
-        torch.cat([stats.counts, torch.tensor([float(len(new_inputs))], dtype=torch.float64)]),
+        torch.cat([stats.counts, torch.tensor([_num_tokens(new_inputs)], dtype=torch.float64)]),
         center,
         stats.temperature,
         _grown_held(stats, new_windows),

@@ -578,6 +578,65 @@ def embed_domains_cmd(
     )
 
 
+@app.command("domain-stats")
+def domain_stats_cmd(
+    expert: Annotated[
+        Path, typer.Option(help="Dense expert: checkpoint, run directory or Hugging Face folder.")
+    ],
+    corpus: Annotated[Path, typer.Option(help="Corpus holding the expert's domain.")],
+    out: Annotated[Path, typer.Option(help="Output statistics file (.safetensors).")],
+    domain: Annotated[
+        str | None, typer.Option(help="The expert's domain (default: its metadata).")
+    ] = None,
+    router_context: Annotated[
+        float,
+        typer.Option(help="router_context of the MoE the expert will join (nexus: 0.75)."),
+    ] = 0.75,
+    calibration_tokens: Annotated[
+        int, typer.Option(help="Training tokens of the domain that are measured.")
+    ] = DEFAULT_CALIBRATION_TOKENS,
+    share_samples: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the first router inputs of each layer and a few token windows: "
+            "the same rows as --corpus and a loss bound for later experts, but they reveal "
+            "the text."
+        ),
+    ] = False,
+) -> None:
+    """A domain's routing statistics from its dense expert alone, for `upcycle --stats` /
+    `extend --stats` without the text (docs/design.md §5.7)."""
+    from nexus_moe import domain_stats
+    from nexus_moe.config import check_option
+    from nexus_moe.hf.importing import build_model
+    from nexus_moe.io_utils import output_file
+    from nexus_moe.pipeline import resolve_model_dir
+    from nexus_moe.upcycle import _open_input
+
+    check_option("router_context", router_context)
+    check_option("calibration_tokens", calibration_tokens)
+    expert_dir = resolve_model_dir(expert)
+    _check_out_file(out, [expert_dir, corpus])
+    source = _open_input(expert_dir)
+    name = domain or source.metadata.get("domain")
+    if not isinstance(name, str) or not name:
+        raise NexusError(f"{expert_dir}: its metadata names no domain; pass --domain")
+    model = build_model(source.cfg, source.tensors)
+    stats = domain_stats.measure(
+        model,
+        domain_stats.tensor_fingerprint(source.tensors),
+        _calibration_shards(corpus, expert_dir),
+        name,
+        calibration_tokens,
+        router_context,
+        share_samples,
+    )
+    with output_file(out, [expert_dir, corpus]) as tmp:
+        domain_stats.write(stats, tmp)
+    kind = "with samples of the text" if share_samples else "means and covariances only"
+    console.print(f"statistics of '{name}' ({kind}) written to {out}")
+
+
 @app.command()
 def upcycle(
     method: Annotated[Method, typer.Option(help="How the dense models are assembled.")],
@@ -638,6 +697,14 @@ def upcycle(
             f"(default {DEFAULT_CALIBRATION_TOKENS})."
         ),
     ] = None,
+    stats: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--stats",
+            help="A domain's statistics file (from domain-stats), in place of its text; "
+            "repeat. Experts without one are calibrated from --corpus.",
+        ),
+    ] = None,
     dtype: DtypeOpt = None,
     max_shard_size: MaxShardOpt = None,
     overwrite: OverwriteOpt = False,
@@ -648,6 +715,7 @@ def upcycle(
     or a Hugging Face format) the result is a Hugging Face folder, written in one pass without
     intermediate checkpoints.
     """
+    from nexus_moe.domain_stats import read as read_domain_stats
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.hf.formats import parse_size
     from nexus_moe.pipeline import resolve_model_dir
@@ -672,10 +740,11 @@ def upcycle(
         corpus=corpus,
         calibrate=calibrate,
         calibration_tokens=calibration_tokens,
+        stats=stats,
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
-    _check_out(out, [seed_dir, *expert_dirs, embeddings, corpus])
+    _check_out(out, [seed_dir, *expert_dirs, embeddings, corpus, *(stats or [])])
     result = run_upcycle(
         method,
         seed_dir,
@@ -693,6 +762,7 @@ def upcycle(
         calibrate_router=calibrate,
         out_dtype=dtype,
         max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+        domain_stats=[read_domain_stats(p) for p in stats or []] or None,
     )
     console.print(f"{method} model written to {result}{_chosen_format(fmt, result)}")
 
@@ -788,16 +858,26 @@ def extend_cmd(
             "with --ffn-only, else 1/(n+1)).",
         ),
     ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(
+            "--stats",
+            help="The new domain's statistics file (from domain-stats on the owner's machine), "
+            "in place of --corpus: the row is placed the same way, from its dense expert's "
+            "hidden states (docs/design.md §5.7).",
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Append a new domain expert to an MoE (docs/design.md §7); then finetune with `train --init`."""
     from nexus_moe.config import check_extend_options
+    from nexus_moe.domain_stats import read as read_domain_stats
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.extend import extend
     from nexus_moe.pipeline import resolve_model_dir
 
     check_extend_options(  # before any file is read (extend checks them again)
-        corpus is not None, calibration_tokens, leak_budget, refit_rows,
+        corpus is not None or stats is not None, calibration_tokens, leak_budget, refit_rows,
         row_scale, merge_weight,
     )  # fmt: skip
     calibration_tokens = _calibration_tokens(calibration_tokens, corpus)
@@ -817,8 +897,9 @@ def extend_cmd(
         refit_rows=refit_rows,
         row_scale=row_scale,
         merge_weight=merge_weight,
+        stats=stats,
     )
-    _check_out(out, [moe_dir, expert_dir, embeddings, corpus])
+    _check_out(out, [moe_dir, expert_dir, embeddings, corpus, stats])
     result = extend(
         moe_dir,
         expert_dir,
@@ -833,6 +914,7 @@ def extend_cmd(
         leak_budget=leak_budget,
         refit_rows=refit_rows,
         row_scale=row_scale,
+        calibration_stats=read_domain_stats(stats) if stats is not None else None,
     )
     console.print(f"extended MoE written to {result}")
 

@@ -75,13 +75,15 @@ def dense_moments(
     model: Transformer,
     windows: torch.Tensor,
     router_context: float,
+    blocks: list[int] | None = None,
     device: str | torch.device = "cpu",
 ) -> list[DomainMoments]:
-    """Moments of what a router on ``router_context`` would score at every block of the dense
-    ``model`` (its FFN's input) over ``windows``."""
+    """Moments of what a router on ``router_context`` would score at each of ``blocks``
+    (default: every block) of the dense ``model`` (its FFN's input) over ``windows``."""
     if model.cfg.moe is not None:
         raise NexusError("domain statistics are measured on a dense expert, not an MoE")
-    modules = [block.mlp for block in model.model.layers]
+    layers = model.model.layers
+    modules = [layers[b].mlp for b in (range(len(layers)) if blocks is None else blocks)]
     return calibrate.accumulate_moments(
         model, windows, modules, lambda _, x: routing_input(x, router_context), device=device
     )
@@ -99,7 +101,7 @@ def measure(
 ) -> DomainStats:
     """:class:`DomainStats` of ``domain`` (``num_tokens`` of its training split) on ``model``."""
     windows = calibrate.domain_windows(shards, domain, model.cfg.max_seq_len, num_tokens)
-    moments = dense_moments(model, windows, router_context, device)
+    moments = dense_moments(model, windows, router_context, device=device)
     if not share_samples:
         moments = [DomainMoments.of(m.count, m.mean, m.scatter) for m in moments]  # type: ignore[arg-type]
     held = None

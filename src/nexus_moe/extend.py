@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nexus_moe import calibrate, config
+from nexus_moe import calibrate, config, domain_stats
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     load_checkpoint,
@@ -41,6 +41,7 @@ from nexus_moe.config import (
     check_extend_options,
 )
 from nexus_moe.data import TokenShards
+from nexus_moe.domain_stats import DomainStats
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
 from nexus_moe.moe import MoELayer
@@ -114,6 +115,8 @@ def extend_model(
     row_scale: float | None = None,
     loss_budget: float = calibrate.LOSS_BUDGET,
     report: dict | None = None,
+    calibration_moments: list[calibrate.DomainMoments] | None = None,
+    new_held: torch.Tensor | None = None,
 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
     """Add ``expert`` to ``moe`` in place; returns (moe, undo record: the merged weights and,
     when the earlier rows are refit, their values and the routing statistics before).
@@ -131,6 +134,10 @@ def extend_model(
     earlier domains' gates on their own experts it may take), a norm fitted per layer
     (``calibrate.fit_row_scale``). With ``refit_rows`` and no leak budget the earlier experts'
     rows are refit among all the domains as well (``calibrate.refit_earlier_rows``).
+
+    ``calibration_moments`` (one per MoE layer, from the new domain's statistics file; its
+    windows, if shared, ``new_held``) stand in for ``calibration_windows`` when the text is not
+    at hand: the row is placed the same way, its direction from the dense expert's hidden states.
     """
     cfg = moe.cfg
     assert cfg.moe is not None
@@ -145,9 +152,12 @@ def extend_model(
         )
     layers = moe.moe_layers()
     stats = [layer.domain_stats for layer in layers]
-    if calibration_windows is not None and reset_linear_router:
+    if calibration_windows is not None and calibration_moments is not None:
+        raise NexusError("place the new row from the domain's text or its statistics, not both")
+    calibrated = calibration_windows is not None or calibration_moments is not None
+    if calibrated and reset_linear_router:
         raise NexusError("--reset-router re-initialises every row; it cannot be calibrated")
-    if calibration_windows is not None and any(s is None for s in stats):
+    if calibrated and any(s is None for s in stats):
         raise NexusError(
             "this MoE carries no routing statistics (it was not upcycled with a calibrated "
             "router), so the new expert's row cannot be calibrated; extend without --corpus"
@@ -190,7 +200,7 @@ def extend_model(
     # the fixed norm of the router's context.
     held = stats[0].held if stats and stats[0] is not None else None
     bounded = row_scale is None and leak_budget is None and not refit_rows and held is not None
-    if calibration_windows is not None:
+    if calibrated:
         if row_scale is None and leak_budget is None and not bounded:  # (a budget fits the norm)
             row_scale = (
                 config.REFIT_ROW_SCALE
@@ -209,6 +219,8 @@ def extend_model(
                 stats,  # type: ignore[arg-type]
                 loss_budget,
                 max_factor=config.new_row_scale(grown_cfg.router_context),
+                new_moments=calibration_moments,
+                new_held=new_held,
             )
             for layer, grown in zip(layers, grown_stats, strict=True):
                 layer.domain_stats = grown
@@ -221,15 +233,21 @@ def extend_model(
             return moe, undo
         # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
         # MoE computes when it routes them there.
-        inputs = calibrate.moe_inputs(moe, calibration_windows, expert=n)
+        # (From a statistics file: as the dense expert computes them, which is the same for an
+        # expert branched FFN-only.)
+        inputs: list[calibrate.NewInputs]
+        if calibration_moments is not None:
+            inputs = list(calibration_moments)
+        else:
+            assert calibration_windows is not None
+            inputs = list(calibrate.moe_inputs(moe, calibration_windows, expert=n))
+        new_windows = calibration_windows if calibration_windows is not None else new_held
         for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
             earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
             reference_norm = None  # the new row's norm is relative to the rows before a refit
             if refit_rows:
                 reference_norm = earlier.norm(dim=-1).mean()
-                shift, refit = calibrate.refit_earlier_rows(
-                    layer_stats, x, new_windows=calibration_windows
-                )
+                shift, refit = calibrate.refit_earlier_rows(layer_stats, x, new_windows=new_windows)
                 layer.router.shift_rows(shift.to(earlier.device))
                 earlier = earlier + shift.to(earlier.device)
             row, grown = calibrate.new_expert_row(
@@ -242,7 +260,7 @@ def extend_model(
                 seed=seed,
                 scale=row_scale,
                 reference_norm=reference_norm,
-                new_windows=calibration_windows,
+                new_windows=new_windows,
             )
             layer.domain_stats = refit if refit_rows else grown
             layer.router.set_row(n, row)
@@ -283,6 +301,26 @@ def remove_from_model(model: Transformer, index: int) -> Transformer:
     return model
 
 
+def _moments_of_file(
+    stats: DomainStats, moe: Transformer, expert_dir: Path, domain: str
+) -> tuple[list[calibrate.DomainMoments], torch.Tensor | None]:
+    """The moments of the MoE's layers from the new domain's statistics file, checked against
+    the domain, the router and the expert (``domain_stats.for_moe``)."""
+    from nexus_moe.checkpoint import load_config, open_weights
+
+    if stats.domain != domain:
+        raise NexusError(
+            f"--stats: statistics of the domain '{stats.domain}', the new expert's is '{domain}'"
+        )
+    cfg = moe.cfg
+    assert cfg.moe is not None
+    blocks = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    fingerprint = domain_stats.tensor_fingerprint(
+        open_weights(expert_dir, load_config(expert_dir)[0])
+    )
+    return domain_stats.for_moe(stats, blocks, cfg.moe.router_context, fingerprint, "--stats")
+
+
 def extend(
     moe_dir: str | Path,
     expert_dir: str | Path,
@@ -297,6 +335,7 @@ def extend(
     leak_budget: float | None = None,
     refit_rows: bool = calibrate.REFIT_EARLIER_ROWS,
     row_scale: float | None = None,
+    calibration_stats: DomainStats | None = None,
 ) -> Path:
     """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (docs/design.md §7).
 
@@ -313,12 +352,18 @@ def extend(
     :func:`extend_model`; the checkpoint's metadata records the result), or ``row_scale``
     times the earlier rows', or, with ``leak_budget``, fitted so that it takes at most that
     share of the earlier domains' gates on their own experts; with ``refit_rows`` (and no leak
-    budget) the earlier experts' rows are refit among all the domains.
+    budget) the earlier experts' rows are refit among all the domains. ``calibration_stats``
+    (the domain's statistics file, :mod:`nexus_moe.domain_stats`) place the row in place of its
+    text, for an expert branched FFN-only.
     """
     check_extend_options(
-        calibration_shards is not None, calibration_tokens, leak_budget, refit_rows, row_scale,
-        merge_lambda,
+        calibration_shards is not None or calibration_stats is not None, calibration_tokens,
+        leak_budget, refit_rows, row_scale, merge_lambda,
     )  # fmt: skip
+    if calibration_stats is not None and calibration_shards is not None:
+        raise NexusError("--stats: the new row is placed from --corpus or --stats; give one")
+    if calibration_stats is not None and leak_budget:
+        raise NexusError("--leak-budget is estimated on the domain's text: pass --corpus")
     leak_budget = leak_budget or None  # 0: the default bound
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)
@@ -365,6 +410,9 @@ def extend(
             calibration_shards, domain, moe.cfg.max_seq_len, calibration_tokens
         )
         require_text(windows, calibration_shards.data_dir, domain)
+    moments, new_held = None, None
+    if calibration_stats is not None:
+        moments, new_held = _moments_of_file(calibration_stats, moe, expert_dir, domain)
     placement: dict = {}
     moe, undo = extend_model(
         moe,
@@ -379,6 +427,8 @@ def extend(
         refit_rows,
         row_scale,
         report=placement,
+        calibration_moments=moments,
+        new_held=new_held,
     )
     merged_now = _as_after_removal(moe.state_dict(), undo)
     metadata = {

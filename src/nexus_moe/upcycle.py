@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from nexus_moe import calibrate
+from nexus_moe import calibrate, domain_stats
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
@@ -49,6 +49,7 @@ from nexus_moe.checkpoint import (
     model_shapes,
     model_state_dict,
     open_weights,
+    require_text,
     seed_hash,
     write_checkpoint,
     write_routing_stats,
@@ -64,6 +65,7 @@ from nexus_moe.config import (
     to_dict,
 )
 from nexus_moe.data import TokenShards
+from nexus_moe.domain_stats import DomainStats
 from nexus_moe.errors import NexusError
 from nexus_moe.hf.formats import AUTO, FORMATS, NATIVE
 from nexus_moe.routers import NexusRouter, build_router
@@ -127,6 +129,7 @@ def upcycle(
     calibrate_router: bool | None = None,
     out_dtype: str | None = None,
     max_shard_size: int | str | None = None,
+    domain_stats: list[DomainStats] | None = None,
 ) -> Path:
     """Assemble dense checkpoints into ``out_dir`` with ``method`` (docs/design.md §5); returns ``out_dir``.
 
@@ -149,6 +152,13 @@ def upcycle(
       ``nexus`` (which then needs the shards) and to "when shards are given" for the others;
       ``nexus-paper`` is the paper's configuration (top-1 + shared seed expert, random
       projection) and is never calibrated by default.
+    * ``domain_stats``: statistics files of some or all experts' domains
+      (:mod:`nexus_moe.domain_stats`), in place of their text; the experts without one take
+      theirs from ``calibration_shards``.
+      When the experts share every weight but their FFNs (branched FFN-only) and the MoE has no
+      shared expert, the statistics are measured on each dense expert alone, one in memory at a
+      time (the same rows as on the assembled MoE), and any ``out_format`` may be calibrated;
+      otherwise calibration runs on the assembled MoE and needs the native format.
     * ``out_format``: ``native`` writes our checkpoint; a Hugging Face format (``auto``,
       ``qwen2_moe``, ``qwen3_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes
       that folder directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in
@@ -186,7 +196,10 @@ def upcycle(
             "(e.g. --format auto), or `nexus-moe export` the native checkpoint with them"
         )
 
-    calibrate_router = _check_calibration(method, calibrate_router, calibration_shards, out_format)
+    stats_by_domain = _stats_by_domain(domain_stats or [])
+    calibrate_router = _check_calibration(
+        method, calibrate_router, calibration_shards, bool(stats_by_domain)
+    )
 
     seed_in, expert_ins = _check_inputs(Path(seed_dir), expert_paths)
     seed_cfg = seed_in.cfg
@@ -218,7 +231,16 @@ def upcycle(
         vectors = _domain_vectors(cfg, expert_domains, domain_embeddings)
 
     model_dtype = seed_in.dtypes["model.embed_tokens.weight"]
-    specs = _plan(cfg, seed_in, routed, base, model_dtype, vectors, seed)
+    layer_stats = None
+    if calibrate_router:
+        by_dense = _calibrates_on_dense(cfg, base, out_format, bool(stats_by_domain))
+        _check_stats_domains(stats_by_domain, expert_domains, calibration_shards)
+        if by_dense:
+            layer_stats = _dense_statistics(
+                cfg, routed, expert_domains, calibration_shards, stats_by_domain, calibration_tokens
+            )
+    rows = None if layer_stats is None else [calibrate.router_rows(s) for s in layer_stats]
+    specs = _plan(cfg, seed_in, routed, base, model_dtype, vectors, seed, rows)
     metadata = {
         "stage": "upcycle",
         "method": method.value,
@@ -228,7 +250,9 @@ def upcycle(
         "seed_sha256": seed_hash(seed_in.path),  # extend checks new experts against it
     }
     finish = None
-    if calibrate_router:
+    if layer_stats is not None and out_format == NATIVE:
+        finish = functools.partial(_write_stats, stats=layer_stats)
+    elif calibrate_router and layer_stats is None:
         assert calibration_shards is not None
         finish = functools.partial(
             _calibrate_in_place, shards=calibration_shards, num_tokens=calibration_tokens
@@ -265,29 +289,149 @@ def _check_calibration(
     method: Method,
     calibrate_router: bool | None,
     calibration_shards: TokenShards | None,
-    out_format: str,
+    has_stats: bool,
 ) -> bool:
     """Whether the router rows are calibrated (docs/design.md §5.6); refuses what cannot be."""
+    given = calibration_shards is not None or has_stats
     if calibrate_router is None:
-        calibrate_router = method.calibrates_by_default or calibration_shards is not None
+        calibrate_router = method.calibrates_by_default or given
     if not calibrate_router:
+        if has_stats:
+            raise NexusError("--stats calibrates the router; drop it or --no-calibrate")
         return False
     if method in (Method.btm, Method.sparse_upcycle):
         raise NexusError(
-            f"{method.value} has no domain experts to calibrate a router for; drop --corpus"
+            f"{method.value} has no domain experts to calibrate a router for; drop --corpus "
+            "and --stats"
         )
-    if calibration_shards is None:
+    if not given:
         raise NexusError(
             f"{method.value} places its router rows from each domain's training text: pass "
-            "--corpus (the corpus the experts were branched on), or --no-calibrate / "
-            "--method nexus-paper for the paper's random router initialisation"
+            "--corpus (the corpus the experts were branched on) or each expert's --stats, or "
+            "--no-calibrate / --method nexus-paper for the paper's random router initialisation"
+        )
+    return True
+
+
+def _stats_by_domain(stats: list[DomainStats]) -> dict[str, DomainStats]:
+    out: dict[str, DomainStats] = {}
+    for item in stats:
+        if item.domain in out:
+            raise NexusError(f"--stats: two statistics files for the domain '{item.domain}'")
+        out[item.domain] = item
+    return out
+
+
+def _check_stats_domains(
+    stats: dict[str, DomainStats], domains: list[str], shards: TokenShards | None
+) -> None:
+    """Every statistics file names an expert's domain; every other domain is in ``shards``."""
+    for name in stats:
+        if name not in domains:
+            raise NexusError(
+                f"--stats: statistics of the domain '{name}', which no expert has (experts: "
+                f"{', '.join(domains)}); pass the matching --expert or drop the file"
+            )
+    missing = [d for d in domains if d not in stats]
+    if missing and shards is None:
+        raise NexusError(
+            f"no statistics for the domain(s) {', '.join(missing)}: pass --stats for each, or "
+            "--corpus holding their text"
+        )
+
+
+def _calibrates_on_dense(
+    cfg: ModelConfig, base: list[_Input], out_format: str, has_stats: bool
+) -> bool:
+    """Whether the router statistics can be measured on each dense expert alone: the MoE with
+    a token forced to an expert must compute that expert, so the MoE has no shared expert and
+    every weight it averages over the experts is the same in all of them (branched FFN-only).
+    Refuses what only the assembled MoE could calibrate, but cannot (a Hugging Face output,
+    statistics files)."""
+    assert cfg.moe is not None
+    why = None
+    if cfg.moe.shared_expert:
+        why = "the MoE has an always-on shared expert"
+    else:
+        averaged = [
+            name
+            for name in model_shapes(cfg)
+            if not (_EXPERTS_RE.match(name) or _SHARED_RE.match(name) or _ROUTER_RE.match(name))
+        ]
+        for name in averaged:
+            first = _read(base[0], name)
+            for other in base[1:]:
+                if not torch.equal(_read(other, name), first):
+                    why = (
+                        f"the experts differ outside their FFNs ('{name}' of {other.path}); "
+                        "they were not branched FFN-only"
+                    )
+                    break
+            if why:
+                break
+    if why is None:
+        return True
+    if has_stats:
+        raise NexusError(
+            f"--stats describe a domain on its dense expert, which is what the MoE computes "
+            f"only for experts that differ in their FFNs alone, but {why}; calibrate from "
+            "--corpus instead"
         )
     if out_format != NATIVE:
         raise NexusError(
-            "a calibrated router is computed from the assembled model: upcycle to the native "
-            "format, then `nexus-moe export` it (or pass --no-calibrate)"
+            f"a calibrated router is computed here from the assembled model ({why}): upcycle "
+            "to the native format, then `nexus-moe export` it (or pass --no-calibrate)"
         )
-    return True
+    return False
+
+
+def _dense_statistics(
+    cfg: ModelConfig,
+    routed: list[_Input],
+    domains: list[str],
+    shards: TokenShards | None,
+    stats: dict[str, DomainStats],
+    num_tokens: int,
+) -> list[calibrate.LayerStats]:
+    """Each MoE layer's statistics, each domain measured on its dense expert alone (or read
+    from its statistics file): one expert in memory at a time."""
+    from nexus_moe.hf.importing import build_model
+
+    assert cfg.moe is not None
+    blocks = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    context = cfg.moe.router_context
+    moments, held = [], []
+    pooled: list[torch.Tensor] = []  # each layer's sum of the domains' scatters (H, H)
+    for expert, domain in zip(routed, domains, strict=True):
+        if domain in stats:
+            got, windows = domain_stats.for_moe(
+                stats[domain],
+                blocks,
+                context,
+                domain_stats.tensor_fingerprint(expert.tensors),
+                f"--stats of {domain}",
+            )
+        else:
+            assert shards is not None
+            model = build_model(expert.cfg, expert.tensors)
+            windows = calibrate.domain_windows(shards, domain, cfg.max_seq_len, num_tokens)
+            require_text(windows, shards.data_dir, domain)
+            got = domain_stats.dense_moments(model, windows, context, blocks)
+            del model
+        for layer, m in enumerate(got):  # (the order sum() would add them in)
+            scatter = m.drop_scatter() if m.samples is not None else m.scatter
+            assert scatter is not None
+            if len(pooled) == layer:
+                pooled.append(scatter.clone())
+            else:
+                pooled[layer].add_(scatter)
+        moments.append(got)
+        held.append(windows)
+    return calibrate.statistics_from_moments(moments, held, pooled_scatter=pooled)
+
+
+def _write_stats(ckpt_dir: Path, stats: list[calibrate.LayerStats]) -> None:
+    save_file(calibrate.stats_to_tensors(stats), str(ckpt_dir / calibrate.STATS_FILE))
 
 
 def _write_output(
@@ -571,10 +715,14 @@ def _plan(
     model_dtype: torch.dtype,
     vectors: torch.Tensor | None,
     router_seed: int,
+    rows: list[torch.Tensor] | None = None,
 ) -> list[TensorSpec]:
-    """Map every tensor the output config implies to its source (docs/design.md §5 table)."""
+    """Map every tensor the output config implies to its source (docs/design.md §5 table);
+    ``rows``: calibrated router rows of each MoE layer."""
     expected = {name: shape for name, (shape, _) in model_shapes(cfg).items()}
-    routers = _router_tensors(cfg, vectors, router_seed, model_dtype) if cfg.moe is not None else {}
+    routers = (
+        _router_tensors(cfg, vectors, router_seed, model_dtype, rows) if cfg.moe is not None else {}
+    )
     dtypes = seed.dtypes
     specs: list[TensorSpec] = []
     for name, shape in expected.items():
@@ -618,16 +766,20 @@ class _PlannedTensors(TensorSource):
 
 
 def _router_tensors(
-    cfg: ModelConfig, vectors: torch.Tensor | None, seed: int, model_dtype: torch.dtype
+    cfg: ModelConfig,
+    vectors: torch.Tensor | None,
+    seed: int,
+    model_dtype: torch.dtype,
+    rows: list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Freshly initialised router tensors of every MoE layer (tiny, so built in memory)."""
+    """Freshly initialised router tensors of every MoE layer (tiny, so built in memory), with
+    the calibrated ``rows`` of each MoE layer set when given."""
     moe = cfg.moe
     assert moe is not None
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for layer in range(cfg.num_layers):
-        if not cfg.is_moe_layer(layer):
-            continue
+    moe_blocks = [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)]
+    for layer in moe_blocks:
         with torch.random.fork_rng(devices=[]):  # the router's own init must not move global RNG
             router = build_router(moe, cfg.hidden_size)
         with torch.no_grad():
@@ -637,6 +789,8 @@ def _router_tensors(
                 for module in router.modules():
                     if isinstance(module, NexusRouter):
                         module.domain_embeddings.copy_(vectors)
+            if rows is not None:
+                router.set_rows(rows[moe_blocks.index(layer)])
         params = {name for name, _ in router.named_parameters()}
         for name, tensor in router.state_dict().items():
             # Parameters take the model's dtype; buffers (domain embeddings, AC weights) stay
