@@ -135,3 +135,21 @@ def test_usage_errors_are_one_line(args, option):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], lines
+
+
+def test_a_model_too_large_for_memory_is_one_line(monkeypatch, capsys):
+    """torch reports a failed allocation as a RuntimeError, not MemoryError (seen building a
+    model with hidden_size 2**20: 4 TiB for one matrix)."""
+    import torch
+
+    from nexus_moe import cli
+
+    def huge(**_):
+        torch.empty(2**48, dtype=torch.float32)  # 1 PiB: beyond any address space
+
+    monkeypatch.setattr(cli, "app", huge)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "out of memory" in err, err

@@ -1131,6 +1131,12 @@ def main() -> None:
         _fail(f"{where}{exc.strerror or exc}; {advice}")
     except MemoryError:
         _fail("out of memory; use a smaller model, batch_size or seq_len")
+    except RuntimeError as exc:  # torch's allocators (CPU and CUDA) raise these, not MemoryError
+        if not _ALLOCATION_FAILED.search(str(exc)):
+            raise
+        tried = _TRIED.search(str(exc))
+        size = f" (tried to allocate {int(tried.group(1)) / 2**30:,.1f} GiB)" if tried else ""
+        _fail(f"out of memory{size}; use a smaller model, batch_size or seq_len")
     if isinstance(code, int) and code:
         sys.exit(code)
 
@@ -1177,6 +1183,9 @@ def terminal_width() -> int | None:
         os.close(fd)
 
 
+# What torch raises when an allocation fails (CPU: DefaultCPUAllocator; CUDA: OutOfMemoryError).
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_TRIED = re.compile(r"tried to allocate (\d+) bytes")
 # What numpy's ndarray.tofile raises (no errno) when the file system fills up mid-write.
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 _FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
