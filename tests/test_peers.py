@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +163,18 @@ def test_unknown_method_and_missing_data_are_named():
         peers.place_peer_rows(moe, "dume")
     with pytest.raises(NexusError, match="needs the seed model"):
         peers.place_peer_rows(moe, "arrow")
+
+
+def test_native_rows_keep_the_models_router_and_score_as_the_peer():
+    seed, moe, _ = _models()
+    windows = [_windows(i) for i in range(3)]
+    peer = copy.deepcopy(moe)
+    peers.place_peer_rows(peer, "mean", windows, seed)
+    linear = type(moe.moe_layers()[0].router)
+    peers.place_native_rows(moe, "mean", windows, seed)
+    assert type(moe.moe_layers()[0].router) is linear
+    x = torch.randn(5, 32)
+    for a, b in zip(moe.moe_layers(), peer.moe_layers(), strict=True):
+        torch.testing.assert_close(a.router(x), b.router(x))
+    with pytest.raises(NexusError, match="cannot be written as router rows"):
+        peers.place_native_rows(moe, "arrow", windows, seed)

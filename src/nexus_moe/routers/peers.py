@@ -496,3 +496,28 @@ def export_rows(model: Transformer) -> list[torch.Tensor]:
                              + ") can be written as router rows")  # fmt: skip
         out.append(r.temperature * r.rows)
     return out
+
+
+@torch.no_grad()
+def place_native_rows(
+    model: Transformer,
+    method: str,
+    windows: list[torch.Tensor],
+    seed: Transformer | None = None,
+) -> None:
+    """Place a bias-free linear peer's rows (``LINEAR_METHODS``) into ``model``'s own routers
+    (``Router.set_rows``: a linear router's weight, a Nexus router's anchors with the projection
+    at zero), so the MoE is saved and exported as any other; what ``--router-init`` would do.
+    ``windows``: each expert's domain windows, e.g. the ``held`` ones of its routing statistics."""
+    if method not in LINEAR_METHODS:
+        raise NexusError(
+            f"router init '{method}' has a bias or a non-linear score and cannot be written as "
+            f"router rows; choose one of {', '.join(LINEAR_METHODS)}"
+        )
+    layers = _check(model, method)
+    own = [layer.router for layer in layers]
+    place_peer_rows(model, method, windows, seed)
+    rows = export_rows(model)
+    for layer, router, r in zip(layers, own, rows, strict=True):
+        layer.router = router
+        router.set_rows(r)
