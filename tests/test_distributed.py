@@ -57,7 +57,7 @@ def build_corpus(root: Path) -> tuple[Path, Path]:
                 for i in range(n):
                     doc = " ".join(template.format(i=i + j) for j in range(5))
                     f.write(json.dumps({"text": doc}) + "\n")
-    tok = root / "tokenizer.json"
+    tok = root.parent / f"{root.name}-tokenizer.json"  # (never inside its input corpus)
     train_tokenizer(root, tok, vocab_size=300)
     tokenize_corpus(root, tok, root / "tokens")
     return root / "tokens", tok
@@ -89,7 +89,7 @@ def make_trainer(
         list(TEXT),
         cfg,
         out,
-        tokenizer_path=corpus / "tokenizer.json",
+        tokenizer_path=corpus.parent / f"{corpus.name}-tokenizer.json",
         show_progress=False,
     )
 

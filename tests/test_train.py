@@ -34,7 +34,7 @@ def shards(tmp_path_factory):
                 for i in range(n):
                     doc = " ".join(template.format(i=i + j) for j in range(5))
                     f.write(json.dumps({"text": doc, "source": f"{domain}{i}"}) + "\n")
-    tok = root / "tokenizer.json"
+    tok = tmp_path_factory.mktemp("tok") / "tokenizer.json"  # (never inside its input corpus)
     train_tokenizer(root, tok, vocab_size=300)
     tokenize_corpus(root, tok, root / "tokens")
     return TokenShards(root / "tokens"), tok
