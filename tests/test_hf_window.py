@@ -4,6 +4,7 @@ Qwen3-MoE slides on every layer when ``use_sliding_window`` is set (it reads nei
 ``layer_types`` nor ``max_window_layers``); Qwen2-MoE without ``layer_types`` slides on the even
 layers below ``max_window_layers``. A window on every layer imports with logits equal to
 transformers'; a window on some layers only is refused (nexus-moe's blocks attend alike).
+Also: an export whose weights overflow the chosen dtype is refused, not written with infs.
 """
 
 from __future__ import annotations
@@ -87,3 +88,18 @@ def test_qwen_moe_export_keeps_the_window(tmp_path, fmt):
     export_hf(ours, tmp_path / fmt, fmt=fmt)
     assert import_hf(tmp_path / fmt).cfg.sliding_window == WINDOW, fmt
     assert _max_diff(ours, _load_hf(tmp_path / fmt), _ids(seq=24)) <= TOL, fmt
+
+
+def test_export_refuses_weights_that_overflow_the_dtype(tmp_path):
+    """A weight beyond float16's range would be written as inf: refused, naming the tensor."""
+    from conftest import tiny_config
+    from nexus_moe.hf import export_hf
+    from nexus_moe.model import Transformer
+
+    model = Transformer(tiny_config())
+    with torch.no_grad():
+        model.model.norm.weight[0] = 1e6  # finite in float32, inf in float16
+    with pytest.raises(NexusError, match=r"model\.norm\.weight.*float16"):
+        export_hf(model, tmp_path / "out", fmt="llama", dtype="fp16")
+    assert not (tmp_path / "out").exists()
+    export_hf(model, tmp_path / "out", fmt="llama", dtype="bf16")  # bf16 holds it

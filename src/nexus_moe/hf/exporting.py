@@ -21,6 +21,7 @@ import torch
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     find_tokenizer,
+    finite_or_error,
     load_config,
     model_shapes,
     model_state_dict,
@@ -160,7 +161,9 @@ def _write_folder(
     ids = {name: token_id for name, (_, token_id) in special.items()}
     hf_config = config_to_hf(fmt, cfg, dtype, ids.get("bos"), ids.get("eos"))
     hf_config["pad_token_id"] = ids.get("pad")
-    with atomic_dir(out_dir) as tmp, torch.no_grad():
+    # A weight beyond the range of a 16-bit --dtype becomes infinite: refused, named, not written.
+    cause = f"in {dtype}; export in a wider --dtype" if dtype.itemsize < 4 else None
+    with atomic_dir(out_dir) as tmp, torch.no_grad(), finite_or_error(out_dir, cause):
         write_json(tmp / CONFIG_FILE, hf_config)
         write_json(tmp / GENERATION_CONFIG_FILE, _generation_config(tokenizer_file, ids))
         write_shards(tmp, plan, dtype, max_shard_size)
