@@ -103,3 +103,19 @@ def test_export_refuses_weights_that_overflow_the_dtype(tmp_path):
         export_hf(model, tmp_path / "out", fmt="llama", dtype="fp16")
     assert not (tmp_path / "out").exists()
     export_hf(model, tmp_path / "out", fmt="llama", dtype="bf16")  # bf16 holds it
+
+
+@pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+def test_import_names_the_source_file_holding_nan(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_moe("qwen3_moe")
+    hf.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    name = next(n for n in sorted(state) if n.endswith("self_attn.q_proj.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(NexusError, match=f"^{weights}: holds NaN"):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

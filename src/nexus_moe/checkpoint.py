@@ -154,16 +154,21 @@ NONFINITE_FIX = (
 
 
 class NonFiniteModel(NexusError):
-    """A model would have been written with NaN or infinite values (nothing was written)."""
+    """A model would have been written with NaN or infinite values (nothing was written);
+    ``tensor`` names the first such tensor."""
+
+    tensor: str = ""
 
 
 def nonfinite_error(out: Path, tensor: str, cause: str | None = None) -> NexusError:
     """The one message for a model that would be written with NaN or infinite values."""
     why = f" ({cause})" if cause else ""
-    return NonFiniteModel(
+    error = NonFiniteModel(
         f"{out}: the model to be written holds NaN or infinite values in '{tensor}'{why}; "
         + NONFINITE_FIX
     )
+    error.tensor = tensor
+    return error
 
 
 def check_model_finite(tensors: Any, out: str | Path, cause: str | None = None) -> None:

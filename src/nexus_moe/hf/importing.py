@@ -20,6 +20,7 @@ import torch
 
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
+    NonFiniteModel,
     model_shapes,
     model_state_dict,
     write_checkpoint,
@@ -190,7 +191,14 @@ def save_imported(model: HFModel, out_dir: Path) -> Path:
         TensorSpec(name, dtype, shape, lambda name=name, dtype=dtype: [_read(model, name, dtype)])
         for name, (shape, dtype) in model_shapes(model.cfg).items()
     ]
-    return write_checkpoint(out_dir, model.cfg, specs, model.metadata, model.tokenizer)
+    try:
+        return write_checkpoint(out_dir, model.cfg, specs, model.metadata, model.tokenizer)
+    except NonFiniteModel as exc:  # it came from the source: name the file that holds it
+        raise NexusError(
+            f"{model.tensors.file_of(exc.tensor)}: holds NaN or infinite values (tensor "
+            f"'{exc.tensor}' of the imported model); nothing was written — the source is "
+            "damaged: restore or download it again"
+        ) from None
 
 
 def _read(model: HFModel, name: str, dtype: torch.dtype) -> torch.Tensor:
