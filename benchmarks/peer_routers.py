@@ -20,6 +20,7 @@ Differences to `nexus` are paired over seeds (and new domains / removed experts)
 study's t-intervals (`nexus_moe.study.paired_interval`). Nothing is written but `--json`.
 
     .venv/bin/python benchmarks/peer_routers.py --seeds 0 1 2 --json /tmp/peers.json
+    .venv/bin/python benchmarks/peer_routers.py --summary /tmp/peers-s0.json /tmp/peers-s1.json
 """
 
 from __future__ import annotations
@@ -246,11 +247,24 @@ def summary(results: list[dict]) -> str:
                         cell += f" [{scale * p['low']:+.2f}, {scale * p['high']:+.2f}]"
                 cells.append(cell)
             lines.append(f"| {peer} | " + " | ".join(cells) + " |")
+        new = list(dict.fromkeys(d for r in rows for d in r["add"]))
+        lines += ["", f"zero-shot addition by new domain ({routing}; share / gap recovered / "
+                  "earlier domains, mean over seeds)", "",
+                  "| router | " + " | ".join(new) + " |", "|---" * (len(new) + 1) + "|"]  # fmt: skip
+        for peer in names:
+            cells = []
+            for d in new:
+                a = [r["add"][d] for r in rows if r["peer"] == peer and d in r["add"]]
+                cells.append(f"{statistics.fmean(x['share'] for x in a):.2f} / "
+                             f"{statistics.fmean(x['gap'] for x in a):.2f} / "
+                             f"{100 * statistics.fmean(x['earlier'] for x in a):+.2f}%")  # fmt: skip
+            lines.append(f"| {peer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--summary":
-        print(summary(json.loads(Path(sys.argv[2]).read_text())))
+        # --summary A.json [B.json ...]: the table of runs made separately (e.g. one per seed)
+        print(summary([r for f in sys.argv[2:] for r in json.loads(Path(f).read_text())]))
     else:
         main()
