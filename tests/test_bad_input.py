@@ -1181,6 +1181,8 @@ def test_model_config_out_of_range_is_refused(w, tmp_path):
         ({"model": {"hidden_size": -8}}, "model.hidden_size"),
         ({"moe": {"overrides": {"load_balance_weight": float("nan")}}}, "load_balance_weight"),
         ({"tokenizer": {"vocab_size": 1_000_000_000}}, "tokenizer.vocab_size"),
+        ({"extend": {"refit_rows": True, "variants": ["moe-linear"]}}, "extend.refit_rows"),
+        ({"extend": {"leak_budget": 0.01, "variants": []}}, "extend.leak_budget"),
     ],
 )
 def test_recipe_fields_out_of_range_are_refused_at_load(tmp_path, section, field):

@@ -281,7 +281,31 @@ def check_recipe(recipe: Recipe) -> None:
             )
         _check_patterns(patterns, f"extend.train_only.{name}", "[mlp.experts]")
     _check_variants(recipe)
+    _check_unused_extend_options(recipe)
     _check_seq_lens(recipe)
+
+
+def _check_unused_extend_options(recipe: Recipe) -> None:
+    """extend.leak_budget and extend.refit_rows shape calibrated new rows: set while no extended
+    variant has a calibrated router (method nexus), nothing would use them."""
+    e = recipe.extend
+    given = [
+        name
+        for name, value in (
+            ("extend.leak_budget", e.leak_budget),
+            ("extend.refit_rows", e.refit_rows),
+        )
+        if value
+    ]
+    if not given:
+        return
+    kinds = {v.name: v.kind for v in recipe.moe.variants}
+    if not any(kinds[name].calibrates_by_default for name in e.variants if name in kinds):
+        raise NexusError(
+            f"{given[0]}: applies to the calibrated routers of method nexus, and none of "
+            f"extend.variants ({', '.join(e.variants) or 'none'}) has one; drop {given[0]} or "
+            "extend a nexus variant"
+        )
 
 
 def _check_seq_lens(recipe: Recipe) -> None:
