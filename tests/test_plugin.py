@@ -650,17 +650,15 @@ def test_an_moe_from_statistics_files_without_any_corpus(world):
     (means and covariances only) the same directions at a temperature fitted on samples of
     those, still routing each domain to its expert."""
     from nexus_moe import domain_stats
-    from nexus_moe.hf.importing import build_model
     from nexus_moe.upcycle import _open_input
 
     files = {}
     for share in (True, False):
         for d in DOMAINS:
             source = _open_input(world["experts"][d])
-            model = build_model(source.cfg, source.tensors)
             stats = domain_stats.measure(
-                model,
-                domain_stats.tensor_fingerprint(source.tensors),
+                source.cfg,
+                source.tensors,
                 world["shards"],
                 d,
                 512,
@@ -768,9 +766,8 @@ def test_extend_from_a_statistics_file_without_the_text(world):
     moe_dir = _upcycled(world)
     source = _open_input(world["experts"][NEW])
     stats = domain_stats.measure(
-        build_model_of(source), domain_stats.tensor_fingerprint(source.tensors),
-        world["shards"], NEW, 512, router_context=0.75,
-    )  # fmt: skip
+        source.cfg, source.tensors, world["shards"], NEW, 512, router_context=0.75
+    )
     out = world["root"] / "extended-from-stats"
     extend(moe_dir, world["experts"][NEW], out, domain_embeddings=world["emb"],
            calibration_stats=stats)  # fmt: skip
@@ -796,7 +793,18 @@ def test_extend_from_a_statistics_file_without_the_text(world):
                    domain_embeddings=world["emb"], **kw)  # fmt: skip
 
 
-def build_model_of(source):
-    from nexus_moe.hf.importing import build_model
+def test_block_by_block_statistics_equal_those_of_the_whole_dense_model(world):
+    from nexus_moe import domain_stats
+    from nexus_moe.upcycle import _open_input
 
-    return build_model(source.cfg, source.tensors)
+    source = _open_input(world["experts"][DOMAINS[1]])
+    model, _ = load_checkpoint(world["experts"][DOMAINS[1]])
+    windows = calibrate.domain_windows(world["shards"], DOMAINS[1], model.cfg.max_seq_len, 512)
+    for blocks in (None, [0]):
+        whole = domain_stats.dense_moments(model, windows, 0.75, blocks)
+        streamed = domain_stats.streamed_moments(source.cfg, source.tensors, windows, 0.75, blocks)
+        assert len(whole) == len(streamed) == (model.cfg.num_layers if blocks is None else 1)
+        for a, b in zip(whole, streamed, strict=True):
+            assert a.count == b.count
+            assert torch.equal(a.mean, b.mean) and torch.equal(a.scatter, b.scatter)
+            assert torch.equal(a.samples, b.samples)

@@ -608,7 +608,6 @@ def domain_stats_cmd(
     `extend --stats` without the text (docs/design.md §5.7)."""
     from nexus_moe import domain_stats
     from nexus_moe.config import check_option
-    from nexus_moe.hf.importing import build_model
     from nexus_moe.io_utils import output_file
     from nexus_moe.pipeline import resolve_model_dir
     from nexus_moe.upcycle import _open_input
@@ -621,10 +620,9 @@ def domain_stats_cmd(
     name = domain or source.metadata.get("domain")
     if not isinstance(name, str) or not name:
         raise NexusError(f"{expert_dir}: its metadata names no domain; pass --domain")
-    model = build_model(source.cfg, source.tensors)
     stats = domain_stats.measure(
-        model,
-        domain_stats.tensor_fingerprint(source.tensors),
+        source.cfg,
+        source.tensors,
         _calibration_shards(corpus, expert_dir),
         name,
         calibration_tokens,

@@ -29,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nexus_moe import calibrate
 from nexus_moe.calibrate import DomainMoments
+from nexus_moe.config import ModelConfig
 from nexus_moe.data import TokenShards
 from nexus_moe.errors import NexusError
-from nexus_moe.model import Transformer
+from nexus_moe.model import Block, RotaryEmbedding, Transformer
 from nexus_moe.moe import routing_input
 from nexus_moe.safetensors_io import TensorSource, read_safetensors
 
@@ -89,26 +91,82 @@ def dense_moments(
     )
 
 
+@torch.no_grad()
+def streamed_moments(
+    cfg: ModelConfig,
+    tensors: TensorSource,
+    windows: torch.Tensor,
+    router_context: float,
+    blocks: list[int] | None = None,
+    batch_size: int = 16,
+) -> list[DomainMoments]:
+    """:func:`dense_moments` of the dense model ``cfg`` whose weights are ``tensors``, without
+    the model in memory: the windows' hidden states (tokens x H) go through one block at a
+    time, each block built from its own weights and dropped after. The same batches pass the
+    same modules as in :func:`dense_moments`, so the moments are the same bit for bit; peak
+    memory is one block, the embedding table and the hidden states."""
+    if cfg.moe is not None:
+        raise NexusError("domain statistics are measured on a dense expert, not an MoE")
+    blocks = list(range(cfg.num_layers)) if blocks is None else blocks
+    embed = tensors.get("model.embed_tokens.weight").to(torch.get_default_dtype())
+    states = [
+        F.embedding(windows[start : start + batch_size], embed)
+        for start in range(0, windows.shape[0], batch_size)
+    ]
+    del embed
+    assert cfg.head_dim is not None
+    rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    cos, sin = rotary(torch.arange(windows.shape[1]), states[0].dtype)
+    moments = {b: DomainMoments() for b in blocks}
+    for index in range(max(blocks) + 1):
+        block = _block(cfg, tensors, index)
+        hook = None
+        if index in moments:
+
+            def capture(module: torch.nn.Module, args: tuple, m: DomainMoments = moments[index]):
+                route = routing_input(args[0], router_context)
+                m.update(route.reshape(-1, route.shape[-1]).float().cpu())
+
+            hook = block.mlp.register_forward_pre_hook(capture)
+        for k, x in enumerate(states):
+            states[k] = block(x, cos, sin, None, None, index)[0]
+        if hook is not None:
+            hook.remove()
+        del block
+    return [moments[b] for b in blocks]
+
+
+def _block(cfg: ModelConfig, tensors: TensorSource, index: int) -> Block:
+    """Block ``index`` of the dense model ``cfg`` with its weights from ``tensors``, eval mode."""
+    with torch.device("meta"):
+        block = Block(cfg, index)
+    block = block.to_empty(device="cpu")
+    prefix = f"model.layers.{index}."
+    for name, param in block.state_dict().items():
+        param.copy_(tensors.get(prefix + name))
+    return block.eval()
+
+
 def measure(
-    model: Transformer,
-    fingerprint: str,
+    cfg: ModelConfig,
+    tensors: TensorSource,
     shards: TokenShards,
     domain: str,
     num_tokens: int,
     router_context: float,
     share_samples: bool = False,
-    device: str | torch.device = "cpu",
 ) -> DomainStats:
-    """:class:`DomainStats` of ``domain`` (``num_tokens`` of its training split) on ``model``."""
-    windows = calibrate.domain_windows(shards, domain, model.cfg.max_seq_len, num_tokens)
-    moments = dense_moments(model, windows, router_context, device=device)
+    """:class:`DomainStats` of ``domain`` (``num_tokens`` of its training split) on the dense
+    expert ``cfg`` with weights ``tensors`` (one block in memory at a time)."""
+    windows = calibrate.domain_windows(shards, domain, cfg.max_seq_len, num_tokens)
+    moments = streamed_moments(cfg, tensors, windows, router_context)
     if not share_samples:
         moments = [DomainMoments.of(m.count, m.mean, m.scatter) for m in moments]  # type: ignore[arg-type]
     held = None
     if share_samples:  # as many as the statistics of a checkpoint keep (upcycle keeps fewer when
         # another domain has fewer windows)
         held = calibrate.held_windows(windows, min(calibrate.HELD_WINDOWS, len(windows)))
-    return DomainStats(domain, router_context, fingerprint, moments, held)
+    return DomainStats(domain, router_context, tensor_fingerprint(tensors), moments, held)
 
 
 def write(stats: DomainStats, path: Path) -> None:

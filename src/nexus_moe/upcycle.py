@@ -395,8 +395,6 @@ def _dense_statistics(
 ) -> list[calibrate.LayerStats]:
     """Each MoE layer's statistics, each domain measured on its dense expert alone (or read
     from its statistics file): one expert in memory at a time."""
-    from nexus_moe.hf.importing import build_model
-
     assert cfg.moe is not None
     blocks = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     context = cfg.moe.router_context
@@ -413,11 +411,11 @@ def _dense_statistics(
             )
         else:
             assert shards is not None
-            model = build_model(expert.cfg, expert.tensors)
             windows = calibrate.domain_windows(shards, domain, cfg.max_seq_len, num_tokens)
             require_text(windows, shards.data_dir, domain)
-            got = domain_stats.dense_moments(model, windows, context, blocks)
-            del model
+            got = domain_stats.streamed_moments(
+                expert.cfg, expert.tensors, windows, context, blocks
+            )
         for layer, m in enumerate(got):  # (the order sum() would add them in)
             scatter = m.drop_scatter() if m.samples is not None else m.scatter
             assert scatter is not None
