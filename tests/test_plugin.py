@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_bpe_file, tiny_config
-from nexus_moe import calibrate, config
+from nexus_moe import calibrate, config, placement
 from nexus_moe.analyse import routing_counts
 from nexus_moe.checkpoint import load_checkpoint, save_checkpoint
 from nexus_moe.config import MoEConfig
@@ -222,8 +222,8 @@ def test_held_windows_scored_from_a_kept_block_match_whole_forward_passes(world)
     input: the same losses as the whole model."""
     model, _ = load_checkpoint(_upcycled(world))
     held = model.moe_layers()[0].domain_stats.held
-    whole = calibrate.held_losses(model, held)
-    runner = calibrate._HeldForward(model.eval(), held, "cpu")
+    whole = placement.held_losses(model, held)
+    runner = placement._HeldForward(model.eval(), held, "cpu")
     for block in range(model.cfg.num_layers + 1):
         runner.advance(block)
         torch.testing.assert_close(runner.losses(), whole, atol=1e-5, rtol=1e-5)
@@ -266,8 +266,8 @@ def test_default_new_row_keeps_the_earlier_domains_loss_within_the_budget(world,
     extend(moe_dir, world["experts"][NEW], out, domain_embeddings=world["emb"],
            calibration_shards=world["shards"], calibration_tokens=512)  # fmt: skip
     model, meta = load_checkpoint(out)
-    rise = calibrate.held_losses(model, held) - calibrate.held_losses(old, held)
-    assert float(rise.max()) <= math.log1p(calibrate.LOSS_BUDGET) + 1e-6, rise
+    rise = placement.held_losses(model, held) - placement.held_losses(old, held)
+    assert float(rise.max()) <= math.log1p(config.LOSS_BUDGET) + 1e-6, rise
     # The checkpoint records what the placement gave.
     placed = meta["extended_with"]["new_row"]
     assert placed["held_worst_rise"] == pytest.approx(math.expm1(float(rise.max())), abs=1e-4)
@@ -773,11 +773,11 @@ def test_extend_from_a_statistics_file_without_the_text(world):
            calibration_stats=stats)  # fmt: skip
     model, meta = load_checkpoint(out)
     held = load_checkpoint(moe_dir)[0].moe_layers()[0].domain_stats.held
-    rise = calibrate.held_losses(model, held) - calibrate.held_losses(
+    rise = placement.held_losses(model, held) - placement.held_losses(
         load_checkpoint(moe_dir)[0], held
     )
-    assert float(rise.max()) <= math.log1p(calibrate.LOSS_BUDGET) + 1e-6, rise
-    assert meta["extended_with"]["new_row"]["loss_budget"] == calibrate.LOSS_BUDGET
+    assert float(rise.max()) <= math.log1p(config.LOSS_BUDGET) + 1e-6, rise
+    assert meta["extended_with"]["new_row"]["loss_budget"] == config.LOSS_BUDGET
     # the new domain gains as from its text (test_default_new_row_keeps_the_earlier_domains...)
     old = load_checkpoint(moe_dir)[0]
     before = evaluate_domains(old, world["shards"], [NEW], EVAL)[NEW].perplexity

@@ -38,7 +38,7 @@ def new_row_scale(router_context: float) -> float:
     return NEW_ROW_SCALE if router_context >= CONTEXT_FOR_FULL_ROW else NEW_ROW_SCALE_LESS_CONTEXT
 
 
-# The default bound on a new expert's calibrated row (``calibrate.place_new_rows``): the largest
+# The default bound on a new expert's calibrated row (``placement.place_new_rows``): the largest
 # rise of an earlier domain's perplexity, on the windows of its text kept with the routing
 # statistics, that placing the row may cause (docs/design.md §5.6; BENCHMARKS.md, "plug-in
 # experts from any domain").

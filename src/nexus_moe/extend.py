@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nexus_moe import calibrate, config, domain_stats
+from nexus_moe import calibrate, config, domain_stats, placement
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     load_checkpoint,
@@ -113,7 +113,7 @@ def extend_model(
     leak_budget: float | None = None,
     refit_rows: bool = calibrate.REFIT_EARLIER_ROWS,
     row_scale: float | None = None,
-    loss_budget: float = calibrate.LOSS_BUDGET,
+    loss_budget: float = config.LOSS_BUDGET,
     report: dict | None = None,
     calibration_moments: list[calibrate.DomainMoments] | None = None,
     new_held: torch.Tensor | None = None,
@@ -127,7 +127,7 @@ def extend_model(
     calibrated rows are placed layer by layer on the model, each as large as it can be (up to
     ``config.new_row_scale`` of the router's context times the earlier rows' norm) while no
     earlier domain's perplexity on the windows kept with the statistics rises by more than
-    ``loss_budget`` (``calibrate.place_new_rows``; ``report`` receives what it gave). Otherwise
+    ``loss_budget`` (``placement.place_new_rows``; ``report`` receives what it gave). Otherwise
     (``row_scale`` given, statistics without windows, or ``refit_rows``) the row gets
     ``row_scale`` (default ``config.new_row_scale``; ``config.REFIT_ROW_SCALE`` with
     ``refit_rows``) times the earlier rows' norm, or, with ``leak_budget`` (the share of the
@@ -196,7 +196,7 @@ def extend_model(
     # A leak budget bounds what the new row takes from the earlier rows as they are: it keeps them.
     refit_rows = refit_rows and leak_budget is None
     # The default norm of a calibrated row is bounded by the earlier domains' loss on their held
-    # windows (calibrate.place_new_rows); statistics made before windows were kept fall back to
+    # windows (placement.place_new_rows); statistics made before windows were kept fall back to
     # the fixed norm of the router's context.
     held = stats[0].held if stats and stats[0] is not None else None
     bounded = row_scale is None and leak_budget is None and not refit_rows and held is not None
@@ -213,7 +213,7 @@ def extend_model(
         if bounded:
             # Never larger than the fixed norm: a sample of the earlier text can miss the part
             # of a domain that looks like the new one (BENCHMARKS.md), so the bound only shrinks.
-            grown_stats, factors, info = calibrate.place_new_rows(
+            grown_stats, factors, info = placement.place_new_rows(
                 moe,
                 calibration_windows,
                 stats,  # type: ignore[arg-type]

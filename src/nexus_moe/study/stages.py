@@ -63,18 +63,18 @@ def _default_row_scale(moe_dir: Path) -> float:
 def _calibration_defaults(trained: Path) -> list[Any]:
     """The code's defaults a calibrated extension depends on, as stage-key inputs: the default
     norms of a calibrated new row for this MoE, and the default bound on the earlier domains'
-    loss (calibrate.place_new_rows)."""
-    from nexus_moe import calibrate, config
+    loss (placement.place_new_rows)."""
+    from nexus_moe import calibrate, config, placement
 
     return [
         _default_row_scale(trained),
         config.REFIT_ROW_SCALE,
         "placed on held windows, at most the fixed norm",
-        calibrate.LOSS_BUDGET,
-        calibrate._CARRIER_SPREAD,
+        config.LOSS_BUDGET,
+        placement._CARRIER_SPREAD,
         calibrate.HELD_WINDOWS,
-        calibrate._NORM_GRID.tolist(),
-        calibrate._BIAS_GRID.tolist(),
+        placement._NORM_GRID.tolist(),
+        placement._BIAS_GRID.tolist(),
     ]
 
 

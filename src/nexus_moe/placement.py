@@ -1,0 +1,237 @@
+"""The default placement of a new expert's router row: bounded by the earlier domains' loss
+(docs/design.md §5.6).
+
+``extend`` places a new expert's calibrated row layer by layer on the model itself, each as
+large as it can be while no earlier domain's perplexity on the windows kept with the routing
+statistics (``LayerStats.held``) rises by more than its share of ``config.LOSS_BUDGET``
+(:func:`place_new_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nexus_moe.calibrate import (
+    DEFAULT_RIDGE,
+    DomainMoments,
+    LayerStats,
+    NewInputs,
+    moe_inputs,
+    new_expert_row,
+    whitening,
+)
+from nexus_moe.config import LOSS_BUDGET
+from nexus_moe.model import Transformer
+
+_NORM_GRID = torch.linspace(0.1, 2.5, 25)  # the candidates up to the cap place_new_rows gets
+# Below the smallest norm a bias-free row still takes tokens (every logit near 0 ties with it),
+# so the most cautious candidates add a negative bias along the direction all the layer's inputs
+# share (times the earlier rows' mean norm; see _bias_carrier).
+_BIAS_GRID = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+_CARRIER_SPREAD = 0.2
+_HEAD_WINDOWS = 4  # held windows whose logits are computed at once
+
+
+@torch.no_grad()
+def held_losses(model: Transformer, held: torch.Tensor, device: str | torch.device = "cpu"):
+    """(E,) mean next-token loss of ``model`` on each domain's held windows (E, W, T)."""
+    from nexus_moe.losses import language_model_loss
+
+    was_training = model.training
+    model.eval()
+    try:
+        losses = []
+        for windows in held.long():
+            windows = windows.to(device)
+            logits = model(windows[:, :-1]).logits
+            losses.append(float(language_model_loss(logits, windows[:, 1:])))
+    finally:
+        model.train(was_training)
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+class _HeldForward:
+    """The model on held windows (E, W, T), with the residual stream at the input of one block
+    kept: the blocks below a layer whose row is being placed are fixed by then, so each
+    candidate runs only the blocks from it up (half the work of whole forward passes)."""
+
+    @torch.no_grad()
+    def __init__(self, model: Transformer, held: torch.Tensor, device: str | torch.device):
+        self.model, self.domains = model, held.shape[0]
+        ids = held.long().reshape(-1, held.shape[-1]).to(device)
+        self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
+        self.x = model.model.embed_tokens(self.inputs)
+        positions = torch.arange(self.inputs.shape[1], device=ids.device)
+        self.cos, self.sin = model.rotary(positions, self.x.dtype)
+        self.block, self.prev = 0, None
+
+    def _run(self, x, prev, start: int, stop: int):
+        for i in range(start, stop):
+            x, info = self.model.model.layers[i](x, self.cos, self.sin, prev, None, i)
+            if info is not None:
+                prev = info.top1
+        return x, prev
+
+    @torch.no_grad()
+    def advance(self, block: int) -> None:
+        """Keep the residual stream at the input of ``block`` (the blocks below it are final)."""
+        self.x, self.prev = self._run(self.x, self.prev, self.block, block)
+        self.block = block
+
+    @torch.no_grad()
+    def losses(self) -> torch.Tensor:
+        """(E,) mean next-token loss of each domain's held windows, float64."""
+        from nexus_moe.losses import language_model_loss
+
+        x, _ = self._run(self.x, self.prev, self.block, len(self.model.model.layers))
+        hidden = self.model.model.norm(x)
+        per_domain = hidden.shape[0] // self.domains
+        out = []
+        for d in range(self.domains):  # a few windows' logits at a time (large vocabularies)
+            total = 0.0
+            for start in range(d * per_domain, (d + 1) * per_domain, _HEAD_WINDOWS):
+                rows = slice(start, min(start + _HEAD_WINDOWS, (d + 1) * per_domain))
+                logits = self.model.lm_head(hidden[rows])
+                total += float(language_model_loss(logits, self.targets[rows], reduction="sum"))
+            out.append(total / self.targets[d * per_domain : (d + 1) * per_domain].numel())
+        return torch.tensor(out, dtype=torch.float64)
+
+
+@torch.no_grad()
+def place_new_rows(
+    model: Transformer,
+    windows: torch.Tensor | None,
+    stats: list[LayerStats],
+    budget: float = LOSS_BUDGET,
+    ridge: float = DEFAULT_RIDGE,
+    device: str | torch.device = "cpu",
+    max_factor: float | None = None,
+    new_moments: list[DomainMoments] | None = None,
+    new_held: torch.Tensor | None = None,
+) -> tuple[list[LayerStats], list[float], dict[str, float]]:
+    """Place the row of the new (last) expert of every MoE layer of ``model`` from its domain's
+    calibration ``windows``, with a norm bounded by what it costs the earlier domains on their
+    held windows (``stats[0].held``): after the rows of the first l + 1 MoE layers are placed,
+    no earlier domain's perplexity on its held windows may have risen by more than
+    ``budget * (l + 1) / L``. Returns the statistics grown by the new domain, each layer's norm
+    factor (times the earlier rows' mean norm) and the largest rise at the end (``worst``).
+
+    A token sent to the new expert leaves its layer changed, and the change carries on through
+    attention and the router's running mean to the layers above, where more of the window's
+    tokens then go to the new expert (measured on the demo's MoE: 0.6% of a domain's tokens at
+    the first MoE layer, 5.8% at the last); and the new domain's own tokens reach a layer as the
+    layers below routed them. Neither shows in statistics of each layer taken alone, so the
+    rows are placed on the model itself, layer by layer from the first: the new domain's
+    inputs at layer l are taken with the rows below placed (the new expert masked from layer l
+    up), its direction is :func:`new_expert_row`'s from them, and its norm is the largest of
+    the candidates (:func:`_candidate_rows`: ``_NORM_GRID`` up to ``max_factor``, below it
+    negative biases) within the layer's share of the budget (by bisection), measured on the
+    whole model with the new expert masked above; the most cautious candidate when none is.
+
+    Without the new domain's text (``windows`` None), ``new_moments`` give its inputs' moments
+    at each MoE layer as its dense expert computes them (a domain statistics file; its windows,
+    if it shares them, ``new_held``), in place of its inputs as routed: the bound on the earlier
+    domains holds the same, the direction is taken from the expert's own hidden states.
+    """
+    assert stats[0].held is not None
+    assert (windows is None) != (new_moments is None)
+    layers = model.moe_layers()
+    blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
+    new = layers[0].num_experts - 1
+    saved = [layer.expert_mask for layer in layers]
+    masked = torch.ones(new + 1, dtype=torch.bool, device=device)
+    masked[new] = False
+    grown_stats, factors = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers:
+            layer.expert_mask = masked
+        held = _HeldForward(model, stats[0].held, device)
+        before = held.losses()
+        for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
+            limit = math.log1p(budget * (index + 1) / len(layers))
+            held.advance(blocks[index])
+            if new_moments is not None:
+                x: NewInputs = new_moments[index]
+            else:
+                assert windows is not None
+                x = moe_inputs(model, windows, None, device=device)[index]
+            earlier = layer.router.expert_embeddings().detach()[:new].float()
+            unit, grown = new_expert_row(
+                layer_stats,
+                x,
+                earlier.cpu(),
+                ridge,
+                scale=1.0,
+                new_windows=windows if windows is not None else new_held,
+            )
+            layer.expert_mask = saved[index]
+            candidates = _candidate_rows(unit, layer_stats, ridge, max_factor)
+
+            def rise(row: torch.Tensor, i: int = index) -> float:
+                layers[i].router.set_row(new, row.to(device))
+                return float((held.losses() - before).max())
+
+            if rise(candidates[0][1]) > limit:  # even the most cautious: try the biases too
+                candidates = _candidate_rows(unit, layer_stats, ridge, max_factor, True)
+            lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit
+            if rise(candidates[hi][1]) <= limit:
+                lo = hi
+            else:
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if rise(candidates[mid][1]) <= limit:
+                        lo = mid
+                    else:
+                        hi = mid
+            factors.append(candidates[lo][0])
+            layer.router.set_row(new, candidates[lo][1].to(device))
+            grown_stats.append(grown)
+        worst = float((held.losses() - before).max())
+    finally:
+        for layer, mask in zip(layers, saved, strict=True):
+            layer.expert_mask = mask
+        model.train(was_training)
+    return grown_stats, factors, {"worst": math.expm1(worst)}
+
+
+def _bias_carrier(stats: LayerStats, ridge: float) -> tuple[torch.Tensor | None, float]:
+    """(H,) a direction on which every input scores about 1: ``W g`` scaled so the earlier
+    centroids score 1 on average (None when they score 0 on it), and how much the inputs'
+    scores on it vary (within-domain deviation). The layer's inputs all carry the common mean
+    g; measured on the demo's MoE, their scores along ``W g`` vary by 4% (routing on context)
+    to 10% (per token) above the first MoE layer, so a row's component along it acts as a bias
+    there; in the first MoE layer by 30-50%, where it acts partly as noise."""
+    carrier = whitening(stats.covariance, ridge) @ stats.center.double()
+    scale = (stats.centroids.double() @ carrier).mean()
+    if scale.abs() <= 1e-12:
+        return None, math.inf
+    spread = float((carrier @ stats.covariance.double() @ carrier).sqrt() / scale.abs())
+    return (carrier / scale).float(), spread
+
+
+def _candidate_rows(
+    unit: torch.Tensor,
+    stats: LayerStats,
+    ridge: float,
+    max_factor: float | None = None,
+    last_resort: bool = False,
+) -> list[tuple[float, torch.Tensor]]:
+    """A new row's candidates from the most cautious to the most taking, with their norm factor:
+    the smallest norm with ever larger negative biases (_BIAS_GRID; only where the inputs'
+    scores on the bias direction vary by at most _CARRIER_SPREAD, or as the ``last_resort``),
+    then _NORM_GRID up to ``max_factor`` (None: all of it)."""
+    reference = float(unit.norm())
+    smallest = float(_NORM_GRID[0]) * unit
+    carrier, spread = _bias_carrier(stats, ridge)
+    biased = []
+    if carrier is not None and (spread <= _CARRIER_SPREAD or last_resort):
+        biased = [
+            (float(_NORM_GRID[0]), smallest - float(b) * reference * carrier)
+            for b in _BIAS_GRID.flip(0)
+        ]
+    factors = [float(f) for f in _NORM_GRID if max_factor is None or f <= max_factor + 1e-6]
+    return biased + [(f, f * unit) for f in factors]
