@@ -36,6 +36,7 @@ bench: $(STAMP)
 
 paper: $(STAMP)
 	$(BIN)/nexus-moe run configs/paper-small.yaml
+	$(BIN)/nexus-moe report runs/paper-small/results/scores.json --out docs/results.md
 
 clean-venv:
 	rm -rf $(VENV)
