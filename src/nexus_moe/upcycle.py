@@ -27,7 +27,6 @@ memory stays near the largest single tensor plus the interpreter, not the sum of
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,16 +38,12 @@ from safetensors.torch import save_file
 
 from nexus_moe import calibrate, domain_stats
 from nexus_moe.checkpoint import (
-    TOKENIZER_FILE,
     WEIGHTS_FILE,
     NonFiniteModel,
-    check_branched_from,
     first_nonfinite,
     load_checkpoint,
-    load_config,
     model_shapes,
     model_state_dict,
-    open_weights,
     require_text,
     seed_hash,
     write_checkpoint,
@@ -70,34 +65,35 @@ from nexus_moe.errors import NexusError
 from nexus_moe.hf.formats import AUTO, FORMATS, NATIVE
 from nexus_moe.routers import NexusRouter, build_router
 from nexus_moe.safetensors_io import (
-    DTYPE_NAMES,
     NonFiniteTensor,
     TensorSource,
     TensorSpec,
     storage_order,
 )
+from nexus_moe.upcycle_inputs import (
+    ARCHITECTURE_FIELDS,
+    DenseInput,
+    check_domains,
+    check_inputs,
+    open_input,
+    resolve_domains,
+)
+
+# Importable from here as before (extend, tests).
+__all__ = [
+    "ARCHITECTURE_FIELDS",
+    "SEED_DOMAIN",
+    "UpcycleOptions",
+    "method_defaults",
+    "moe_config",
+    "upcycle",
+    "upcycle_with",
+]
+_open_input = open_input
 
 if TYPE_CHECKING:
     from nexus_moe.embed import DomainEmbeddings
 
-
-# ModelConfig fields that must agree between all inputs. max_seq_len and init_std do not change
-# the weights' meaning, so the seed's values are kept.
-ARCHITECTURE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_embeddings",
-    "attention_bias",
-    "qk_norm",
-    "sliding_window",
-)
 
 # MoEConfig fields that upcycling derives from its inputs; overriding them would contradict them.
 _DERIVED_FIELDS = ("num_experts", "domains", "embedder", "domain_embedding_dim")
@@ -110,6 +106,55 @@ _FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(gate_proj|up_proj|down_proj)$")
 _SHARED_RE = re.compile(r"^(model\.layers\.\d+\.mlp)\.shared_expert\.(\w+_proj\.weight)$")
 _ROUTER_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.router\.(.+)$")
+
+
+@dataclass(frozen=True)
+class UpcycleOptions:
+    """The settings of :func:`upcycle` besides its inputs, method and output folder.
+
+    * ``domain_embeddings``: required when the router uses them (nexus, or AC on nexus); each
+      expert's domain must be present. They are written into every MoE layer's router buffer.
+    * ``domains``: the domain of each expert checkpoint (sparse-upcycle: of each copy); by default
+      read from each expert's metadata ``"domain"``.
+    * ``num_experts``: sparse-upcycle only, the number of seed FFN copies (default 4).
+    * ``moe_overrides``: further :class:`MoEConfig` fields, e.g. ``{"router": "ac",
+      "ac_base": "nexus", "top_k": 2}``; unknown keys and wrong types are errors.
+    * ``btx_include_seed``: btx only, the seed's FFN as one more routed expert.
+    * ``seed``: seeds the random router initialisation (each router's ``reset_parameters``).
+    * ``out_format``: ``native`` writes our checkpoint; a Hugging Face format (``auto``,
+      ``qwen2_moe``, ``qwen3_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes
+      that folder directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in
+      one pass;
+      ``out_dtype`` (bf16, fp16, fp32) and ``max_shard_size`` apply to that folder only.
+    * ``calibration_shards`` / ``calibration_tokens`` / ``calibrate_router``: place the router
+      rows from each expert's domain (``calibration_tokens`` tokens of its training split in
+      ``calibration_shards``, tokenised with the seed's tokenizer) so the MoE routes by domain
+      before any training (``nexus_moe.calibrate``). ``calibrate_router`` defaults to True for
+      ``nexus`` (which then needs the shards) and to "when shards are given" for the others;
+      ``nexus-paper`` is the paper's configuration (top-1 + shared seed expert, random
+      projection) and is never calibrated by default.
+    * ``domain_stats``: statistics files of some or all experts' domains
+      (:mod:`nexus_moe.domain_stats`), in place of their text; the experts without one take
+      theirs from ``calibration_shards``.
+      When the experts share every weight but their FFNs (branched FFN-only) and the MoE has no
+      shared expert, the statistics are measured on each dense expert alone, one in memory at a
+      time (the same rows as on the assembled MoE), and any ``out_format`` may be calibrated;
+      otherwise calibration runs on the assembled MoE and needs the native format.
+    """
+
+    domain_embeddings: DomainEmbeddings | None = None
+    domains: list[str] | None = None
+    num_experts: int | None = None
+    moe_overrides: dict[str, Any] | None = None
+    btx_include_seed: bool = False
+    seed: int = 0
+    out_format: str = NATIVE
+    calibration_shards: TokenShards | None = None
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
+    calibrate_router: bool | None = None
+    out_dtype: str | None = None
+    max_shard_size: int | str | None = None
+    domain_stats: list[DomainStats] | None = None
 
 
 def upcycle(
@@ -137,43 +182,96 @@ def upcycle(
       the n routed copies of sparse-upcycle, or an extra routed expert of btx with
       ``btx_include_seed``). Its tokenizer.json is copied to the output.
     * ``expert_dirs``: dense domain experts, one routed expert each (empty for sparse-upcycle).
-    * ``domains``: the domain of each expert checkpoint (sparse-upcycle: of each copy); by default
-      read from each expert's metadata ``"domain"``.
-    * ``domain_embeddings``: required when the router uses them (nexus, or AC on nexus); each
-      expert's domain must be present. They are written into every MoE layer's router buffer.
-    * ``num_experts``: sparse-upcycle only, the number of seed FFN copies (default 4).
-    * ``moe_overrides``: further :class:`MoEConfig` fields, e.g. ``{"router": "ac",
-      "ac_base": "nexus", "top_k": 2}``; unknown keys and wrong types are errors.
-    * ``seed``: seeds the random router initialisation (each router's ``reset_parameters``).
-    * ``calibration_shards`` / ``calibration_tokens`` / ``calibrate_router``: place the router
-      rows from each expert's domain (``calibration_tokens`` tokens of its training split in
-      ``calibration_shards``, tokenised with the seed's tokenizer) so the MoE routes by domain
-      before any training (``nexus_moe.calibrate``). ``calibrate_router`` defaults to True for
-      ``nexus`` (which then needs the shards) and to "when shards are given" for the others;
-      ``nexus-paper`` is the paper's configuration (top-1 + shared seed expert, random
-      projection) and is never calibrated by default.
-    * ``domain_stats``: statistics files of some or all experts' domains
-      (:mod:`nexus_moe.domain_stats`), in place of their text; the experts without one take
-      theirs from ``calibration_shards``.
-      When the experts share every weight but their FFNs (branched FFN-only) and the MoE has no
-      shared expert, the statistics are measured on each dense expert alone, one in memory at a
-      time (the same rows as on the assembled MoE), and any ``out_format`` may be calibrated;
-      otherwise calibration runs on the assembled MoE and needs the native format.
-    * ``out_format``: ``native`` writes our checkpoint; a Hugging Face format (``auto``,
-      ``qwen2_moe``, ``qwen3_moe``, ``mixtral``; for btm a dense one such as ``llama``) writes
-      that folder directly, as :func:`nexus_moe.hf.export_hf` of the native result would, in
-      one pass;
-      ``out_dtype`` (bf16, fp16, fp32) and ``max_shard_size`` apply to that folder only.
+    * the other arguments are the fields of :class:`UpcycleOptions`, documented there
+      (:func:`upcycle_with` takes them as one object).
 
     Each input is a native checkpoint or a dense Hugging Face folder (Llama, Mistral, Qwen2,
     Qwen3; read in place, no import step). All inputs must be dense and share one architecture,
     dtype and tokenizer; everything is checked before anything is written, and the output appears
     atomically.
     """
+    options = UpcycleOptions(
+        domain_embeddings=domain_embeddings,
+        domains=domains,
+        num_experts=num_experts,
+        moe_overrides=moe_overrides,
+        btx_include_seed=btx_include_seed,
+        seed=seed,
+        out_format=out_format,
+        calibration_shards=calibration_shards,
+        calibration_tokens=calibration_tokens,
+        calibrate_router=calibrate_router,
+        out_dtype=out_dtype,
+        max_shard_size=max_shard_size,
+        domain_stats=domain_stats,
+    )
+    return upcycle_with(method, seed_dir, expert_dirs, out_dir, options)
+
+
+def upcycle_with(
+    method: str | Method,
+    seed_dir: str | Path,
+    expert_dirs: list[str | Path] | list[Path],
+    out_dir: str | Path,
+    options: UpcycleOptions,
+) -> Path:
+    """:func:`upcycle` with its settings as one :class:`UpcycleOptions`."""
+    o = options
     method = _parse_method(method)
-    check_option("calibration_tokens", calibration_tokens)
+    check_option("calibration_tokens", o.calibration_tokens)
     out_dir = Path(out_dir)
     expert_paths = [Path(p) for p in expert_dirs]
+    _check_request(method, expert_paths, o)
+    stats_by_domain = _stats_by_domain(o.domain_stats or [])
+    calibrate_router = _check_calibration(
+        method, o.calibrate_router, o.calibration_shards, bool(stats_by_domain)
+    )
+
+    seed_in, expert_ins = check_inputs(Path(seed_dir), expert_paths)
+    routed, expert_domains, base = _routed_experts(method, seed_in, expert_ins, o)
+    if method == Method.btm:
+        if o.moe_overrides:
+            raise NexusError("btm produces a dense model; moe_overrides do not apply")
+        cfg, vectors = seed_in.cfg, None
+    else:
+        cfg = moe_config(method, seed_in.cfg, len(routed), expert_domains, o.moe_overrides)
+        vectors = _domain_vectors(cfg, expert_domains, o.domain_embeddings)
+
+    model_dtype = seed_in.dtypes["model.embed_tokens.weight"]
+    layer_stats = None
+    if calibrate_router:
+        by_dense = _calibrates_on_dense(cfg, base, o.out_format, bool(stats_by_domain))
+        _check_stats_domains(stats_by_domain, expert_domains, o.calibration_shards)
+        if by_dense:
+            layer_stats = _dense_statistics(
+                cfg, routed, expert_domains, o.calibration_shards, stats_by_domain,
+                o.calibration_tokens,
+            )  # fmt: skip
+    rows = None if layer_stats is None else [calibrate.router_rows(s) for s in layer_stats]
+    specs = _plan(cfg, seed_in, routed, base, model_dtype, vectors, o.seed, rows)
+    metadata = {
+        "stage": "upcycle",
+        "method": method.value,
+        "inputs": [str(seed_in.path), *(str(p.path) for p in expert_ins)],
+        "domains": expert_domains,
+        "router_seed": o.seed,
+        "seed_sha256": seed_hash(seed_in.path),  # extend checks new experts against it
+    }
+    finish = _finish_step(layer_stats, calibrate_router, o)
+    hf_options = {"dtype": o.out_dtype}
+    if o.max_shard_size is not None:
+        hf_options["max_shard_size"] = o.max_shard_size
+    try:
+        return _write_output(
+            out_dir, o.out_format, cfg, specs, metadata, seed_in.tokenizer, finish, hf_options
+        )
+    except (NonFiniteModel, NonFiniteTensor):  # name the input it came from, if one holds it
+        _name_nonfinite_input([seed_in, *expert_ins])
+        raise
+
+
+def _check_request(method: Method, expert_paths: list[Path], o: UpcycleOptions) -> None:
+    """Refuse a combination of method, experts and options that cannot be, before any reading."""
     if method == Method.sparse_upcycle and expert_paths:
         raise NexusError(
             f"sparse-upcycle copies the seed's FFN and takes no expert checkpoints "
@@ -181,99 +279,71 @@ def upcycle(
         )
     if method != Method.sparse_upcycle and not expert_paths:
         raise NexusError(f"{method.value} needs at least one dense expert checkpoint; got none")
-    if method != Method.sparse_upcycle and num_experts is not None:
+    if method != Method.sparse_upcycle and o.num_experts is not None:
         raise NexusError(
             f"num_experts is only for sparse-upcycle; {method.value} has one routed expert per "
             f"expert checkpoint ({len(expert_paths)})"
         )
 
-    if btx_include_seed and method != Method.btx:
+    if o.btx_include_seed and method != Method.btx:
         raise NexusError(f"btx_include_seed applies to btx only, not {method.value}")
-    _check_out_format(out_format)
-    if out_format == NATIVE and (out_dtype is not None or max_shard_size is not None):
+    _check_out_format(o.out_format)
+    if o.out_format == NATIVE and (o.out_dtype is not None or o.max_shard_size is not None):
         raise NexusError(
             "--dtype and --max-shard-size apply to a Hugging Face output; pass --format "
             "(e.g. --format auto), or `nexus-moe export` the native checkpoint with them"
         )
 
-    stats_by_domain = _stats_by_domain(domain_stats or [])
-    calibrate_router = _check_calibration(
-        method, calibrate_router, calibration_shards, bool(stats_by_domain)
-    )
 
-    seed_in, expert_ins = _check_inputs(Path(seed_dir), expert_paths)
-    seed_cfg = seed_in.cfg
-
-    # Where each kind of tensor comes from.
+def _routed_experts(
+    method: Method, seed_in: DenseInput, expert_ins: list[DenseInput], o: UpcycleOptions
+) -> tuple[list[DenseInput], list[str], list[DenseInput]]:
+    """Where each kind of tensor comes from: the routed experts, their domains, and the inputs
+    whose non-FFN weights are averaged."""
     if method == Method.sparse_upcycle:
-        copies = 4 if num_experts is None else num_experts
+        copies = 4 if o.num_experts is None else o.num_experts
         if copies < 1:
             raise NexusError(f"num_experts={copies}: sparse-upcycle needs at least one copy")
         routed = [seed_in] * copies
-        expert_domains = _check_domains([f"copy {i}" for i in range(copies)], domains or [])
+        expert_domains = check_domains([f"copy {i}" for i in range(copies)], o.domains or [])
         base = [seed_in]  # non-FFN weights: the seed's
     else:
-        expert_domains = _resolve_domains(expert_ins, domains)
+        expert_domains = resolve_domains(expert_ins, o.domains)
         routed = list(expert_ins)
         base = list(expert_ins)  # non-FFN weights: mean over the experts
-        if method == Method.btx and btx_include_seed:
+        if method == Method.btx and o.btx_include_seed:
             routed.append(seed_in)
-            expert_domains = _check_domains(
+            expert_domains = check_domains(
                 [str(p.path) for p in routed], [*expert_domains, SEED_DOMAIN]
             )
+    return routed, expert_domains, base
 
-    if method == Method.btm:
-        if moe_overrides:
-            raise NexusError("btm produces a dense model; moe_overrides do not apply")
-        cfg, vectors = seed_cfg, None
-    else:
-        cfg = moe_config(method, seed_cfg, len(routed), expert_domains, moe_overrides)
-        vectors = _domain_vectors(cfg, expert_domains, domain_embeddings)
 
-    model_dtype = seed_in.dtypes["model.embed_tokens.weight"]
-    layer_stats = None
-    if calibrate_router:
-        by_dense = _calibrates_on_dense(cfg, base, out_format, bool(stats_by_domain))
-        _check_stats_domains(stats_by_domain, expert_domains, calibration_shards)
-        if by_dense:
-            layer_stats = _dense_statistics(
-                cfg, routed, expert_domains, calibration_shards, stats_by_domain, calibration_tokens
-            )
-    rows = None if layer_stats is None else [calibrate.router_rows(s) for s in layer_stats]
-    specs = _plan(cfg, seed_in, routed, base, model_dtype, vectors, seed, rows)
-    metadata = {
-        "stage": "upcycle",
-        "method": method.value,
-        "inputs": [str(seed_in.path), *(str(p.path) for p in expert_ins)],
-        "domains": expert_domains,
-        "router_seed": seed,
-        "seed_sha256": seed_hash(seed_in.path),  # extend checks new experts against it
-    }
-    finish = None
-    if layer_stats is not None and out_format == NATIVE:
-        finish = functools.partial(_write_stats, stats=layer_stats)
-    elif calibrate_router and layer_stats is None:
-        assert calibration_shards is not None
-        finish = functools.partial(
-            _calibrate_in_place, shards=calibration_shards, num_tokens=calibration_tokens
+def _finish_step(
+    layer_stats: list[calibrate.LayerStats] | None, calibrate_router: bool, o: UpcycleOptions
+) -> Callable[[Path], None] | None:
+    """What completes a written native checkpoint before it is published: its router
+    statistics, or the calibration of its router on the assembled model."""
+    if layer_stats is not None and o.out_format == NATIVE:
+        return functools.partial(_write_stats, stats=layer_stats)
+    if calibrate_router and layer_stats is None:
+        assert o.calibration_shards is not None
+        return functools.partial(
+            _calibrate_in_place, shards=o.calibration_shards, num_tokens=o.calibration_tokens
         )
-    hf_options = {"dtype": out_dtype}
-    if max_shard_size is not None:
-        hf_options["max_shard_size"] = max_shard_size
-    try:
-        return _write_output(
-            out_dir, out_format, cfg, specs, metadata, seed_in.tokenizer, finish, hf_options
-        )
-    except (NonFiniteModel, NonFiniteTensor):  # name the input it came from, if one holds it
-        for source in (seed_in, *expert_ins):
-            bad = first_nonfinite(source.tensors)
-            if bad is not None:
-                raise NexusError(
-                    f"{source.tensors.file_of(bad)}: tensor '{bad}' holds NaN or infinite "
-                    "values, so the upcycled model would too; nothing was written — restore "
-                    "this input or train it again"
-                ) from None
-        raise
+    return None
+
+
+def _name_nonfinite_input(inputs: list[DenseInput]) -> None:
+    """Raise the NexusError naming the first input tensor holding NaN or infinite values, if any."""
+    for source in inputs:
+        bad = first_nonfinite(source.tensors)
+        if bad is not None:
+            raise NexusError(
+                f"{source.tensors.file_of(bad)}: tensor '{bad}' holds NaN or infinite "
+                "values, so the upcycled model would too; nothing was written — restore "
+                "this input or train it again"
+            ) from None
 
 
 def _check_out_format(out_format: str) -> None:
@@ -341,7 +411,7 @@ def _check_stats_domains(
 
 
 def _calibrates_on_dense(
-    cfg: ModelConfig, base: list[_Input], out_format: str, has_stats: bool
+    cfg: ModelConfig, base: list[DenseInput], out_format: str, has_stats: bool
 ) -> bool:
     """Whether the router statistics can be measured on each dense expert alone: the MoE with
     a token forced to an expert must compute that expert, so the MoE has no shared expert and
@@ -387,7 +457,7 @@ def _calibrates_on_dense(
 
 def _dense_statistics(
     cfg: ModelConfig,
-    routed: list[_Input],
+    routed: list[DenseInput],
     domains: list[str],
     shards: TokenShards | None,
     stats: dict[str, DomainStats],
@@ -483,139 +553,6 @@ def _parse_method(method: str | Method) -> Method:
         raise NexusError(f"unknown upcycling method '{method}'; choose one of: {allowed}") from None
 
 
-# --------------------------------------------------------------------------------------------
-# input validation
-
-
-@dataclass
-class _Input:
-    """One dense input: a native checkpoint or a Hugging Face folder, checked, weights unread.
-
-    ``tensors``: every tensor of the model in our names, read on demand (stored dtypes).
-    """
-
-    path: Path
-    cfg: ModelConfig
-    metadata: dict[str, Any]
-    tokenizer: Path | None
-    tensors: TensorSource
-
-    @property
-    def dtypes(self) -> dict[str, torch.dtype]:
-        return self.tensors.dtypes
-
-
-def _open_input(path: Path) -> _Input:
-    """Read and check one input's config and weight headers (both kinds of folder)."""
-    from nexus_moe.hf import is_hf_folder, open_dense_hf
-
-    if is_hf_folder(path):
-        folder = open_dense_hf(path)
-        return _Input(path, folder.cfg, {}, folder.tokenizer, folder.tensors)
-    cfg, metadata = load_config(path)
-    _require_dense(path, cfg)
-    tokenizer = path / TOKENIZER_FILE
-    tensors = open_weights(path, cfg)  # reads the header only
-    return _Input(path, cfg, metadata, tokenizer if tokenizer.is_file() else None, tensors)
-
-
-def _check_inputs(seed_dir: Path, expert_dirs: list[Path]) -> tuple[_Input, list[_Input]]:
-    """The seed and the experts, after checking that all agree (architecture, tensor dtypes,
-    tokenizer)."""
-    seed = _open_input(seed_dir)
-    experts = [_open_input(path) for path in expert_dirs]
-    for expert in experts:
-        check_branched_from(seed.path, expert.path, expert.metadata)
-    for expert in experts:
-        for name in ARCHITECTURE_FIELDS:
-            mine, theirs = getattr(expert.cfg, name), getattr(seed.cfg, name)
-            if mine != theirs:
-                raise NexusError(
-                    f"{expert.path}: {name}={mine} but seed has {theirs}; all inputs must share "
-                    "one architecture"
-                )
-
-    seed_hash = _sha256(seed.tokenizer) if seed.tokenizer is not None else None
-    for expert in experts:
-        digest = _sha256(expert.tokenizer) if expert.tokenizer is not None else None
-        if digest != seed_hash:
-            if digest is None or seed_hash is None:
-                has = "has no" if digest is None else "has a"
-                seed_has = "one" if seed_hash is not None else "none"
-                raise NexusError(f"{expert.path}: {has} {TOKENIZER_FILE} but seed has {seed_has}")
-            raise NexusError(
-                f"{expert.path}: {TOKENIZER_FILE} differs from the seed's (sha256 {digest[:12]} "
-                f"vs {seed_hash[:12]}); all inputs must share one tokenizer"
-            )
-
-    seed_dtypes = seed.dtypes
-    for expert in experts:
-        for name, dtype in expert.dtypes.items():
-            if dtype != seed_dtypes[name]:
-                raise NexusError(
-                    f"{expert.tensors.file_of(name)}: tensor '{name}' is {DTYPE_NAMES[dtype]} "
-                    f"but seed has {DTYPE_NAMES[seed_dtypes[name]]}; save all inputs in one dtype"
-                )
-    return seed, experts
-
-
-def _require_dense(path: Path, cfg: ModelConfig) -> None:
-    if cfg.moe is not None:
-        raise NexusError(
-            f"{path}: is an MoE checkpoint (moe.num_experts={cfg.moe.num_experts}); upcycling "
-            "takes dense checkpoints (use `extend` to add an expert to an MoE)"
-        )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _resolve_domains(experts: list[_Input], domains: list[str] | None) -> list[str]:
-    """Each expert's domain: ``domains`` if given, else its checkpoint metadata."""
-    where = [str(e.path) for e in experts]
-    if domains is not None:
-        if len(domains) != len(experts):
-            raise NexusError(
-                f"got {len(domains)} domain names for {len(experts)} expert checkpoints"
-            )
-        return _check_domains(where, list(domains))
-    found = []
-    for expert in experts:
-        domain = expert.metadata.get("domain")
-        if not isinstance(domain, str) or not domain:
-            raise NexusError(
-                f"{expert.path}: its metadata names no 'domain' (a Hugging Face folder has "
-                "none); pass the domains explicitly (one per expert checkpoint, e.g. "
-                "`--domains code,legal`)"
-            )
-        found.append(domain)
-    return _check_domains(where, found)
-
-
-def _check_domains(where: list[str], names: list[str]) -> list[str]:
-    """``names`` (one per routed expert, from ``where``; may be empty): non-empty and distinct."""
-    if not names:
-        return []
-    if len(names) != len(where):
-        raise NexusError(f"got {len(names)} domain names for {len(where)} routed experts")
-    seen: dict[str, str] = {}
-    for name, origin in zip(names, where, strict=True):
-        if not isinstance(name, str) or not name.strip():
-            raise NexusError(f"{origin}: empty domain name")
-        if name in seen:
-            raise NexusError(
-                f"{origin}: domain '{name}' is already used by {seen[name]}; each routed expert "
-                "needs its own domain"
-            )
-        seen[name] = origin
-    return list(names)
-
-
 def method_defaults(method: Method) -> dict[str, Any]:
     """The MoE settings ``method`` sets before the user's overrides (a study keys its upcycling
     stages on them, so that a changed default is not served from an earlier run's result)."""
@@ -707,9 +644,9 @@ def _domain_vectors(
 
 def _plan(
     cfg: ModelConfig,
-    seed: _Input,
-    routed: list[_Input],
-    base: list[_Input],
+    seed: DenseInput,
+    routed: list[DenseInput],
+    base: list[DenseInput],
     model_dtype: torch.dtype,
     vectors: torch.Tensor | None,
     router_seed: int,
@@ -798,20 +735,20 @@ def _router_tensors(
     return out
 
 
-def _read(source: _Input, name: str) -> torch.Tensor:
+def _read(source: DenseInput, name: str) -> torch.Tensor:
     """One tensor of an input, backed by the file's memory map, which (with its resident
     pages) goes away with the tensor."""
     return source.tensors.get(name)
 
 
-def _copied(source: _Input, name: str) -> Callable[[], Iterator[torch.Tensor]]:
+def _copied(source: DenseInput, name: str) -> Callable[[], Iterator[torch.Tensor]]:
     def pieces() -> Iterator[torch.Tensor]:
         yield _read(source, name)
 
     return pieces
 
 
-def _stacked(sources: list[_Input], name: str) -> Callable[[], Iterator[torch.Tensor]]:
+def _stacked(sources: list[DenseInput], name: str) -> Callable[[], Iterator[torch.Tensor]]:
     def pieces() -> Iterator[torch.Tensor]:
         for source in sources:  # one expert slice at a time
             yield _read(source, name)
@@ -820,7 +757,7 @@ def _stacked(sources: list[_Input], name: str) -> Callable[[], Iterator[torch.Te
 
 
 def _averaged(
-    sources: list[_Input], name: str, dtype: torch.dtype
+    sources: list[DenseInput], name: str, dtype: torch.dtype
 ) -> Callable[[], list[torch.Tensor]]:
     def pieces() -> list[torch.Tensor]:
         # float32 accumulation in input order: sum(x_i) / n, then back to the input dtype.
