@@ -202,11 +202,27 @@ OPTION_RANGES: dict[str, Range] = {
     "router_context": Range(
         0.0,
         1.0,
-        high_open=True,
         flag="--router-context",
         key="moe.router_context",
-        hint="the router_context of the MoE (nexus: 0.75)",
+        hint="0 (per token) to 1 (the running mean alone); nexus: 0.75",
     ),
+    "top_k": Range(1, integer=True, key="moe.top_k"),
+    # TrainConfig (recipes: seed_train / branch_train / moe.train; `train --set NAME=VALUE`)
+    **{
+        f"train_{name}": Range(1, integer=True, key=f"train.{name}")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_tokens")
+    },
+    **{
+        f"train_{name}": Range(0, integer=True, key=f"train.{name}", hint="0: only at the end")
+        for name in ("eval_every", "checkpoint_every")
+    },
+    "train_lr": Range(0.0, low_open=True, key="train.lr", hint="a learning rate such as 3e-3"),
+    "train_min_lr_ratio": Range(0.0, 1.0, key="train.min_lr_ratio"),
+    "train_warmup_frac": Range(0.0, 1.0, key="train.warmup_frac"),
+    "train_weight_decay": Range(0.0, key="train.weight_decay"),
+    "train_beta1": Range(0.0, 1.0, high_open=True, key="train.beta1"),
+    "train_beta2": Range(0.0, 1.0, high_open=True, key="train.beta2"),
+    "train_grad_clip": Range(0.0, key="train.grad_clip", hint="a norm such as 1.0 (0: no clipping)"),
 }
 
 
@@ -332,7 +348,7 @@ def check_device_name(name: str, where: str = "--device") -> None:
 _MOE_RANGED = (
     "num_experts", "moe_every", "expert_intermediate_size", "load_balance_weight",
     "z_loss_weight", "router_init_std", "domain_embedding_dim", "nexus_hidden_size", "ac_eps",
-    "ac_tau", "ac_momentum",
+    "ac_tau", "ac_momentum", "top_k", "router_context",
 )  # fmt: skip
 _MODEL_RANGED = {
     "vocab_size": "vocab_size_model", "hidden_size": "hidden_size",
@@ -388,8 +404,6 @@ class MoEConfig:
             )
         if self.shared_expert_gate and not self.shared_expert:
             raise NexusError("moe.shared_expert_gate=true needs a shared expert (shared_expert)")
-        if not 0.0 <= self.router_context <= 1.0:
-            raise NexusError(f"moe.router_context={self.router_context} must be in [0, 1]")
         if self.domains and len(self.domains) != self.num_experts:
             raise NexusError(
                 f"moe.domains has {len(self.domains)} names but num_experts={self.num_experts}"

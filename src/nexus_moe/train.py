@@ -37,7 +37,7 @@ from nexus_moe.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
-from nexus_moe.config import ModelConfig, to_dict
+from nexus_moe.config import ModelConfig, check_fields, to_dict
 from nexus_moe.data import DomainSampler, TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
@@ -90,6 +90,14 @@ def tune_cpu_allocator() -> bool:
 FFN_PARAMETERS = ("mlp.",)
 
 
+# TrainConfig's numeric fields, each with its declared range (config.OPTION_RANGES).
+_TRAIN_RANGED = (
+    "steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_tokens", "eval_every",
+    "checkpoint_every", "lr", "min_lr_ratio", "warmup_frac", "weight_decay", "beta1", "beta2",
+    "grad_clip",
+)  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run (seed pretraining, branching, MoE training)."""
@@ -123,31 +131,7 @@ class TrainConfig:
     parallelism: str = "ddp"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_tokens"):
-            if getattr(self, name) < 1:
-                raise NexusError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise NexusError(f"train.{name} must be >= 0 (got {getattr(self, name)})")
-        for name in ("lr", "min_lr_ratio", "warmup_frac", "weight_decay", "beta1", "beta2"):
-            if not math.isfinite(getattr(self, name)):
-                raise NexusError(
-                    f"train.{name} must be a finite number (got {getattr(self, name)})"
-                )
-        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
-            raise NexusError(f"train.grad_clip must be >= 0 (got {self.grad_clip}; 0 disables it)")
-        if self.lr <= 0:
-            raise NexusError(f"train.lr must be > 0 (got {self.lr})")
-        for name in ("min_lr_ratio", "warmup_frac"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise NexusError(
-                    f"train.{name} must be between 0 and 1 (got {getattr(self, name)})"
-                )
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise NexusError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")
-        if self.weight_decay < 0:
-            raise NexusError(f"train.weight_decay must be >= 0 (got {self.weight_decay})")
+        check_fields(self, {name: f"train_{name}" for name in _TRAIN_RANGED})
         bad = {k: w for k, w in self.domain_weights.items() if not (math.isfinite(w) and w >= 0)}
         if bad:
             raise NexusError(f"train.domain_weights: weights must be >= 0 (got {bad})")
