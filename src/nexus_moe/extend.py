@@ -21,7 +21,9 @@ and router entry and keeps the merged weights as they are.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,15 +145,51 @@ def extend_model(
     assert cfg.moe is not None
     n = cfg.moe.num_experts
     lam = 1.0 / (n + 1) if merge_lambda is None else merge_lambda
-    if domain in cfg.moe.domains:
+    stats = [layer.domain_stats for layer in moe.moe_layers()]
+    calibrated = _check_extension(
+        cfg.moe, domain, domain_embedding, stats, calibration_windows, calibration_moments,
+        reset_linear_router,
+    )  # fmt: skip
+    undo = _merge_weights(moe, expert, lam)
+    domains = list(cfg.moe.domains) or [f"expert{j}" for j in range(n)]
+    grown_cfg = _grown_config(cfg.moe, n + 1, domains + [domain])
+    embedding = domain_embedding if cfg.moe.uses_nexus else None
+    _add_expert_ffns(moe, expert, grown_cfg, embedding, reset_linear_router, seed)
+    moe.cfg.moe = grown_cfg
+    if calibrated:
+        # A leak budget bounds what the new row takes from the earlier rows as they are: it
+        # keeps them.
+        row = _NewRow(
+            windows=calibration_windows,
+            moments=calibration_moments,
+            held=new_held,
+            leak_budget=leak_budget,
+            refit_rows=refit_rows and leak_budget is None,
+            row_scale=row_scale,
+            loss_budget=loss_budget,
+            seed=seed,
+        )
+        _place_new_row(moe, stats, n, row, undo, report)
+    return moe, undo
+
+
+def _check_extension(
+    moe_cfg: MoEConfig,
+    domain: str,
+    domain_embedding: torch.Tensor | None,
+    stats: list[calibrate.LayerStats | None],
+    calibration_windows: torch.Tensor | None,
+    calibration_moments: list[calibrate.DomainMoments] | None,
+    reset_linear_router: bool,
+) -> bool:
+    """Refuse an extension that cannot be made; whether the new row is calibrated."""
+    if domain in moe_cfg.domains:
         raise NexusError(f"the MoE already has an expert for domain '{domain}'")
-    if cfg.moe.uses_nexus and domain_embedding is None:
+    if moe_cfg.uses_nexus and domain_embedding is None:
         raise NexusError(
             f"the Nexus router needs the embedding of domain '{domain}': run `nexus-moe "
             "embed-domains` for it with the MoE's embedder"
         )
-    layers = moe.moe_layers()
-    stats = [layer.domain_stats for layer in layers]
     if calibration_windows is not None and calibration_moments is not None:
         raise NexusError("place the new row from the domain's text or its statistics, not both")
     calibrated = calibration_windows is not None or calibration_moments is not None
@@ -162,7 +200,11 @@ def extend_model(
             "this MoE carries no routing statistics (it was not upcycled with a calibrated "
             "router), so the new expert's row cannot be calibrated; extend without --corpus"
         )
+    return calibrated
 
+
+def _merge_weights(moe: Transformer, expert: Transformer, lam: float) -> dict[str, torch.Tensor]:
+    """Merge the expert's non-expert weights into the MoE's with ``lam``; the values before."""
     moe_state, expert_state = moe.state_dict(), expert.state_dict()
     undo = {}
     if lam != 0.0:
@@ -171,9 +213,18 @@ def extend_model(
             undo[name] = old.clone()
             merged = (1.0 - lam) * old.float() + lam * expert_state[name].float()
             old.copy_(merged.to(old.dtype))
+    return undo
 
-    domains = list(cfg.moe.domains) or [f"expert{j}" for j in range(n)]
-    grown_cfg = _grown_config(cfg.moe, n + 1, domains + [domain])
+
+def _add_expert_ffns(
+    moe: Transformer,
+    expert: Transformer,
+    grown_cfg: MoEConfig,
+    embedding: torch.Tensor | None,
+    reset_linear_router: bool,
+    seed: int,
+) -> None:
+    """Append the expert's FFN to every MoE layer, each router grown by its own rule."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # a new linear-router row is random: make it reproducible
     try:
@@ -181,7 +232,6 @@ def extend_model(
             if not isinstance(block.mlp, MoELayer):
                 continue
             ffn = expert.model.layers[i].mlp
-            embedding = domain_embedding if cfg.moe.uses_nexus else None
             block.mlp.add_expert(
                 ffn.gate_proj.weight,
                 ffn.up_proj.weight,
@@ -192,79 +242,119 @@ def extend_model(
             )
     finally:
         torch.random.set_rng_state(generator_state)
-    moe.cfg.moe = grown_cfg
-    # A leak budget bounds what the new row takes from the earlier rows as they are: it keeps them.
-    refit_rows = refit_rows and leak_budget is None
+
+
+@dataclass
+class _NewRow:
+    """How the new expert's router row is placed (the calibration arguments of extend_model)."""
+
+    windows: torch.Tensor | None
+    moments: list[calibrate.DomainMoments] | None
+    held: torch.Tensor | None  # the statistics file's windows, if shared
+    leak_budget: float | None
+    refit_rows: bool
+    row_scale: float | None
+    loss_budget: float
+    seed: int
+
+
+def _place_new_row(
+    moe: Transformer,
+    stats: list,
+    n: int,
+    row: _NewRow,
+    undo: dict[str, torch.Tensor],
+    report: dict | None,
+) -> None:
+    """Calibrate the new row (and with ``row.refit_rows`` refit the earlier ones) of every MoE
+    layer; ``undo`` receives the rows and statistics a refit replaces."""
+    assert moe.cfg.moe is not None
+    context = moe.cfg.moe.router_context
     # The default norm of a calibrated row is bounded by the earlier domains' loss on their held
     # windows (placement.place_new_rows); statistics made before windows were kept fall back to
     # the fixed norm of the router's context.
     held = stats[0].held if stats and stats[0] is not None else None
-    bounded = row_scale is None and leak_budget is None and not refit_rows and held is not None
-    if calibrated:
-        if row_scale is None and leak_budget is None and not bounded:  # (a budget fits the norm)
-            row_scale = (
-                config.REFIT_ROW_SCALE
-                if refit_rows
-                else config.new_row_scale(grown_cfg.router_context)
-            )
-        if refit_rows:  # the rows and statistics as they were, for remove_expert
-            undo.update(_router_rows(moe, n))
-            undo.update({_STATS_UNDO + k: v for k, v in calibrate.stats_to_tensors(stats).items()})
-        if bounded:
-            # Never larger than the fixed norm: a sample of the earlier text can miss the part
-            # of a domain that looks like the new one (BENCHMARKS.md), so the bound only shrinks.
-            grown_stats, factors, info = placement.place_new_rows(
-                moe,
-                calibration_windows,
-                stats,  # type: ignore[arg-type]
-                loss_budget,
-                max_factor=config.new_row_scale(grown_cfg.router_context),
-                new_moments=calibration_moments,
-                new_held=new_held,
-            )
-            for layer, grown in zip(layers, grown_stats, strict=True):
-                layer.domain_stats = grown
-            if report is not None:  # what the placement gave (recorded with the checkpoint)
-                report.update(
-                    loss_budget=loss_budget,
-                    row_factors=[round(f, 3) for f in factors],
-                    held_worst_rise=round(info["worst"], 5),
-                )
-            return moe, undo
-        # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
-        # MoE computes when it routes them there.
-        # (From a statistics file: as the dense expert computes them, which is the same for an
-        # expert branched FFN-only.)
-        inputs: list[calibrate.NewInputs]
-        if calibration_moments is not None:
-            inputs = list(calibration_moments)
-        else:
-            assert calibration_windows is not None
-            inputs = list(calibrate.moe_inputs(moe, calibration_windows, expert=n))
-        new_windows = calibration_windows if calibration_windows is not None else new_held
-        for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
-            earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
-            reference_norm = None  # the new row's norm is relative to the rows before a refit
-            if refit_rows:
-                reference_norm = earlier.norm(dim=-1).mean()
-                shift, refit = calibrate.refit_earlier_rows(layer_stats, x, new_windows=new_windows)
-                layer.router.shift_rows(shift.to(earlier.device))
-                earlier = earlier + shift.to(earlier.device)
-            row, grown = calibrate.new_expert_row(
-                layer_stats,
-                x,
-                earlier,
-                top_k=layer.top_k,
-                renormalize=layer.cfg.renormalize,
-                leak_budget=leak_budget,
-                seed=seed,
-                scale=row_scale,
-                reference_norm=reference_norm,
-                new_windows=new_windows,
-            )
-            layer.domain_stats = refit if refit_rows else grown
-            layer.router.set_row(n, row)
-    return moe, undo
+    bounded = (
+        row.row_scale is None
+        and row.leak_budget is None
+        and not row.refit_rows
+        and held is not None
+    )
+    row_scale = row.row_scale
+    if row_scale is None and row.leak_budget is None and not bounded:  # (a budget fits the norm)
+        row_scale = config.REFIT_ROW_SCALE if row.refit_rows else config.new_row_scale(context)
+    if row.refit_rows:  # the rows and statistics as they were, for remove_expert
+        undo.update(_router_rows(moe, n))
+        undo.update({_STATS_UNDO + k: v for k, v in calibrate.stats_to_tensors(stats).items()})
+    if bounded:
+        _place_bounded(moe, stats, row, report)
+        return
+    _place_fixed(moe, stats, n, row, row_scale)
+
+
+def _place_bounded(moe: Transformer, stats: list, row: _NewRow, report: dict | None) -> None:
+    """Each layer's new row as large as the earlier domains' loss allows."""
+    assert moe.cfg.moe is not None
+    # Never larger than the fixed norm: a sample of the earlier text can miss the part
+    # of a domain that looks like the new one (BENCHMARKS.md), so the bound only shrinks.
+    grown_stats, factors, info = placement.place_new_rows(
+        moe,
+        row.windows,
+        stats,
+        row.loss_budget,
+        max_factor=config.new_row_scale(moe.cfg.moe.router_context),
+        new_moments=row.moments,
+        new_held=row.held,
+    )
+    for layer, grown in zip(moe.moe_layers(), grown_stats, strict=True):
+        layer.domain_stats = grown
+    if report is not None:  # what the placement gave (recorded with the checkpoint)
+        report.update(
+            loss_budget=row.loss_budget,
+            row_factors=[round(f, 3) for f in factors],
+            held_worst_rise=round(info["worst"], 5),
+        )
+
+
+def _place_fixed(
+    moe: Transformer, stats: list, n: int, row: _NewRow, row_scale: float | None
+) -> None:
+    """Each layer's new row with ``row_scale`` times the earlier rows' norm, or the norm the
+    leak budget fits (and with ``row.refit_rows`` the earlier rows refit first)."""
+    layers = moe.moe_layers()
+    # The new domain's inputs at every MoE layer with its tokens on the new expert: what the
+    # MoE computes when it routes them there.
+    # (From a statistics file: as the dense expert computes them, which is the same for an
+    # expert branched FFN-only.)
+    inputs: list[calibrate.NewInputs]
+    if row.moments is not None:
+        inputs = list(row.moments)
+    else:
+        assert row.windows is not None
+        inputs = list(calibrate.moe_inputs(moe, row.windows, expert=n))
+    new_windows = row.windows if row.windows is not None else row.held
+    for layer, layer_stats, x in zip(layers, stats, inputs, strict=True):
+        earlier = layer.router.expert_embeddings().detach()[:n].float()  # as before adding
+        reference_norm = None  # the new row's norm is relative to the rows before a refit
+        if row.refit_rows:
+            reference_norm = earlier.norm(dim=-1).mean()
+            shift, refit = calibrate.refit_earlier_rows(layer_stats, x, new_windows=new_windows)
+            layer.router.shift_rows(shift.to(earlier.device))
+            earlier = earlier + shift.to(earlier.device)
+        new_row, grown = calibrate.new_expert_row(
+            layer_stats,
+            x,
+            earlier,
+            top_k=layer.top_k,
+            renormalize=layer.cfg.renormalize,
+            leak_budget=row.leak_budget,
+            seed=row.seed,
+            scale=row_scale,
+            reference_norm=reference_norm,
+            new_windows=new_windows,
+        )
+        layer.domain_stats = refit if row.refit_rows else grown
+        layer.router.set_row(n, new_row)
 
 
 def _router_rows(model: Transformer, n: int) -> dict[str, torch.Tensor]:
@@ -321,6 +411,23 @@ def _moments_of_file(
     return domain_stats.for_moe(stats, blocks, cfg.moe.router_context, fingerprint, "--stats")
 
 
+@dataclass(frozen=True)
+class ExtendOptions:
+    """The settings of :func:`extend` besides its inputs and output folder (documented there)."""
+
+    domain: str | None = None
+    domain_embeddings: Any = None  # a DomainEmbeddings
+    reset_linear_router: bool = False
+    merge_lambda: float | None = None
+    seed: int = 0
+    calibration_shards: TokenShards | None = None
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
+    leak_budget: float | None = None
+    refit_rows: bool = calibrate.REFIT_EARLIER_ROWS
+    row_scale: float | None = None
+    calibration_stats: DomainStats | None = None
+
+
 def extend(
     moe_dir: str | Path,
     expert_dir: str | Path,
@@ -356,15 +463,36 @@ def extend(
     (the domain's statistics file, :mod:`nexus_moe.domain_stats`) place the row in place of its
     text, for an expert branched FFN-only.
     """
+    options = ExtendOptions(
+        domain=domain,
+        domain_embeddings=domain_embeddings,
+        reset_linear_router=reset_linear_router,
+        merge_lambda=merge_lambda,
+        seed=seed,
+        calibration_shards=calibration_shards,
+        calibration_tokens=calibration_tokens,
+        leak_budget=leak_budget,
+        refit_rows=refit_rows,
+        row_scale=row_scale,
+        calibration_stats=calibration_stats,
+    )
+    return extend_with(moe_dir, expert_dir, out_dir, options)
+
+
+def extend_with(
+    moe_dir: str | Path, expert_dir: str | Path, out_dir: str | Path, options: ExtendOptions
+) -> Path:
+    """:func:`extend` with its settings as one :class:`ExtendOptions`."""
+    o = options
     check_extend_options(
-        calibration_shards is not None or calibration_stats is not None, calibration_tokens,
-        leak_budget, refit_rows, row_scale, merge_lambda,
+        o.calibration_shards is not None or o.calibration_stats is not None,
+        o.calibration_tokens, o.leak_budget, o.refit_rows, o.row_scale, o.merge_lambda,
     )  # fmt: skip
-    if calibration_stats is not None and calibration_shards is not None:
+    if o.calibration_stats is not None and o.calibration_shards is not None:
         raise NexusError("--stats: the new row is placed from --corpus or --stats; give one")
-    if calibration_stats is not None and leak_budget:
+    if o.calibration_stats is not None and o.leak_budget:
         raise NexusError("--leak-budget is estimated on the domain's text: pass --corpus")
-    leak_budget = leak_budget or None  # 0: the default bound
+    leak_budget = o.leak_budget or None  # 0: the default bound
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
     moe, moe_meta = load_checkpoint(moe_dir)
     expert, expert_meta = load_checkpoint(expert_dir)
@@ -377,59 +505,30 @@ def extend(
             f"{expert_dir}: this expert was branched from another seed than the MoE in "
             f"{moe_dir} (seed hashes {theirs[:12]} vs {ours[:12]}); branch it from the MoE's seed"
         )
-    domain = domain or expert_meta.get("domain")
+    domain = o.domain or expert_meta.get("domain")
     if not domain:
         raise NexusError(f"{expert_dir}: no domain in its metadata; pass --domain NAME")
-    embedding = None
-    if moe.cfg.moe.uses_nexus:
-        if domain_embeddings is None:
-            raise NexusError(
-                f"the MoE in {moe_dir} routes with domain embeddings: pass --embeddings with an "
-                f"embedding for '{domain}'"
-            )
-        if moe.cfg.moe.embedder and domain_embeddings.embedder != moe.cfg.moe.embedder:
-            raise NexusError(
-                f"domain embeddings were made with {domain_embeddings.embedder} but the MoE uses "
-                f"{moe.cfg.moe.embedder}; re-run embed-domains with --embedder "
-                f"{moe.cfg.moe.embedder}"
-            )
-        embedding = domain_embeddings.get([domain])[0]
-        if embedding.numel() != moe.cfg.moe.domain_embedding_dim:
-            raise NexusError(
-                f"domain embeddings have dimension {embedding.numel()} but the MoE in {moe_dir} "
-                f"routes with {moe.cfg.moe.domain_embedding_dim}-dimensional ones; re-run "
-                "embed-domains with the MoE's embedder"
-            )
-    if moe.cfg.moe.router == RouterType.nexus and reset_linear_router:
+    embedding = _domain_embedding(moe.cfg.moe, moe_dir, domain, o.domain_embeddings)
+    if moe.cfg.moe.router == RouterType.nexus and o.reset_linear_router:
         raise NexusError("--reset-router applies to linear routers only")
+    merge_lambda = o.merge_lambda
     if merge_lambda is None and expert_meta.get("train_only") == list(FFN_PARAMETERS):
         merge_lambda = 0.0
     windows = None
-    if calibration_shards is not None:
+    if o.calibration_shards is not None:
         windows = calibrate.domain_windows(
-            calibration_shards, domain, moe.cfg.max_seq_len, calibration_tokens
+            o.calibration_shards, domain, moe.cfg.max_seq_len, o.calibration_tokens
         )
-        require_text(windows, calibration_shards.data_dir, domain)
+        require_text(windows, o.calibration_shards.data_dir, domain)
     moments, new_held = None, None
-    if calibration_stats is not None:
-        moments, new_held = _moments_of_file(calibration_stats, moe, expert_dir, domain)
+    if o.calibration_stats is not None:
+        moments, new_held = _moments_of_file(o.calibration_stats, moe, expert_dir, domain)
     placement: dict = {}
     moe, undo = extend_model(
-        moe,
-        expert,
-        domain,
-        embedding,
-        reset_linear_router,
-        merge_lambda,
-        seed,
-        windows,
-        leak_budget,
-        refit_rows,
-        row_scale,
-        report=placement,
-        calibration_moments=moments,
+        moe, expert, domain, embedding, o.reset_linear_router, merge_lambda, o.seed, windows,
+        leak_budget, o.refit_rows, o.row_scale, report=placement, calibration_moments=moments,
         new_held=new_held,
-    )
+    )  # fmt: skip
     merged_now = _as_after_removal(moe.state_dict(), undo)
     metadata = {
         **moe_meta,
@@ -442,14 +541,42 @@ def extend(
         },
         "undo": {"domain": domain, "merged_fingerprint": _fingerprint(merged_now)},
     }
+    tokenizer = moe_dir / TOKENIZER_FILE
     save_checkpoint(
         out_dir,
         moe,
-        moe_dir / TOKENIZER_FILE if (moe_dir / TOKENIZER_FILE).is_file() else None,
+        tokenizer if tokenizer.is_file() else None,
         metadata=metadata,
         extra_files={UNDO_FILE: undo} if undo else None,
     )
     return out_dir
+
+
+def _domain_embedding(
+    moe_cfg: MoEConfig, moe_dir: Path, domain: str, domain_embeddings
+) -> torch.Tensor | None:
+    """The new domain's embedding for a Nexus router (checked against the MoE's), else None."""
+    if not moe_cfg.uses_nexus:
+        return None
+    if domain_embeddings is None:
+        raise NexusError(
+            f"the MoE in {moe_dir} routes with domain embeddings: pass --embeddings with an "
+            f"embedding for '{domain}'"
+        )
+    if moe_cfg.embedder and domain_embeddings.embedder != moe_cfg.embedder:
+        raise NexusError(
+            f"domain embeddings were made with {domain_embeddings.embedder} but the MoE uses "
+            f"{moe_cfg.embedder}; re-run embed-domains with --embedder "
+            f"{moe_cfg.embedder}"
+        )
+    embedding = domain_embeddings.get([domain])[0]
+    if embedding.numel() != moe_cfg.domain_embedding_dim:
+        raise NexusError(
+            f"domain embeddings have dimension {embedding.numel()} but the MoE in {moe_dir} "
+            f"routes with {moe_cfg.domain_embedding_dim}-dimensional ones; re-run "
+            "embed-domains with the MoE's embedder"
+        )
+    return embedding
 
 
 def remove_expert(ckpt_dir: str | Path, out_dir: str | Path, domain: str) -> Path:

@@ -10,6 +10,7 @@ statistics (``LayerStats.held``) rises by more than its share of ``config.LOSS_B
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -154,11 +155,7 @@ def place_new_rows(
         for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
             limit = math.log1p(budget * (index + 1) / len(layers))
             held.advance(blocks[index])
-            if new_moments is not None:
-                x: NewInputs = new_moments[index]
-            else:
-                assert windows is not None
-                x = moe_inputs(model, windows, None, device=device)[index]
+            x = _new_inputs(model, windows, new_moments, index, device)
             earlier = layer.router.expert_embeddings().detach()[:new].float()
             unit, grown = new_expert_row(
                 layer_stats,
@@ -169,26 +166,14 @@ def place_new_rows(
                 new_windows=windows if windows is not None else new_held,
             )
             layer.expert_mask = saved[index]
-            candidates = _candidate_rows(unit, layer_stats, ridge, max_factor)
 
             def rise(row: torch.Tensor, i: int = index) -> float:
                 layers[i].router.set_row(new, row.to(device))
                 return float((held.losses() - before).max())
 
-            if rise(candidates[0][1]) > limit:  # even the most cautious: try the biases too
-                candidates = _candidate_rows(unit, layer_stats, ridge, max_factor, True)
-            lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit
-            if rise(candidates[hi][1]) <= limit:
-                lo = hi
-            else:
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if rise(candidates[mid][1]) <= limit:
-                        lo = mid
-                    else:
-                        hi = mid
-            factors.append(candidates[lo][0])
-            layer.router.set_row(new, candidates[lo][1].to(device))
+            factor, row = _bounded_row(unit, layer_stats, ridge, max_factor, rise, limit)
+            factors.append(factor)
+            layer.router.set_row(new, row.to(device))
             grown_stats.append(grown)
         worst = float((held.losses() - before).max())
     finally:
@@ -196,6 +181,48 @@ def place_new_rows(
             layer.expert_mask = mask
         model.train(was_training)
     return grown_stats, factors, {"worst": math.expm1(worst)}
+
+
+def _new_inputs(
+    model: Transformer,
+    windows: torch.Tensor | None,
+    new_moments: list[DomainMoments] | None,
+    index: int,
+    device: str | torch.device,
+) -> NewInputs:
+    """The new domain's inputs at MoE layer ``index``: as routed through ``model`` (from its
+    ``windows``), or the moments of its statistics file."""
+    if new_moments is not None:
+        return new_moments[index]
+    assert windows is not None
+    return moe_inputs(model, windows, None, device=device)[index]
+
+
+def _bounded_row(
+    unit: torch.Tensor,
+    layer_stats: LayerStats,
+    ridge: float,
+    max_factor: float | None,
+    rise: Callable[[torch.Tensor], float],
+    limit: float,
+) -> tuple[float, torch.Tensor]:
+    """The most taking of the candidate rows (its norm factor and the row) whose ``rise`` of
+    the earlier domains' loss is within ``limit``, by bisection; the most cautious when none
+    is."""
+    candidates = _candidate_rows(unit, layer_stats, ridge, max_factor)
+    if rise(candidates[0][1]) > limit:  # even the most cautious: try the biases too
+        candidates = _candidate_rows(unit, layer_stats, ridge, max_factor, True)
+    lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit
+    if rise(candidates[hi][1]) <= limit:
+        lo = hi
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if rise(candidates[mid][1]) <= limit:
+                lo = mid
+            else:
+                hi = mid
+    return candidates[lo]
 
 
 def _bias_carrier(stats: LayerStats, ridge: float) -> tuple[torch.Tensor | None, float]:

@@ -21,22 +21,7 @@ def model_card(
     tokenizer_file: Path | None,
 ) -> str:
     """A Hugging Face model card (README.md): what the export is and how it was built."""
-    # Count parameters as exported: whatever the router, the HF gate is one (E, hidden) matrix.
-    exported = dataclasses.replace(cfg, moe=None)
-    if cfg.moe is not None:
-        exported.moe = dataclasses.replace(cfg.moe, router=RouterType.linear)
-    total, active = exported.num_params(), exported.num_params(active=True)
-    rows = [
-        ("architecture", f"`{fmt.architecture}` (model_type `{fmt.model_type}`)"),
-        ("parameters", f"{total / 1e6:.2f} M total, {active / 1e6:.2f} M active per token"),
-        (
-            "layers / hidden / heads",
-            f"{cfg.num_layers} / {cfg.hidden_size} / {cfg.num_heads} "
-            f"(kv heads {cfg.num_kv_heads}, head dim {cfg.head_dim})",
-        ),
-        ("context", f"{cfg.max_seq_len} tokens, RoPE base {cfg.rope_theta:g}"),
-        ("tokenizer", "included (`tokenizer.json`)" if tokenizer_file else "not included"),
-    ]
+    rows = _summary_rows(cfg, fmt, tokenizer_file) + _moe_rows(cfg)
     lines = ["---", "library_name: transformers", "tags:", "- nexus-moe"]
     if cfg.moe is not None:
         lines.append("- mixture-of-experts")
@@ -49,52 +34,13 @@ def model_card(
         "",
     ]
     moe = cfg.moe
-    if moe is not None:
-        moe_blocks = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
-        gates = "p_i / sum of the top-k p (renormalised)" if moe.renormalize else "p_i"
-        router = {
-            RouterType.linear: "linear (a learned gate matrix)",
-            RouterType.nexus: (
-                "Nexus: expert embeddings projected from fixed domain embeddings "
-                f"({moe.embedder or 'sentence embedder'}); exported as the projected "
-                "expert-embedding matrix, a linear gate with identical logits"
-            ),
-        }.get(moe.router, moe.router.value)
-        rows += [
-            ("routed experts", f"{moe.num_experts}, top-{moe.top_k} per token, gate = {gates}"),
-            ("shared expert", _shared(moe)),
-            ("router", router),
-            ("MoE blocks", ", ".join(map(str, moe_blocks))),
-        ]
     lines += ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), ""]
     domains = (moe.domains if moe is not None else []) or metadata.get("domains") or []
     if moe is not None and domains:
         lines += ["## Experts", "", "| expert | domain |", "|---|---|"]
         lines += [f"| {i} | {domain} |" for i, domain in enumerate(domains)]
         lines.append("")
-    provenance = {
-        k: _portable(v) for k, v in metadata.items() if k != "domains" and v not in (None, [], {})
-    }
-    if provenance:
-        lines += ["## How it was built", ""]
-        for key, value in provenance.items():
-            if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
-                shown = ", ".join(map(str, value))
-            else:
-                shown = value if isinstance(value, str) else json.dumps(value)
-            lines.append(f"- **{key}**: {shown}")
-        lines.append("")
-    if fmt.model_type == "qwen2_moe" and moe is not None and not moe.shared_expert_gate:
-        lines += [
-            "## Format notes",
-            "",
-            "Qwen2-MoE scales the shared expert by `sigmoid(x . w)`; here `w = 0` "
-            "(`shared_expert_gate`), a constant 1/2, and the shared expert's `down_proj` is "
-            "doubled, so each MoE block computes exactly what the nexus-moe layer does"
-            + ("." if moe.shared_expert else " (the shared expert is empty: width 0).")
-            + ("" if cfg.attention_bias else " The q/k/v biases are zeros (the model has none)."),
-            "",
-        ]
+    lines += _provenance_lines(metadata) + _format_notes(cfg, fmt)
     lines += [
         "## Use",
         "",
@@ -107,6 +53,86 @@ def model_card(
         lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{name}")')
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _summary_rows(
+    cfg: ModelConfig, fmt: Format, tokenizer_file: Path | None
+) -> list[tuple[str, str]]:
+    """The card's table rows that every model has."""
+    # Count parameters as exported: whatever the router, the HF gate is one (E, hidden) matrix.
+    exported = dataclasses.replace(cfg, moe=None)
+    if cfg.moe is not None:
+        exported.moe = dataclasses.replace(cfg.moe, router=RouterType.linear)
+    total, active = exported.num_params(), exported.num_params(active=True)
+    return [
+        ("architecture", f"`{fmt.architecture}` (model_type `{fmt.model_type}`)"),
+        ("parameters", f"{total / 1e6:.2f} M total, {active / 1e6:.2f} M active per token"),
+        (
+            "layers / hidden / heads",
+            f"{cfg.num_layers} / {cfg.hidden_size} / {cfg.num_heads} "
+            f"(kv heads {cfg.num_kv_heads}, head dim {cfg.head_dim})",
+        ),
+        ("context", f"{cfg.max_seq_len} tokens, RoPE base {cfg.rope_theta:g}"),
+        ("tokenizer", "included (`tokenizer.json`)" if tokenizer_file else "not included"),
+    ]
+
+
+def _moe_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """The card's table rows of an MoE (none for a dense model)."""
+    moe = cfg.moe
+    if moe is None:
+        return []
+    moe_blocks = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    gates = "p_i / sum of the top-k p (renormalised)" if moe.renormalize else "p_i"
+    router = {
+        RouterType.linear: "linear (a learned gate matrix)",
+        RouterType.nexus: (
+            "Nexus: expert embeddings projected from fixed domain embeddings "
+            f"({moe.embedder or 'sentence embedder'}); exported as the projected "
+            "expert-embedding matrix, a linear gate with identical logits"
+        ),
+    }.get(moe.router, moe.router.value)
+    return [
+        ("routed experts", f"{moe.num_experts}, top-{moe.top_k} per token, gate = {gates}"),
+        ("shared expert", _shared(moe)),
+        ("router", router),
+        ("MoE blocks", ", ".join(map(str, moe_blocks))),
+    ]
+
+
+def _provenance_lines(metadata: dict[str, Any]) -> list[str]:
+    """The "How it was built" section: the export's metadata, without absolute paths."""
+    provenance = {
+        k: _portable(v) for k, v in metadata.items() if k != "domains" and v not in (None, [], {})
+    }
+    if not provenance:
+        return []
+    lines = ["## How it was built", ""]
+    for key, value in provenance.items():
+        if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+            shown = ", ".join(map(str, value))
+        else:
+            shown = value if isinstance(value, str) else json.dumps(value)
+        lines.append(f"- **{key}**: {shown}")
+    lines.append("")
+    return lines
+
+
+def _format_notes(cfg: ModelConfig, fmt: Format) -> list[str]:
+    """What a Qwen2-MoE export does differently to compute the same (nothing for the others)."""
+    moe = cfg.moe
+    if fmt.model_type != "qwen2_moe" or moe is None or moe.shared_expert_gate:
+        return []
+    return [
+        "## Format notes",
+        "",
+        "Qwen2-MoE scales the shared expert by `sigmoid(x . w)`; here `w = 0` "
+        "(`shared_expert_gate`), a constant 1/2, and the shared expert's `down_proj` is "
+        "doubled, so each MoE block computes exactly what the nexus-moe layer does"
+        + ("." if moe.shared_expert else " (the shared expert is empty: width 0).")
+        + ("" if cfg.attention_bias else " The q/k/v biases are zeros (the model has none)."),
+        "",
+    ]
 
 
 def _shared(moe: Any) -> str:
