@@ -1012,6 +1012,24 @@ def test_single_file_output_never_replaces_a_users_file(w, tmp_path, command):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_recipes_results_written_before_records_are_its_own(tmp_path):
+    """A study rerun in a work folder from before files carried records replaces its own
+    results (the results folder beside its stage folders), and still no other file."""
+    from nexus_moe.io_utils import is_own_file
+
+    work = tmp_path / "run"
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus" / "stage.json").write_text("{}\n")
+    (work / "results").mkdir()
+    old = work / "results" / "routing-nexus.png"
+    old.write_bytes(b"an earlier run's heatmap")
+    assert is_own_file(old)
+    elsewhere = tmp_path / "results" / "routing-nexus.png"  # no stage folders beside it
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"a user's picture")
+    assert not is_own_file(elsewhere)
+
+
 def test_embed_domains_out_is_checked_before_the_embedder_runs(w, tmp_path):
     out = tmp_path / "emb"
     out.mkdir()

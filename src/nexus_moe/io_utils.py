@@ -357,7 +357,8 @@ def is_own_file(target: str | os.PathLike) -> bool:
     """True when nexus-moe wrote the file ``target`` as it is now.
 
     Its record beside it (``.NAME.nexus-moe.json``) names the sha256 of what was written; a file
-    in a stage folder of ``nexus-moe run`` (``stage.json`` beside it) is the recipe's own too.
+    in a stage folder of ``nexus-moe run`` (``stage.json`` beside it), or in the ``results``
+    folder beside such stage folders, is the recipe's own too.
     A symbolic link is never ours (nexus-moe writes none).
     """
     target = Path(target)
@@ -365,6 +366,9 @@ def is_own_file(target: str | os.PathLike) -> bool:
         return False
     if (target.parent / "stage.json").is_file():
         return True
+    if target.parent.name == "results" and any(target.parent.parent.glob("*/stage.json")):
+        return True  # a recipe's results folder, beside its stage folders (runs written before
+        # files carried records are re-run in place)
     hashes = _recorded_hashes(target)
     return bool(hashes) and file_sha256(target) in hashes
 
