@@ -222,7 +222,9 @@ OPTION_RANGES: dict[str, Range] = {
     "train_weight_decay": Range(0.0, key="train.weight_decay"),
     "train_beta1": Range(0.0, 1.0, high_open=True, key="train.beta1"),
     "train_beta2": Range(0.0, 1.0, high_open=True, key="train.beta2"),
-    "train_grad_clip": Range(0.0, key="train.grad_clip", hint="a norm such as 1.0 (0: no clipping)"),
+    "train_grad_clip": Range(
+        0.0, key="train.grad_clip", hint="a norm such as 1.0 (0: no clipping)"
+    ),
 }
 
 
