@@ -16,10 +16,13 @@ builds it) and per token (`router_context` 0, the exportable setting; `nexus` re
   mean perplexity;
 * opt-out: each expert removed in turn; the change of the remaining domains' mean perplexity.
 
-Differences to `nexus` are paired over seeds (and new domains / removed experts) with the
-study's t-intervals (`nexus_moe.study.paired_interval`). Nothing is written but `--json`.
+Differences to `nexus` are paired with the study's t-intervals (`nexus_moe.study.paired_interval`)
+over seeds and domains (step 0: the 4 domains' perplexity ratio; addition: the new domains;
+opt-out: the removed experts). The study's step-0 MoEs of different seeds compute the same
+function (the seed only draws the Nexus projection's W1, and W2 starts at 0), so at step 0 one
+seed is all there is: more seeds repeat the same figures. Nothing is written but `--json`.
 
-    .venv/bin/python benchmarks/peer_routers.py --seeds 0 1 2 --json /tmp/peers.json
+    .venv/bin/python benchmarks/peer_routers.py --seeds 0 --json /tmp/peers.json
     .venv/bin/python benchmarks/peer_routers.py --summary /tmp/peers-s0.json /tmp/peers-s1.json
 """
 
@@ -200,7 +203,7 @@ def _measures(row):
     """Measure name -> list of values (paired across peers by position)."""
     adds = list(row["add"].values())
     return {
-        "step0 mean": [row["step0_mean"]],
+        "step0 mean": [row["step0_mean"]],  # (paired per domain in summary)
         "step0 worst": [row["step0_worst"]],
         "own share": [row["own_share"]],
         "add share": [a["share"] for a in adds],
@@ -225,6 +228,7 @@ def summary(results: list[dict]) -> str:
         seeds = sorted({r["seed"] for r in rows})
         names = [p for p in PEERS if any(r["peer"] == p for r in rows)]
         by = {(r["peer"], r["seed"]): _measures(r) for r in rows}
+        by_ppl = {(r["peer"], r["seed"]): r["ppl"] for r in rows}
         lines += [f"\nrouting: {routing}, seeds {seeds}; cells: mean [95% interval of the paired "
                   "advantage of nexus; > 0: nexus better]", "",
                   "| router | " + " | ".join(HIGHER) + " |",
@@ -236,12 +240,19 @@ def summary(results: list[dict]) -> str:
                 scale, unit = (100, "%") if m in PERCENT else (1, "")
                 cell = f"{scale * statistics.fmean(vals):+.2f}{unit}" if unit else (
                     f"{statistics.fmean(vals):.2f}")  # fmt: skip
-                if peer != "nexus":
+                if peer != "nexus" and m == "step0 mean":  # paired per domain: ppl ratio
+                    diffs = [
+                        by_ppl[peer, s][d] / by_ppl["nexus", s][d] - 1
+                        for s in seeds if (peer, s) in by and ("nexus", s) in by
+                        for d in by_ppl[peer, s]
+                    ]  # fmt: skip
+                elif peer != "nexus":
                     diffs = [
                         (a - b) * (1 if HIGHER[m] else -1)
                         for s in seeds if (peer, s) in by and ("nexus", s) in by
                         for a, b in zip(by["nexus", s][m], by[peer, s][m], strict=True)
                     ]  # fmt: skip
+                if peer != "nexus":
                     p = paired_interval(diffs)
                     if p["low"] is not None:
                         cell += f" [{scale * p['low']:+.2f}, {scale * p['high']:+.2f}]"
