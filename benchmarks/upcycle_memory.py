@@ -160,16 +160,7 @@ def main() -> None:
         calibrated(args)
         return
 
-    cfg = ModelConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-    )
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="upcycle-memory-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    cfg, workdir = _setup(args)
     try:
         tok = workdir / "tokenizer.json"
         tok.write_text(json.dumps({"model": {"type": "BPE", "vocab": {}}}))
@@ -216,13 +207,10 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def calibrated(args: argparse.Namespace) -> None:
-    """The ``--calibrated`` comparison (module docstring)."""
-    from nexus_moe.calibrate import STATS_FILE
-    from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
-
+def _setup(args: argparse.Namespace, max_vocab: int | None = None) -> tuple[ModelConfig, Path]:
+    """The model config of the command line and the work folder (made)."""
     cfg = ModelConfig(
-        vocab_size=min(args.vocab, 65535),
+        vocab_size=args.vocab if max_vocab is None else min(args.vocab, max_vocab),
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_layers=args.layers,
@@ -231,6 +219,15 @@ def calibrated(args: argparse.Namespace) -> None:
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="upcycle-memory-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    return cfg, workdir
+
+
+def calibrated(args: argparse.Namespace) -> None:
+    """The ``--calibrated`` comparison (module docstring)."""
+    from nexus_moe.calibrate import STATS_FILE
+    from nexus_moe.config import DEFAULT_CALIBRATION_TOKENS
+
+    cfg, workdir = _setup(args, max_vocab=65535)  # uint16 token shards
     try:
         tok = workdir / "tokenizer.json"  # a Hugging Face folder needs a real one
         from tokenizers import Tokenizer, models
