@@ -121,18 +121,22 @@ def moe_inputs(
     expert: int | None,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
+    upto: int | None = None,
 ) -> list[torch.Tensor]:
     """What each MoE layer's router scores for ``windows`` (its input, or with context routing
     the input mixed with its running mean), tokens forced to ``expert`` (None: as routed).
 
-    Returns one (tokens, H) float32 tensor per MoE layer.
+    Returns one (tokens, H) float32 tensor per MoE layer; with ``upto``, of the MoE layers up to
+    that one only, and the forward pass stops there (nothing above it is computed).
     """
-    layers = model.moe_layers()
+    layers = model.moe_layers()[: None if upto is None else upto + 1]
     captured: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def capture(i: int, module: MoELayer, args: tuple) -> None:
         route_in = module.routing_input(args[0])  # what the router scores (B, T, H)
         captured[i].append(route_in.reshape(-1, route_in.shape[-1]))
+        if upto is not None and i == upto:
+            raise _Enough
 
     hooks = [
         layer.register_forward_pre_hook(functools.partial(capture, i))
@@ -148,7 +152,10 @@ def moe_inputs(
                 mask[expert] = True
                 layer.expert_mask = mask
         for start in range(0, windows.shape[0], batch_size):
-            model(windows[start : start + batch_size].to(device))
+            try:
+                model(windows[start : start + batch_size].to(device))
+            except _Enough:
+                pass
     finally:
         for hook in hooks:
             hook.remove()

@@ -195,7 +195,7 @@ def _new_inputs(
     if new_moments is not None:
         return new_moments[index]
     assert windows is not None
-    return moe_inputs(model, windows, None, device=device)[index]
+    return moe_inputs(model, windows, None, device=device, upto=index)[index]
 
 
 def _bounded_row(
@@ -208,20 +208,20 @@ def _bounded_row(
 ) -> tuple[float, torch.Tensor]:
     """The most taking of the candidate rows (its norm factor and the row) whose ``rise`` of
     the earlier domains' loss is within ``limit``, by bisection; the most cautious when none
-    is."""
+    is. (The most taking is tried first: where it is within the limit, as at most layers of a
+    far domain, that is one evaluation of the held windows instead of two.)"""
     candidates = _candidate_rows(unit, layer_stats, ridge, max_factor)
+    if rise(candidates[-1][1]) <= limit:
+        return candidates[-1]
     if rise(candidates[0][1]) > limit:  # even the most cautious: try the biases too
         candidates = _candidate_rows(unit, layer_stats, ridge, max_factor, True)
-    lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit
-    if rise(candidates[hi][1]) <= limit:
-        lo = hi
-    else:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if rise(candidates[mid][1]) <= limit:
-                lo = mid
-            else:
-                hi = mid
+    lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit (hi is not)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if rise(candidates[mid][1]) <= limit:
+            lo = mid
+        else:
+            hi = mid
     return candidates[lo]
 
 
