@@ -791,6 +791,16 @@ def test_extend_from_a_statistics_file_without_the_text(world):
         with pytest.raises(NexusError, match=words):
             extend(moe_dir, world["experts"][NEW], world["root"] / "refused-extend",
                    domain_embeddings=world["emb"], **kw)  # fmt: skip
+    # An MoE whose shared weights were trained on: the expert's statistics do not describe it.
+    trained, meta = load_checkpoint(moe_dir)
+    with torch.no_grad():
+        trained.model.layers[0].self_attn.q_proj.weight.mul_(1.01)
+    save_checkpoint(world["root"] / "moe-trained-shared", trained, metadata=meta)
+    with pytest.raises(NexusError, match="q_proj.weight' is not the new expert's"):
+        extend(world["root"] / "moe-trained-shared", world["experts"][NEW],
+               world["root"] / "refused-extend", domain_embeddings=world["emb"],
+               calibration_stats=stats)  # fmt: skip
+    assert not (world["root"] / "refused-extend").exists()
 
 
 def test_block_by_block_statistics_equal_those_of_the_whole_dense_model(world):

@@ -392,15 +392,25 @@ def remove_from_model(model: Transformer, index: int) -> Transformer:
 
 
 def _moments_of_file(
-    stats: DomainStats, moe: Transformer, expert_dir: Path, domain: str
+    stats: DomainStats, moe: Transformer, expert: Transformer, expert_dir: Path, domain: str
 ) -> tuple[list[calibrate.DomainMoments], torch.Tensor | None]:
     """The moments of the MoE's layers from the new domain's statistics file, checked against
-    the domain, the router and the expert (``domain_stats.for_moe``)."""
+    the domain, the router and the expert (``domain_stats.for_moe``), and the MoE checked to
+    compute what the dense expert does on its tokens (every weight but its experts' is the
+    expert's: docs/design.md §5.7)."""
     from nexus_moe.checkpoint import load_config, open_weights
 
     if stats.domain != domain:
         raise NexusError(
             f"--stats: statistics of the domain '{stats.domain}', the new expert's is '{domain}'"
+        )
+    differs = _first_shared_difference(moe, expert)
+    if differs is not None:
+        raise NexusError(
+            f"--stats: the MoE's '{differs}' is not the new expert's, so the expert's statistics "
+            "do not describe what the MoE computes (the MoE was trained beyond its experts, or "
+            "the expert was not branched FFN-only from its seed); place the row from --corpus, "
+            "or extend an MoE whose training kept its shared weights (train_only=[mlp.experts])"
         )
     cfg = moe.cfg
     assert cfg.moe is not None
@@ -409,6 +419,20 @@ def _moments_of_file(
         open_weights(expert_dir, load_config(expert_dir)[0])
     )
     return domain_stats.for_moe(stats, blocks, cfg.moe.router_context, fingerprint, "--stats")
+
+
+def _first_shared_difference(moe: Transformer, expert: Transformer) -> str | None:
+    """The first weight outside the MoE layers' experts and routers in which ``moe`` and the
+    dense ``expert`` differ (None when they share all of them)."""
+    mine = moe.state_dict()
+    moe_blocks = {i for i, block in enumerate(moe.model.layers) if block.is_moe}
+    for name, tensor in expert.state_dict().items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"] and int(parts[2]) in moe_blocks and parts[3] == "mlp":
+            continue
+        if name not in mine or not torch.equal(mine[name], tensor):
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -522,7 +546,7 @@ def extend_with(
         require_text(windows, o.calibration_shards.data_dir, domain)
     moments, new_held = None, None
     if o.calibration_stats is not None:
-        moments, new_held = _moments_of_file(o.calibration_stats, moe, expert_dir, domain)
+        moments, new_held = _moments_of_file(o.calibration_stats, moe, expert, expert_dir, domain)
     placement: dict = {}
     moe, undo = extend_model(
         moe, expert, domain, embedding, o.reset_linear_router, merge_lambda, o.seed, windows,
