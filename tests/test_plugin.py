@@ -74,17 +74,22 @@ def world(tmp_path_factory) -> dict:
 def _upcycled(world: dict, name: str = "moe", **kw) -> Path:
     out = world["root"] / name
     if not out.exists():
-        upcycle(
-            "nexus",
-            world["seed"],
-            [world["experts"][d] for d in DOMAINS],
-            out,
-            domain_embeddings=world["emb"],
-            moe_overrides={"nexus_hidden_size": 8, **kw},
-            calibration_shards=world["shards"],
-            calibration_tokens=512,
-        )
+        _nexus(world, out, {"nexus_hidden_size": 8, **kw},
+               calibration_shards=world["shards"], calibration_tokens=512)  # fmt: skip
     return out
+
+
+def _nexus(world: dict, out: Path, overrides: dict | None = None, **kw) -> Path:
+    """``upcycle`` of the world's seed and experts of DOMAINS into a nexus MoE at ``out``."""
+    return upcycle(
+        "nexus",
+        world["seed"],
+        [world["experts"][d] for d in DOMAINS],
+        out,
+        domain_embeddings=world["emb"],
+        moe_overrides=overrides or {"nexus_hidden_size": 8},
+        **kw,
+    )
 
 
 def _paper(world: dict, out: Path) -> Path:
@@ -598,15 +603,7 @@ def test_statistics_of_the_dense_experts_give_the_rows_of_the_assembled_moe(worl
     """upcycle measures each FFN-only expert alone; the rows and statistics equal those of
     calibrating the assembled MoE with each domain forced to its expert (the earlier path)."""
     dense_path, _ = load_checkpoint(_upcycled(world))
-    raw = upcycle(
-        "nexus",
-        world["seed"],
-        [world["experts"][d] for d in DOMAINS],
-        world["root"] / "uncalibrated",
-        domain_embeddings=world["emb"],
-        moe_overrides={"nexus_hidden_size": 8},
-        calibrate_router=False,
-    )
+    raw = _nexus(world, world["root"] / "uncalibrated", calibrate_router=False)
     moe_path, _ = load_checkpoint(raw)
     calibrate.calibrate_model(moe_path, world["shards"], 512)
     for name, tensor in _router_state(moe_path).items():
@@ -623,17 +620,8 @@ def test_calibrated_upcycle_straight_to_a_hugging_face_folder(world):
 
     native = load_checkpoint(_upcycled(world, "moe-ctx0", router_context=0.0))[0]
     out = world["root"] / "mixtral"
-    upcycle(
-        "nexus",
-        world["seed"],
-        [world["experts"][d] for d in DOMAINS],
-        out,
-        domain_embeddings=world["emb"],
-        moe_overrides={"nexus_hidden_size": 8, "router_context": 0.0},
-        calibration_shards=world["shards"],
-        calibration_tokens=512,
-        out_format="mixtral",
-    )
+    _nexus(world, out, {"nexus_hidden_size": 8, "router_context": 0.0},
+           calibration_shards=world["shards"], calibration_tokens=512, out_format="mixtral")  # fmt: skip
     tensors = {}
     for file in sorted(out.glob("*.safetensors")):
         tensors.update(load_file(str(file)))
@@ -671,15 +659,8 @@ def test_an_moe_from_statistics_files_without_any_corpus(world):
             assert domain_stats.read(path).shares_text is share
     reference = load_checkpoint(_upcycled(world))[0]
     for share in (True, False):
-        out = upcycle(
-            "nexus",
-            world["seed"],
-            [world["experts"][d] for d in DOMAINS],
-            world["root"] / f"from-stats-{share}",
-            domain_embeddings=world["emb"],
-            moe_overrides={"nexus_hidden_size": 8},
-            domain_stats=[domain_stats.read(files[d, share]) for d in DOMAINS],
-        )
+        out = _nexus(world, world["root"] / f"from-stats-{share}",
+                     domain_stats=[domain_stats.read(files[d, share]) for d in DOMAINS])  # fmt: skip
         model = load_checkpoint(out)[0]
         for a, b in zip(reference.moe_layers(), model.moe_layers(), strict=True):
             ra, rb = a.router.expert_embeddings().detach(), b.router.expert_embeddings().detach()
@@ -703,16 +684,8 @@ def test_an_moe_from_statistics_files_without_any_corpus(world):
         ([replace(s, router_context=0.5) for s in mixed[2:]], "context 0.5"),
     ]:
         with pytest.raises(NexusError, match=words):
-            upcycle(
-                "nexus",
-                world["seed"],
-                [world["experts"][d] for d in DOMAINS],
-                world["root"] / "refused",
-                domain_embeddings=world["emb"],
-                moe_overrides={"nexus_hidden_size": 8},
-                domain_stats=bad,
-                calibration_shards=world["shards"],
-            )
+            _nexus(world, world["root"] / "refused", domain_stats=bad,
+                   calibration_shards=world["shards"])  # fmt: skip
     assert not (world["root"] / "refused").exists()
 
 

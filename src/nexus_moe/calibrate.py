@@ -35,9 +35,10 @@ place a new expert's row from the new domain's text alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -127,30 +128,63 @@ def moe_inputs(
     the input mixed with its running mean), tokens forced to ``expert`` (None: as routed).
 
     Returns one (tokens, H) float32 tensor per MoE layer; with ``upto``, of the MoE layers up to
-    that one only, and the forward pass stops there (nothing above it is computed).
+    that one only. The forward pass stops at the last layer returned.
     """
     layers = model.moe_layers()[: None if upto is None else upto + 1]
     captured: list[list[torch.Tensor]] = [[] for _ in layers]
 
-    def capture(i: int, module: MoELayer, args: tuple) -> None:
-        route_in = module.routing_input(args[0])  # what the router scores (B, T, H)
+    def keep(i: int, module: torch.nn.Module, x: torch.Tensor) -> None:
+        assert isinstance(module, MoELayer)
+        route_in = module.routing_input(x)  # what the router scores (B, T, H)
         captured[i].append(route_in.reshape(-1, route_in.shape[-1]))
-        if upto is not None and i == upto:
-            raise _Enough
 
-    hooks = [
-        layer.register_forward_pre_hook(functools.partial(capture, i))
-        for i, layer in enumerate(layers)
-    ]
+    with _forced(model, expert, device):
+        _run_to(model, windows, list(layers), keep, batch_size, device)
+    return [torch.cat(xs).float().cpu() for xs in captured]
+
+
+@contextlib.contextmanager
+def _forced(model: Transformer, expert: int | None, device: str | torch.device) -> Iterator[None]:
+    """Every MoE layer's tokens forced to ``expert`` inside the block (None: as routed); the
+    masks as they were after."""
+    layers = model.moe_layers()
     masks = [layer.expert_mask for layer in layers]
-    was_training = model.training
-    model.eval()
     try:
-        for layer in layers:
-            if expert is not None:
+        if expert is not None:
+            for layer in layers:
                 mask = torch.zeros(layer.num_experts, dtype=torch.bool, device=device)
                 mask[expert] = True
                 layer.expert_mask = mask
+        yield
+    finally:
+        for layer, mask in zip(layers, masks, strict=True):
+            layer.expert_mask = mask
+
+
+@torch.no_grad()
+def _run_to(
+    model: Transformer,
+    windows: torch.Tensor,
+    modules: list[torch.nn.Module],
+    sink: Callable[[int, torch.nn.Module, torch.Tensor], None],
+    batch_size: int,
+    device: str | torch.device,
+) -> None:
+    """Run ``model`` (eval mode) over ``windows`` in batches, calling ``sink(i, module, input)``
+    at each of ``modules`` (in the order the forward pass reaches them); each pass stops at the
+    last of them, so the blocks above and the logits are never computed."""
+
+    def capture(i: int, module: torch.nn.Module, args: tuple) -> None:
+        sink(i, module, args[0])
+        if i == len(modules) - 1:
+            raise _Enough
+
+    hooks = [
+        m.register_forward_pre_hook(functools.partial(capture, i)) for i, m in enumerate(modules)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
         for start in range(0, windows.shape[0], batch_size):
             try:
                 model(windows[start : start + batch_size].to(device))
@@ -159,10 +193,11 @@ def moe_inputs(
     finally:
         for hook in hooks:
             hook.remove()
-        for layer, mask in zip(layers, masks, strict=True):
-            layer.expert_mask = mask
         model.train(was_training)
-    return [torch.cat(xs).float().cpu() for xs in captured]
+
+
+class _Enough(Exception):
+    """Raised by :func:`_run_to`'s last hook: nothing above it is needed."""
 
 
 def _covariance(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -294,32 +329,12 @@ def accumulate_moments(
     computed."""
     moments = [DomainMoments() for _ in modules]
 
-    def capture(i: int, module: torch.nn.Module, args: tuple) -> None:
-        x = route(module, args[0])
-        moments[i].update(x.reshape(-1, x.shape[-1]).float().cpu())
-        if i == len(modules) - 1:
-            raise _Enough
+    def update(i: int, module: torch.nn.Module, x: torch.Tensor) -> None:
+        routed = route(module, x)
+        moments[i].update(routed.reshape(-1, routed.shape[-1]).float().cpu())
 
-    hooks = [
-        m.register_forward_pre_hook(functools.partial(capture, i)) for i, m in enumerate(modules)
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            try:
-                model(windows[start : start + batch_size].to(device))
-            except _Enough:
-                pass
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    _run_to(model, windows, modules, update, batch_size, device)
     return moments
-
-
-class _Enough(Exception):
-    """Raised by :func:`accumulate_moments`'s last hook: nothing above it is needed."""
 
 
 @torch.no_grad()
@@ -328,19 +343,10 @@ def forced_moments(
 ) -> list[DomainMoments]:
     """Moments of every MoE layer's router input over ``windows``, tokens forced to ``expert``
     (with experts branched FFN-only, what the dense expert computes on its own)."""
-    layers = model.moe_layers()
-    masks = [layer.expert_mask for layer in layers]
-    try:
-        for layer in layers:
-            mask = torch.zeros(layer.num_experts, dtype=torch.bool, device=device)
-            mask[expert] = True
-            layer.expert_mask = mask
+    with _forced(model, expert, device):
         return accumulate_moments(
-            model, windows, list(layers), lambda m, x: m.routing_input(x), device=device
+            model, windows, list(model.moe_layers()), lambda m, x: m.routing_input(x), device=device
         )
-    finally:
-        for layer, mask in zip(layers, masks, strict=True):
-            layer.expert_mask = mask
 
 
 def statistics_from_moments(

@@ -419,7 +419,6 @@ def _calibrates_on_dense(
     Refuses what only the assembled MoE could calibrate, but cannot (a Hugging Face output,
     statistics files)."""
     assert cfg.moe is not None
-    why = None
     if cfg.moe.shared_expert:
         why = "the MoE has an always-on shared expert"
     else:
@@ -428,17 +427,7 @@ def _calibrates_on_dense(
             for name in model_shapes(cfg)
             if not (_EXPERTS_RE.match(name) or _SHARED_RE.match(name) or _ROUTER_RE.match(name))
         ]
-        for name in averaged:
-            first = _read(base[0], name)
-            for other in base[1:]:
-                if not torch.equal(_read(other, name), first):
-                    why = (
-                        f"the experts differ outside their FFNs ('{name}' of {other.path}); "
-                        "they were not branched FFN-only"
-                    )
-                    break
-            if why:
-                break
+        why = _first_difference(base, averaged)
     if why is None:
         return True
     if has_stats:
@@ -453,6 +442,19 @@ def _calibrates_on_dense(
             "to the native format, then `nexus-moe export` it (or pass --no-calibrate)"
         )
     return False
+
+
+def _first_difference(sources: list[DenseInput], names: list[str]) -> str | None:
+    """Why ``sources`` do not all hold the same tensor for each of ``names`` (None: they do)."""
+    for name in names:
+        first = _read(sources[0], name)
+        for other in sources[1:]:
+            if not torch.equal(_read(other, name), first):
+                return (
+                    f"the experts differ outside their FFNs ('{name}' of {other.path}); they "
+                    "were not branched FFN-only"
+                )
+    return None
 
 
 def _dense_statistics(
