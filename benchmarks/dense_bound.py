@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import iter_eval_batches
-from nexus_moe.pipeline import load_recipe, tokens_for
+from nexus_moe.pipeline import tokens_for
+from nexus_moe.recipe import load_recipe
 from nexus_moe.study.layout import RunLayout
 from nexus_moe.train import tune_cpu_allocator
 

@@ -28,7 +28,8 @@ import torch
 
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.evaluate import evaluate_domains, scores_to_dict
-from nexus_moe.pipeline import load_recipe, tokens_for, train_model
+from nexus_moe.pipeline import tokens_for, train_model
+from nexus_moe.recipe import load_recipe
 from nexus_moe.study.layout import RunLayout
 from nexus_moe.study.report import interval as _interval
 from nexus_moe.study.results import load_scores

@@ -35,7 +35,8 @@ from leak_budget import add_study_arguments, score, start  # benchmarks/leak_bud
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.extend import extend
-from nexus_moe.pipeline import load_recipe, tokens_for, train_model
+from nexus_moe.pipeline import tokens_for, train_model
+from nexus_moe.recipe import load_recipe
 from nexus_moe.study import tokens_per_step
 from nexus_moe.study.layout import RunLayout
 

@@ -51,12 +51,8 @@ from nexus_moe.config import to_dict  # noqa: E402
 from nexus_moe.embed import DomainEmbeddings  # noqa: E402
 from nexus_moe.evaluate import EvalConfig, evaluate_domains  # noqa: E402
 from nexus_moe.extend import extend_model  # noqa: E402
-from nexus_moe.pipeline import (  # noqa: E402
-    file_hash,
-    fingerprint,
-    load_recipe,
-    tokens_for,
-)
+from nexus_moe.pipeline import file_hash, fingerprint, tokens_for  # noqa: E402
+from nexus_moe.recipe import load_recipe  # noqa: E402
 from nexus_moe.study import Study  # noqa: E402
 from nexus_moe.study.layout import RunLayout  # noqa: E402
 

@@ -31,7 +31,8 @@ from nexus_moe.config import EvalConfig, ModelConfig
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.evaluate import evaluate_domains
 from nexus_moe.extend import extend
-from nexus_moe.pipeline import Recipe, tokens_for
+from nexus_moe.pipeline import tokens_for
+from nexus_moe.recipe import Recipe
 from nexus_moe.study import Study
 from nexus_moe.study.layout import RunLayout
 from nexus_moe.train import FFN_PARAMETERS, TrainConfig

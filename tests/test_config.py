@@ -4,7 +4,7 @@ import pytest
 
 from nexus_moe.config import ModelConfig, MoEConfig, from_dict
 from nexus_moe.errors import NexusError
-from nexus_moe.pipeline import load_recipe
+from nexus_moe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from test_bad_input import run, snapshot, w  # noqa: F401 -- w: the module's world fixture
 
 from nexus_moe.config import OPTION_RANGES
-from nexus_moe.pipeline import load_recipe
+from nexus_moe.recipe import load_recipe
 
 SETTINGS = settings(
     max_examples=15,

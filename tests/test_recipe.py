@@ -12,7 +12,7 @@ import yaml
 
 from nexus_moe.config import Method
 from nexus_moe.errors import NexusError
-from nexus_moe.pipeline import load_recipe
+from nexus_moe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +105,19 @@ VARIANTS = [{"name": "nexus", "method": "nexus"}, {"name": "moe-linear", "method
             {"seed_train__seq_len": 100000},
             r"seed_train\.seq_len=100000 exceeds model\.max_seq_len=",
         ),
+        (
+            {"study__reference": "nexsu"},
+            r"study\.reference: 'nexsu' is not a variant; choose one of: nexus, moe-linear, btm",
+        ),
+        (
+            {"moe__variants": [{**VARIANTS[0], "experts": "fnn"}, VARIANTS[1]]},
+            r"moe\.variants 'nexus': experts 'fnn' is not an expert set; choose one of: default",
+        ),
+        (
+            {"expert_sets": {"default": {"steps": 3}}},
+            r"expert_sets\.default: 'default' is the set branch_train makes",
+        ),
+        ({"expert_sets": {"ffn": {"stpes": 3}}}, r"expert_sets\.ffn.*stpes"),
     ],
 )
 def test_bad_recipe_fails_at_load_naming_the_field(tmp_path, changes, message):
@@ -172,7 +185,7 @@ def test_defaults_have_one_home():
     from nexus_moe import corpus, embed, tokenizer
     from nexus_moe.cli import app
     from nexus_moe.config import EmbedConfig, EvalConfig
-    from nexus_moe.pipeline import Recipe
+    from nexus_moe.recipe import Recipe
 
     recipe = Recipe()
     build = inspect.signature(corpus.build_corpus).parameters

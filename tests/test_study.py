@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from nexus_moe.pipeline import load_recipe
+from nexus_moe.recipe import load_recipe
 from nexus_moe.study import Study
 
 TEXTS = {

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nexus_moe.checkpoint import TOKENIZER_FILE
-from nexus_moe.pipeline import DEFAULT_EXPERT_SET
+from nexus_moe.recipe import DEFAULT_EXPERT_SET
 
 MODEL = "model"  # a training stage's final checkpoint, inside its stage folder
 

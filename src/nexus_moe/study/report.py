@@ -17,7 +17,7 @@ from rich.table import Table
 
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_path
-from nexus_moe.pipeline import DEFAULT_EXPERT_SET
+from nexus_moe.recipe import DEFAULT_EXPERT_SET
 from nexus_moe.study.results import (
     BySeed,
     Curve,

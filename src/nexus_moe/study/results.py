@@ -22,7 +22,7 @@ from typing import Any, TypedDict
 
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import read_json
-from nexus_moe.pipeline import DEFAULT_EXPERT_SET
+from nexus_moe.recipe import DEFAULT_EXPERT_SET
 
 APPENDED = "(appended row)"  # label suffix of the linear baseline that keeps its trained rows
 

@@ -21,14 +21,9 @@ from rich.console import Console
 
 from nexus_moe.checkpoint import load_config
 from nexus_moe.config import to_dict
-from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig
 from nexus_moe.io_utils import atomic_path, write_json
-from nexus_moe.pipeline import (
-    DEFAULT_EXPERT_SET,
-    MoEVariant,
-    load_recipe,
-)
+from nexus_moe.recipe import DEFAULT_EXPERT_SET, MoEVariant, load_recipe
 from nexus_moe.study.report import plot_curves, results_markdown, results_table, timing_table
 from nexus_moe.study.results import (
     Curve,
@@ -502,9 +497,4 @@ def validation_curve(metrics: Path) -> Curve:
 
 def run_recipe(path: str | Path, console: Console | None = None) -> dict[str, Any]:
     """Load a recipe and run it (see :class:`Study`)."""
-    recipe = load_recipe(path)
-    try:
-        study = Study(recipe, console)  # checks across sections (expert sets, reference)
-    except NexusError as exc:
-        raise NexusError(f"{path}: {exc}") from None
-    return study.run()
+    return Study(load_recipe(path), console).run()  # the recipe is checked whole at load

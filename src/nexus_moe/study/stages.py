@@ -20,15 +20,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint, load_config, weights_hash
-from nexus_moe.config import from_dict, to_dict
-from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
 from nexus_moe.io_utils import read_json, write_json
 from nexus_moe.pipeline import (
-    DEFAULT_EXPERT_SET,
     STAGE_FILE,
-    MoEVariant,
-    Recipe,
     branch_expert,
     file_hash,
     fingerprint,
@@ -39,6 +34,13 @@ from nexus_moe.pipeline import (
     stage_key,
     tokens_for,
     train_model,
+)
+from nexus_moe.recipe import (
+    DEFAULT_EXPERT_SET,
+    MoEVariant,
+    Recipe,
+    check_recipe,
+    expert_set_configs,
 )
 from nexus_moe.study.layout import RunLayout
 from nexus_moe.study.results import (
@@ -83,6 +85,7 @@ class Stages:
     directory. Evaluations are cached next to the model they score (:meth:`evaluation`)."""
 
     def __init__(self, recipe: Recipe, console: Console | None = None) -> None:
+        check_recipe(recipe)  # a recipe built in code is checked as a loaded one is
         self.recipe = recipe
         self.console = console or Console()
         self.workdir = Path(recipe.workdir)
@@ -94,7 +97,7 @@ class Stages:
         self.evals_cached = 0  # evaluations an earlier run wrote (their time is not known here)
         self.evals_written: set[Path] = set()  # evaluation caches written by this invocation
         self.ran: list[str] = []  # stages actually run (not skipped) in this invocation
-        self.sets = self._expert_sets()
+        self.sets = expert_set_configs(recipe)  # branch_train of each expert set
         self.results: Results | None = None  # filled by run()
 
     def _stage(self, name: str, out_dir: Path, key: str, build: Callable[[], Any]) -> Path:
@@ -113,33 +116,6 @@ class Stages:
         self.ran.append(name)
         self.console.print(f"[green]{shown}[/] finished in {self.timings[name]:.1f}s")
         return out_dir
-
-    # -- recipe checks --------------------------------------------------------------------------
-    def _expert_sets(self) -> dict[str, TrainConfig]:
-        """Branch-training config of every expert set: ``default`` and ``expert_sets``."""
-        r = self.recipe
-        sets = {DEFAULT_EXPERT_SET: r.branch_train}
-        for name, overrides in r.expert_sets.items():
-            if name == DEFAULT_EXPERT_SET:
-                raise NexusError(
-                    f"expert_sets.{name}: '{name}' is the set branch_train makes; pick another name"
-                )
-            fields = {**to_dict(r.branch_train), **overrides}
-            sets[name] = from_dict(TrainConfig, fields, f"expert_sets.{name}")
-        names = [v.name for v in r.moe.variants]
-        if names and r.study.reference not in names:
-            raise NexusError(
-                f"study.reference: '{r.study.reference}' is not a variant; choose one of: "
-                f"{', '.join(names)}"
-            )
-        for v in r.moe.variants:
-            v.kind  # noqa: B018 -- an unknown method fails here, before any stage runs
-            if v.experts not in sets:
-                raise NexusError(
-                    f"moe.variants '{v.name}': experts '{v.experts}' is not an expert set; "
-                    f"choose one of: {', '.join(sets)} (define others under expert_sets)"
-                )
-        return sets
 
     # -- data -----------------------------------------------------------------------------------
     def stage_corpus(self) -> Path:

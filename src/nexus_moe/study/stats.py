@@ -13,7 +13,7 @@ import math
 import statistics
 from typing import Any
 
-from nexus_moe.pipeline import DEFAULT_EXPERT_SET
+from nexus_moe.recipe import DEFAULT_EXPERT_SET
 from nexus_moe.study.results import (
     BySeed,
     Curve,
