@@ -231,7 +231,7 @@ def test_held_windows_scored_from_a_kept_block_match_whole_forward_passes(world)
     runner = placement._HeldForward(model.eval(), held, "cpu")
     for block in range(model.cfg.num_layers + 1):
         runner.advance(block)
-        torch.testing.assert_close(runner.losses(), whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runner.losses().mean(dim=1), whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("context", "row_scale", "expected"), [
@@ -405,10 +405,13 @@ def test_rows_are_discriminant_directions_scaled_by_the_fitted_temperature():
 
 def test_training_refreshes_the_routing_statistics_and_keeps_the_rows(world, tmp_path):
     """After MoE training the stored statistics describe the trained hidden states (new experts
-    are placed against the trained rows), computed as calibration computes them."""
+    are placed against the trained rows), computed as calibration computes them, from as many
+    tokens as the upcycle's `--calibration-tokens` (512 here, not the default 8,192)."""
     moe_dir = _upcycled(world)
     model, meta = load_checkpoint(moe_dir)
     before = model.moe_layers()[0].domain_stats.centroids.clone()
+    counts = model.moe_layers()[0].domain_stats.counts.clone()
+    assert counts.max() == 512
     cfg = TrainConfig(
         steps=3, batch_size=4, seq_len=32, lr=3e-3, eval_tokens=128, checkpoint_every=0
     )
@@ -418,8 +421,9 @@ def test_training_refreshes_the_routing_statistics_and_keeps_the_rows(world, tmp
     trained, _ = load_checkpoint(final)
     after = trained.moe_layers()[0].domain_stats
     assert not torch.allclose(after.centroids, before)
+    torch.testing.assert_close(after.counts, counts)
     windows = [
-        calibrate.domain_windows(world["shards"], d, trained.cfg.max_seq_len, 8192) for d in DOMAINS
+        calibrate.domain_windows(world["shards"], d, trained.cfg.max_seq_len, 512) for d in DOMAINS
     ]
     expected = calibrate.domain_statistics(trained, windows)[0]
     torch.testing.assert_close(after.centroids, expected.centroids, atol=1e-5, rtol=1e-5)

@@ -708,11 +708,13 @@ def calibrate_model(
 def refresh_statistics(
     model: Transformer,
     shards: TokenShards,
-    num_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    num_tokens: int | None = None,
     ridge: float = DEFAULT_RIDGE,
     device: str | torch.device = "cpu",
 ) -> bool:
-    """Recompute the statistics of a trained MoE that carries them, keeping its router rows.
+    """Recompute the statistics of a trained MoE that carries them, keeping its router rows,
+    from ``num_tokens`` per domain (None: as many as the statistics it carries were made from,
+    so `upcycle --calibration-tokens` holds through training).
 
     Training moves the hidden states the step-0 statistics describe; a new expert's row is
     placed against the rows as trained, so it should use statistics of the trained model too
@@ -726,6 +728,8 @@ def refresh_statistics(
         return False
     if not moe.domains or any(d not in shards.domains for d in moe.domains):
         return False
+    if num_tokens is None:
+        num_tokens = int(layers[0].domain_stats.counts.max())
     stats = _statistics_of_domains(model, shards, num_tokens, ridge, device)
     for layer, layer_stats in zip(layers, stats, strict=True):
         layer.domain_stats = layer_stats

@@ -43,6 +43,10 @@ def new_row_scale(router_context: float) -> float:
 # statistics, that placing the row may cause (docs/design.md §5.6; BENCHMARKS.md, "plug-in
 # experts from any domain").
 LOSS_BUDGET = 0.015
+# ... and of their mean rise, each domain's rise taken as the upper bound mean + HELD_CONFIDENCE x
+# standard error over its held windows (0: the windows' mean alone).
+MEAN_LOSS_BUDGET = 0.015
+HELD_CONFIDENCE = 0.0
 
 
 # With the earlier rows refit (``REFIT_EARLIER_ROWS``): 0.9 cost math's earlier domains up to

@@ -23,7 +23,7 @@ from nexus_moe.calibrate import (
     new_expert_row,
     whitening,
 )
-from nexus_moe.config import LOSS_BUDGET
+from nexus_moe.config import HELD_CONFIDENCE, LOSS_BUDGET, MEAN_LOSS_BUDGET
 from nexus_moe.model import Transformer
 
 _NORM_GRID = torch.linspace(0.1, 2.5, 25)  # the candidates up to the cap place_new_rows gets
@@ -83,21 +83,18 @@ class _HeldForward:
 
     @torch.no_grad()
     def losses(self) -> torch.Tensor:
-        """(E,) mean next-token loss of each domain's held windows, float64."""
-        from nexus_moe.losses import language_model_loss
+        """(E, W) mean next-token loss of each domain's held windows, float64."""
+        import torch.nn.functional as F
 
         x, _ = self._run(self.x, self.prev, self.block, len(self.model.model.layers))
         hidden = self.model.model.norm(x)
-        per_domain = hidden.shape[0] // self.domains
         out = []
-        for d in range(self.domains):  # a few windows' logits at a time (large vocabularies)
-            total = 0.0
-            for start in range(d * per_domain, (d + 1) * per_domain, _HEAD_WINDOWS):
-                rows = slice(start, min(start + _HEAD_WINDOWS, (d + 1) * per_domain))
-                logits = self.model.lm_head(hidden[rows])
-                total += float(language_model_loss(logits, self.targets[rows], reduction="sum"))
-            out.append(total / self.targets[d * per_domain : (d + 1) * per_domain].numel())
-        return torch.tensor(out, dtype=torch.float64)
+        for start in range(0, hidden.shape[0], _HEAD_WINDOWS):  # a few windows' logits at once
+            rows = slice(start, start + _HEAD_WINDOWS)
+            logits = self.model.lm_head(hidden[rows]).float()
+            loss = F.cross_entropy(logits.transpose(1, 2), self.targets[rows], reduction="none")
+            out.append(loss.double().mean(dim=1))
+        return torch.cat(out).reshape(self.domains, -1).cpu()
 
 
 @torch.no_grad()
@@ -111,6 +108,8 @@ def place_new_rows(
     max_factor: float | None = None,
     new_moments: list[DomainMoments] | None = None,
     new_held: torch.Tensor | None = None,
+    mean_budget: float | None = None,
+    confidence: float | None = None,
 ) -> tuple[list[LayerStats], list[float], dict[str, float]]:
     """Place the row of the new (last) expert of every MoE layer of ``model`` from its domain's
     calibration ``windows``, with a norm bounded by what it costs the earlier domains on their
@@ -138,6 +137,8 @@ def place_new_rows(
     """
     assert stats[0].held is not None
     assert (windows is None) != (new_moments is None)
+    mean_budget = MEAN_LOSS_BUDGET if mean_budget is None else mean_budget
+    confidence = HELD_CONFIDENCE if confidence is None else confidence
     layers = model.moe_layers()
     blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
     new = layers[0].num_experts - 1
@@ -152,8 +153,11 @@ def place_new_rows(
             layer.expert_mask = masked
         held = _HeldForward(model, stats[0].held, device)
         before = held.losses()
+
+        def excess(rises: torch.Tensor, share: float) -> float:
+            return held_excess(rises, budget * share, mean_budget * share, confidence)
+
         for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
-            limit = math.log1p(budget * (index + 1) / len(layers))
             held.advance(blocks[index])
             x = _new_inputs(model, windows, new_moments, index, device)
             earlier = layer.router.expert_embeddings().detach()[:new].float()
@@ -169,18 +173,30 @@ def place_new_rows(
 
             def rise(row: torch.Tensor, i: int = index) -> float:
                 layers[i].router.set_row(new, row.to(device))
-                return float((held.losses() - before).max())
+                return excess(held.losses() - before, share=(i + 1) / len(layers))
 
-            factor, row = _bounded_row(unit, layer_stats, ridge, max_factor, rise, limit)
+            factor, row = _bounded_row(unit, layer_stats, ridge, max_factor, rise, 1.0)
             factors.append(factor)
             layer.router.set_row(new, row.to(device))
             grown_stats.append(grown)
-        worst = float((held.losses() - before).max())
+        rises = held.losses() - before
+        worst = float(rises.mean(dim=1).max())
     finally:
         for layer, mask in zip(layers, saved, strict=True):
             layer.expert_mask = mask
         model.train(was_training)
     return grown_stats, factors, {"worst": math.expm1(worst)}
+
+
+def held_excess(rises: torch.Tensor, worst: float, mean: float, confidence: float) -> float:
+    """How far the earlier domains' loss ``rises`` (E, W: per held window, nats) are from
+    their limits, as a fraction (<= 1 within): each domain's rise is the upper ``confidence``
+    bound of its windows' mean rise (mean + confidence x standard error over the windows), and
+    the largest may reach a perplexity rise of ``worst``, their mean one of ``mean``."""
+    windows = rises.shape[1]
+    spread = rises.std(dim=1) / math.sqrt(windows) if windows > 1 else torch.zeros(len(rises))
+    upper = rises.mean(dim=1) + confidence * spread
+    return max(float(upper.max()) / math.log1p(worst), float(upper.mean()) / math.log1p(mean))
 
 
 def _new_inputs(
