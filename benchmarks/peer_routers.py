@@ -42,7 +42,7 @@ import torch
 
 from nexus_moe import calibrate
 from nexus_moe.analyse import RoutingCounter
-from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint
+from nexus_moe.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.evaluate import EvalConfig, evaluate_domains
 from nexus_moe.extend import extend_model, remove_from_model
@@ -183,7 +183,7 @@ def main() -> None:
             base = load_checkpoint(step0)[0]
             if routing == "token":
                 cached = work / f"s{seed}" / "per-token" / "upcycled"
-                if (cached / "config.json").is_file():
+                if (cached / CONFIG_FILE).is_file():
                     base = load_checkpoint(cached)[0]
                 else:
                     calibrate.calibrate_model(per_token(base), old_shards)

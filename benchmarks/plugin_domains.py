@@ -46,12 +46,18 @@ from user_domain import cached, data_key, model_key  # noqa: E402
 
 from nexus_moe import calibrate, config  # noqa: E402
 from nexus_moe.analyse import RoutingCounter  # noqa: E402
-from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint, save_checkpoint  # noqa: E402
+from nexus_moe.checkpoint import (  # noqa: E402
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    load_checkpoint,
+    save_checkpoint,
+)
 from nexus_moe.config import to_dict  # noqa: E402
-from nexus_moe.embed import DomainEmbeddings  # noqa: E402
+from nexus_moe.embed import EMBEDDINGS_FILENAME, DomainEmbeddings  # noqa: E402
 from nexus_moe.evaluate import EvalConfig, evaluate_domains  # noqa: E402
 from nexus_moe.extend import extend_model  # noqa: E402
-from nexus_moe.pipeline import file_hash, fingerprint, tokens_for  # noqa: E402
+from nexus_moe.io_utils import file_sha256  # noqa: E402
+from nexus_moe.pipeline import fingerprint, tokens_for  # noqa: E402
 from nexus_moe.recipe import load_recipe  # noqa: E402
 from nexus_moe.study import Study  # noqa: E402
 from nexus_moe.study.layout import RunLayout  # noqa: E402
@@ -180,8 +186,8 @@ def main() -> None:
            "--seed", str(seed_dir), "--corpus", str(corpus), "--out", str(experts_dir),
            "--ffn-only", *sets)  # fmt: skip
     embeddings_dir = work / "domain_embeddings"
-    merged = run.domain_embeddings / "domain_embeddings.safetensors"
-    cached(embeddings_dir, fingerprint(corpus_key, file_hash(merged)), "embed-domains",
+    merged = run.domain_embeddings / EMBEDDINGS_FILENAME
+    cached(embeddings_dir, fingerprint(corpus_key, file_sha256(merged)[:16]), "embed-domains",
            "--corpus", str(corpus), "--out", str(embeddings_dir), "--merge-into", str(merged),
            "--num-chunks", str(recipe.embed.num_chunks))  # fmt: skip
 
@@ -208,7 +214,7 @@ def main() -> None:
                 models["trained"] = trained_dir
             else:
                 token_dir = work / f"s{seed}" / "per-token" / "upcycled"
-                if not (token_dir / "config.json").is_file():
+                if not (token_dir / CONFIG_FILE).is_file():
                     model, meta = load_checkpoint(step0_dir)
                     calibrate.calibrate_model(per_token(model), old_shards)
                     save_checkpoint(token_dir, model, tokenizer, metadata=meta)

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from nexus_moe.checkpoint import WEIGHTS_FILE, save_checkpoint
+from nexus_moe.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, save_checkpoint
 from nexus_moe.config import ModelConfig
+from nexus_moe.data import META_FILE
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.model import Transformer
 
@@ -102,7 +103,7 @@ def make_token_shards(path: Path, domains: list[str], vocab: int, tokens: int) -
         (path / domain).mkdir(parents=True)
         ids.astype("uint16").tofile(path / domain / "train.bin")
         meta["domains"][domain] = {"train": {"tokens": tokens, "bytes": tokens, "documents": 1}}
-    (path / "meta.json").write_text(json.dumps(meta))
+    (path / META_FILE).write_text(json.dumps(meta))
 
 
 def child(payload: dict) -> None:
@@ -162,7 +163,7 @@ def main() -> None:
 
     cfg, workdir = _setup(args)
     try:
-        tok = workdir / "tokenizer.json"
+        tok = workdir / TOKENIZER_FILE
         tok.write_text(json.dumps({"model": {"type": "BPE", "vocab": {}}}))
         domains = [f"domain{i}" for i in range(args.experts)]
         start = time.perf_counter()
@@ -229,7 +230,7 @@ def calibrated(args: argparse.Namespace) -> None:
 
     cfg, workdir = _setup(args, max_vocab=65535)  # uint16 token shards
     try:
-        tok = workdir / "tokenizer.json"  # a Hugging Face folder needs a real one
+        tok = workdir / TOKENIZER_FILE  # a Hugging Face folder needs a real one
         from tokenizers import Tokenizer, models
 
         bpe = models.BPE(vocab={"<unk>": 0, "a": 1}, merges=[], unk_token="<unk>")

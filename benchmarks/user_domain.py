@@ -43,7 +43,10 @@ import time
 from pathlib import Path
 
 import nexus_moe
-from nexus_moe.pipeline import corpus_fingerprint, file_hash, fingerprint
+from nexus_moe.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from nexus_moe.embed import EMBEDDINGS_FILENAME
+from nexus_moe.io_utils import file_sha256
+from nexus_moe.pipeline import corpus_fingerprint, fingerprint
 from nexus_moe.study.layout import RunLayout
 from nexus_moe.study.results import load_scores
 
@@ -93,7 +96,9 @@ def cached(out: Path, key: str, *command: str) -> str:
 
 
 def model_key(model: Path) -> str:
-    return fingerprint(file_hash(model / "config.json"), file_hash(model / "model.safetensors"))
+    return fingerprint(
+        file_sha256(model / CONFIG_FILE)[:16], file_sha256(model / WEIGHTS_FILE)[:16]
+    )
 
 
 def scores(model: Path, corpus: Path, out: Path, tokens: int, domains: list[str]) -> dict:
@@ -170,8 +175,8 @@ def main() -> None:
                                    "branch", "--seed", str(run.seed), "--corpus",
                                    str(corpus), "--out", str(out), *flags, *branch)  # fmt: skip
     embeddings = work / "domain_embeddings"
-    merged = run.domain_embeddings / "domain_embeddings.safetensors"
-    embeddings_key = cached(embeddings, fingerprint(corpus_key, file_hash(merged)),
+    merged = run.domain_embeddings / EMBEDDINGS_FILENAME
+    embeddings_key = cached(embeddings, fingerprint(corpus_key, file_sha256(merged)[:16]),
                             "embed-domains", "--corpus", str(corpus), "--out", str(embeddings),
                             "--merge-into", str(merged), "--num-chunks", "128")  # fmt: skip
 
@@ -211,7 +216,7 @@ def main() -> None:
             key = fingerprint(CODE, model_key(trained), expert_keys[kind], embeddings_key, seed,
                               flags)  # fmt: skip
             cached(out, key)
-            if not (extended / "config.json").is_file():
+            if not (extended / CONFIG_FILE).is_file():
                 run("extend", "--moe", str(trained), "--expert", str(experts[kind] / domain),
                     "--domain", domain, "--embeddings", str(embeddings), "--random-seed",
                     str(seed), "--out", str(extended), *flags)  # fmt: skip

@@ -516,3 +516,28 @@ def test_atomic_dir_leaves_symlinks_alone(tmp_path: Path):
     assert (target / "doc" / "a.tex").read_text() == "x\n"
     assert (target / "doc" / "examples").is_symlink()
     assert outside.stat().st_mode & 0o777 == 0o600
+
+
+def test_one_jsonl_reader_serves_built_and_user_files(tmp_path: Path):
+    """jsonl_documents gives each document's byte offset (embed seeks to it) and its text; a bad
+    line names file and line, with the fix for a built corpus or for the user's own file."""
+    from nexus_moe.corpus_files import document_text, jsonl_documents
+
+    lines = [json.dumps({"text": "héllo"}), "", json.dumps({"text": "b", "source": "s"})]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs = list(jsonl_documents(path))
+    assert [t for _, t in docs] == ["héllo", "b"]
+    with path.open("rb") as fh:
+        for offset, text in docs:
+            fh.seek(offset)
+            assert document_text(fh.readline(), path, 0) == text
+    bad = b'{"txt": 1}\n'
+    with pytest.raises(NexusError, match=r'x.jsonl:7: missing "text" .*; rebuild the corpus$'):
+        document_text(bad, tmp_path / "x.jsonl", 7)
+    with pytest.raises(NexusError, match=r'x.jsonl:7: missing "text" .*"\.\.\."}$'):
+        document_text(bad, tmp_path / "x.jsonl", 7, built=False)
+    with pytest.raises(NexusError, match=r"x.jsonl:2: not UTF-8 text .*iconv"):
+        document_text(b"\xff\n", tmp_path / "x.jsonl", 2, built=False)
+    with pytest.raises(NexusError, match=r"missing.jsonl: file not found"):
+        list(jsonl_documents(tmp_path / "missing.jsonl"))

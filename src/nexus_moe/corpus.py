@@ -60,6 +60,7 @@ from nexus_moe.corpus_files import (
     load_manifest,
     read_documents,
     source_entry,
+    split_file,
     write_domain,
 )
 from nexus_moe.corpus_user import load_user_domain, user_domains
@@ -87,6 +88,7 @@ __all__ = [
     "load_manifest",
     "normalise_text",
     "read_documents",
+    "split_file",
     "split_long_document",
     "strip_front_matter",
     "strip_gutenberg",

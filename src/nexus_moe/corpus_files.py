@@ -52,6 +52,11 @@ def source_entry(name: str, version: str | None, kind: str, licence: str, locati
 # reading a built corpus (the tokenizer and token shards read it this way)
 
 
+def split_file(corpus_dir: str | Path, domain: str, split: str = "train") -> Path:
+    """``corpus_dir/<domain>/<split>.jsonl``: one split (:data:`SPLITS`) of one domain."""
+    return Path(corpus_dir) / domain / f"{split}.jsonl"
+
+
 def corpus_domains(corpus_dir: str | Path, domains: list[str] | None = None) -> list[str]:
     """The domains to use from ``corpus_dir``: ``domains`` checked to exist, or all of them.
 
@@ -85,44 +90,63 @@ def corpus_domains(corpus_dir: str | Path, domains: list[str] | None = None) -> 
     return list(domains)
 
 
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Yield the ``text`` of every document in a corpus ``.jsonl`` file (blank lines skipped).
+_LINE_FORMAT = 'each line must be a JSON object like {"text": "..."}'
 
-    Malformed JSON, a missing or non-string ``text``, non-UTF-8 bytes and unpaired surrogates are
-    NexusErrors naming the file and line.
+
+def document_text(raw: bytes, path: Path, lineno: int, built: bool = True) -> str | None:
+    """The ``text`` of one line of a JSONL corpus file; None for a blank line.
+
+    Bytes that are not UTF-8, malformed JSON, a missing or non-string ``text`` and unpaired
+    surrogates are NexusErrors naming the file and line. ``built``: the file is part of a corpus
+    nexus-moe built (the fix is to rebuild it); otherwise it is one of the user's own files.
     """
-    path = Path(path)
-    lineno = 0
+    where = f"{path}:{lineno}"
+    fix = "; rebuild the corpus" if built else ""
     try:
-        with path.open("r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise NexusError(
-                        f"{path}:{lineno}: not valid JSON ({exc}); rebuild the corpus"
-                    ) from exc
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise NexusError(
-                        f"{path}:{lineno}: expected an object with a string field 'text'"
-                    )
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    # JSON "\ud800" escapes decode to strings that are not valid unicode text.
-                    raise NexusError(
-                        f"{path}:{lineno}: text is not valid unicode ({exc}); clean the source text"
-                    ) from exc
-                yield text
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        hint = fix or f"; re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path}"
+        raise NexusError(f"{where}: not UTF-8 text ({exc}){hint}") from exc
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise NexusError(f"{where}: not valid JSON ({exc.msg}); {_LINE_FORMAT}{fix}") from exc
+    if not isinstance(record, dict) or "text" not in record:
+        raise NexusError(f'{where}: missing "text" field; {_LINE_FORMAT}{fix}')
+    text = record["text"]
+    if not isinstance(text, str):
+        raise NexusError(f'{where}: "text" must be a string{fix}')
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a "\ud800" escape decodes to a string that is not text
         raise NexusError(
-            f"{path}: not valid UTF-8 after line {lineno} ({exc}); re-encode the file as UTF-8"
+            f"{where}: text is not valid UTF-8 ({exc}){fix or '; clean the source text'}"
         ) from exc
+    return text
+
+
+def jsonl_documents(path: str | Path, built: bool = True) -> Iterator[tuple[int, str]]:
+    """``(byte offset, text)`` of every non-blank line of a JSONL corpus file, in order: the one
+    reader of corpus files (built ones and the user's own; see :func:`document_text`)."""
+    path = Path(path)
+    offset = 0
+    try:
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                text = document_text(raw, path, lineno, built)
+                if text is not None:
+                    yield offset, text
+                offset += len(raw)
     except FileNotFoundError as exc:
         raise NexusError(f"{path}: file not found") from exc
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Yield the ``text`` of every document in a corpus ``.jsonl`` file (blank lines skipped);
+    a bad line is a NexusError naming the file and line (:func:`document_text`)."""
+    return (text for _, text in jsonl_documents(path))
 
 
 def load_manifest(corpus_dir: Path) -> dict:
@@ -146,29 +170,13 @@ def read_documents(corpus_dir: Path, domain: str, split: str) -> Iterator[str]:
     """
     if split not in SPLITS:
         raise NexusError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
-    path = Path(corpus_dir) / domain / f"{split}.jsonl"
+    path = split_file(corpus_dir, domain, split)
     if not path.is_file():
         raise NexusError(
             f"{path}: not found; domain {domain!r} is not in corpus {corpus_dir} "
             "(build it with the corpus stage)"
         )
-    return _iter_texts(path)
-
-
-def _iter_texts(path: Path) -> Iterator[str]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise NexusError(
-                    f"{path}:{lineno}: corrupt line ({exc}); rebuild the corpus"
-                ) from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise NexusError(f'{path}:{lineno}: no string "text" field; rebuild the corpus')
-            yield record["text"]
+    return iter_documents(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +280,9 @@ def write_domain(
         raise NexusError(f"{where}: domain {name!r} has no non-empty documents")
     splits = _cap_and_split(name, prepared.documents, cap_bytes, val_fraction, seed)
     folder.mkdir()
-    written = {s: _write_split(folder / f"{s}.jsonl", splits[s]) for s in SPLITS}
+    written = {
+        s: _write_split(split_file(folder.parent, folder.name, s), splits[s]) for s in SPLITS
+    }
     return {
         "sources": loaded.sources,
         "licence": loaded.licence,

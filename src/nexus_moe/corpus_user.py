@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-from nexus_moe.corpus_files import Loaded, source_entry
+from nexus_moe.corpus_files import Loaded, jsonl_documents, source_entry
 from nexus_moe.errors import NexusError
 
 
@@ -18,34 +16,6 @@ def _utf8_error(path: Path, exc: UnicodeError, line: int | None = None) -> Nexus
         f"{where}: not valid UTF-8 ({exc}); re-encode the file as UTF-8, "
         f"e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt"
     )
-
-
-def _read_user_jsonl(path: Path, rel: str) -> Iterator[tuple[str, str]]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _utf8_error(path, exc, lineno) from exc
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise NexusError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-            if not isinstance(record, dict) or "text" not in record:
-                raise NexusError(
-                    f'{path}:{lineno}: missing "text" field; each line must be a JSON object '
-                    'like {"text": "..."}'
-                )
-            text = record["text"]
-            if not isinstance(text, str):
-                raise NexusError(f'{path}:{lineno}: "text" must be a string')
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:  # e.g. an unpaired "\ud800" escape
-                raise _utf8_error(path, exc, lineno) from exc
-            yield rel, text
 
 
 def load_user_domain(domain_dir: Path) -> Loaded:
@@ -77,7 +47,7 @@ def load_user_domain(domain_dir: Path) -> Loaded:
             except UnicodeDecodeError as exc:
                 raise _utf8_error(path, exc) from exc
         else:
-            docs.extend(_read_user_jsonl(path, rel))
+            docs.extend((rel, text) for _, text in jsonl_documents(path, built=False))
     licence = "user data (licence not recorded)"
     source = source_entry("user", None, "user", licence, domain_dir)
     loaded = Loaded(docs, [source], licence, files_read=len(files))

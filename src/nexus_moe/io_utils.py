@@ -32,10 +32,21 @@ from typing import Any
 
 from nexus_moe.errors import NexusError
 
+# The names of the files nexus-moe writes that more than one module reads (defined here, the
+# lowest module that needs them, and imported everywhere else).
+CONFIG_FILE = "config.json"  # a checkpoint's config and metadata
+WEIGHTS_FILE = "model.safetensors"  # a checkpoint's weights
+TOKENIZER_FILE = "tokenizer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"  # a resumable training checkpoint's optimizer state
+STATE_FILE = "trainer_state.json"  # ... its step, configs and inputs
+RNG_FILE = "rng.safetensors"  # ... its random-number generator states
+UNDO_FILE = "undo.safetensors"  # what `remove-expert` needs to undo an extension
+STAGE_FILE = "stage.json"  # the fingerprint of a finished stage of `nexus-moe run`
+
 OUTPUT_MARKER = ".nexus-moe.json"
 # Names nexus-moe itself writes into an output folder after the folder was written (the stage
 # fingerprint and cached evaluations of `nexus-moe run`, leftover temporaries).
-_OWN_EXTRAS = ("stage.json", "eval-*.json", ".*.tmp", ".*.old", ".*.nexus-moe.json")
+_OWN_EXTRAS = (STAGE_FILE, "eval-*.json", ".*.tmp", ".*.old", ".*.nexus-moe.json")
 FILE_RECORD_SUFFIX = ".nexus-moe.json"  # ".NAME.nexus-moe.json": the record of a file we wrote
 
 
@@ -74,13 +85,13 @@ def current_policy() -> OutputPolicy:
 
 # A checkpoint written before output folders carried a marker holds only these files.
 _LEGACY_CHECKPOINT_FILES = {
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "optimizer.safetensors",
-    "trainer_state.json",
-    "rng.safetensors",
-    "undo.safetensors",
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    TOKENIZER_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    RNG_FILE,
+    UNDO_FILE,
 }
 
 
@@ -95,7 +106,7 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
 def _legacy_marker(folder: Path) -> dict[str, Any] | None:
     """The marker a nexus-moe checkpoint from before markers would have had, else None."""
     try:
-        doc = json.loads((folder / "config.json").read_text())
+        doc = json.loads((folder / CONFIG_FILE).read_text())
         names = {p.name for p in folder.iterdir()}
     except (OSError, ValueError):
         return None
@@ -364,9 +375,9 @@ def is_own_file(target: str | os.PathLike) -> bool:
     target = Path(target)
     if target.is_symlink() or not target.is_file():
         return False
-    if (target.parent / "stage.json").is_file():
+    if (target.parent / STAGE_FILE).is_file():
         return True
-    if target.parent.name == "results" and any(target.parent.parent.glob("*/stage.json")):
+    if target.parent.name == "results" and any(target.parent.parent.glob(f"*/{STAGE_FILE}")):
         return True  # a recipe's results folder, beside its stage folders (runs written before
         # files carried records are re-run in place)
     hashes = _recorded_hashes(target)

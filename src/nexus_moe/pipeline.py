@@ -23,13 +23,12 @@ from nexus_moe.checkpoint import (
     weights_hash,
 )
 from nexus_moe.config import Device, ModelConfig, check_device_name, to_dict
-from nexus_moe.data import TokenShards, tokenize_corpus
+from nexus_moe.corpus import MANIFEST_FILE
+from nexus_moe.data import META_FILE, TokenShards, tokenize_corpus
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import read_json, write_json
+from nexus_moe.io_utils import STAGE_FILE, file_sha256, read_json, write_json
 from nexus_moe.model import Transformer
 from nexus_moe.train import TrainConfig, Trainer
-
-STAGE_FILE = "stage.json"
 
 
 def resolve_device(name: str | Device) -> torch.device:
@@ -51,11 +50,6 @@ def fingerprint(*parts: Any) -> str:
     """Stable hash of configs and input fingerprints."""
     blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes (short form)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def stage_done(out_dir: Path, key: str) -> bool:
@@ -105,9 +99,9 @@ def tokens_for(
             "was trained with (copy it into the checkpoint folder)"
         )
     out = (cache_root or corpus_dir) / (
-        f"tokens-{file_hash(tokenizer_path)[:12]}-{corpus_fingerprint(corpus_dir)[:12]}"
+        f"tokens-{file_sha256(tokenizer_path)[:12]}-{corpus_fingerprint(corpus_dir)[:12]}"
     )
-    if not (out / "meta.json").is_file():
+    if not (out / META_FILE).is_file():
         # Under torchrun, rank 0 tokenizes while the other ranks wait, then all read the cache.
         dist_utils.init_from_env()
         if dist_utils.rank() == 0:
@@ -124,7 +118,7 @@ def corpus_fingerprint(corpus_dir: Path, mtimes: bool = True) -> str:
     training run may be resumed) a copy of the same corpus elsewhere has the same fingerprint.
     """
     corpus_dir = Path(corpus_dir)
-    manifest = corpus_dir / "manifest.json"
+    manifest = corpus_dir / MANIFEST_FILE
     files = []
     if corpus_dir.is_dir():
         for domain in sorted(corpus_dir.iterdir()):
@@ -133,7 +127,7 @@ def corpus_fingerprint(corpus_dir: Path, mtimes: bool = True) -> str:
                     st = f.stat()
                     entry = [f"{domain.name}/{f.name}", st.st_size]
                     files.append(entry + [st.st_mtime_ns] if mtimes else entry)
-    return fingerprint(file_hash(manifest) if manifest.is_file() else "nomanifest", files)
+    return fingerprint(file_sha256(manifest)[:16] if manifest.is_file() else "nomanifest", files)
 
 
 def train_inputs(
@@ -142,7 +136,7 @@ def train_inputs(
     """What shapes a training run besides its configs: resumed only when these match."""
     return {
         "init": init,
-        "tokenizer": file_hash(tokenizer_path),
+        "tokenizer": file_sha256(tokenizer_path)[:16],
         "corpus": corpus_fingerprint(corpus_dir, mtimes=False),
         "domains": list(domains),
     }

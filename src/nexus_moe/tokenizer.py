@@ -15,12 +15,11 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from nexus_moe.config import DEFAULT_VOCAB_SIZE, check_option
-from nexus_moe.corpus import corpus_domains, iter_documents
+from nexus_moe.corpus import corpus_domains, iter_documents, split_file
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import check_output_file, output_file
+from nexus_moe.io_utils import TOKENIZER_FILE, check_output_file, output_file
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"
 
 # End-of-text tokens of tokenizers we may be handed instead of our own (a seed checkpoint's
 # tokenizer), tried in order after ours.
@@ -98,7 +97,7 @@ def train_tokenizer(
     names = corpus_domains(corpus_dir, domains)
     files: dict[str, Path] = {}
     for name in names:
-        path = corpus_dir / name / "train.jsonl"
+        path = split_file(corpus_dir, name)
         if not path.is_file():
             raise NexusError(f"{path}: domain {name!r} has no train split; rebuild the corpus")
         files[name] = path

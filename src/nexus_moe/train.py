@@ -42,6 +42,9 @@ from nexus_moe.data import DomainSampler, TokenShards
 from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
 from nexus_moe.io_utils import (
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
     atomic_path,
     check_free_space,
     check_output_dir,
@@ -51,8 +54,7 @@ from nexus_moe.io_utils import (
 from nexus_moe.losses import language_model_loss
 from nexus_moe.model import Transformer
 
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 # glibc mallopt parameters (malloc.h).
@@ -337,7 +339,7 @@ class Trainer:
             extra_files={
                 OPTIMIZER_FILE: optim_tensors or {},
                 STATE_FILE: self._trainer_state(),
-                "rng.safetensors": rng,
+                RNG_FILE: rng,
             },
         )
 
@@ -394,7 +396,7 @@ class Trainer:
             weights = read_safetensors(ckpt / WEIGHTS_FILE, str(self.device))
             load_state_into(self.model, weights, ckpt / WEIGHTS_FILE)  # names a bad tensor
         dist_utils.load_full_optimizer_state(self.model, self.optimizer, optim)
-        torch.set_rng_state(read_safetensors(ckpt / "rng.safetensors")["torch_rng"])
+        torch.set_rng_state(read_safetensors(ckpt / RNG_FILE)["torch_rng"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
@@ -403,7 +405,7 @@ class Trainer:
 
     @property
     def metrics_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
+        return self.out_dir / METRICS_FILE
 
     def _clear_metrics(self) -> None:
         """A run restarted afresh: the rows and the final model of the set-aside run go (the
@@ -463,7 +465,7 @@ class Trainer:
         if self.rank != 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _routing_stats(self) -> dict[str, Any]:

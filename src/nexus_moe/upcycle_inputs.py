@@ -3,7 +3,6 @@ folder each, opened with their weights unread, and checked to agree before anyth
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from nexus_moe.checkpoint import TOKENIZER_FILE, check_branched_from, load_config, open_weights
 from nexus_moe.config import ModelConfig
 from nexus_moe.errors import NexusError
+from nexus_moe.io_utils import file_sha256
 from nexus_moe.safetensors_io import DTYPE_NAMES, TensorSource
 
 # ModelConfig fields that must agree between all inputs. max_seq_len and init_std do not change
@@ -82,9 +82,9 @@ def check_inputs(seed_dir: Path, expert_dirs: list[Path]) -> tuple[DenseInput, l
                     "one architecture"
                 )
 
-    seed_hash = _sha256(seed.tokenizer) if seed.tokenizer is not None else None
+    seed_hash = file_sha256(seed.tokenizer) if seed.tokenizer is not None else None
     for expert in experts:
-        digest = _sha256(expert.tokenizer) if expert.tokenizer is not None else None
+        digest = file_sha256(expert.tokenizer) if expert.tokenizer is not None else None
         if digest != seed_hash:
             if digest is None or seed_hash is None:
                 has = "has no" if digest is None else "has a"
@@ -112,14 +112,6 @@ def _require_dense(path: Path, cfg: ModelConfig) -> None:
             f"{path}: is an MoE checkpoint (moe.num_experts={cfg.moe.num_experts}); upcycling "
             "takes dense checkpoints (use `extend` to add an expert to an MoE)"
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_domains(experts: list[DenseInput], domains: list[str] | None) -> list[str]:

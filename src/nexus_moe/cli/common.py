@@ -229,9 +229,9 @@ def tune_allocator() -> None:
 def chosen_format(fmt: str, out: Path) -> str:
     """`` (auto chose mixtral)`` after --format auto wrote a Hugging Face folder, else ""."""
     from nexus_moe.hf.formats import AUTO
-    from nexus_moe.io_utils import read_json
+    from nexus_moe.io_utils import CONFIG_FILE, read_json
 
-    config = out / "config.json"
+    config = out / CONFIG_FILE
     if fmt != AUTO or not config.is_file():
         return ""
     return f" (--format auto chose {read_json(config).get('model_type')})"

@@ -34,6 +34,7 @@ from nexus_moe.study.results import (
 )
 from nexus_moe.study.stages import Stages, tokens_per_step
 from nexus_moe.study.stats import convergence_summary, extension_summary, paired_summary
+from nexus_moe.train import METRICS_FILE
 
 
 class Study(Stages):
@@ -254,7 +255,7 @@ class Study(Stages):
             {"stage": "moe-train", "variant": v.name},
         )
         curve = [[0, start["scores"]["mean"]["loss"]]]
-        curve += validation_curve(final.parent / "metrics.jsonl")
+        curve += validation_curve(final.parent / METRICS_FILE)
         results.curves.setdefault(v.name, {})[str(seed)] = curve
         return final
 

@@ -21,11 +21,9 @@ from rich.markup import escape
 
 from nexus_moe.checkpoint import TOKENIZER_FILE, load_checkpoint, load_config, weights_hash
 from nexus_moe.evaluate import EvalConfig, evaluate_domains, scores_to_dict
-from nexus_moe.io_utils import read_json, write_json
+from nexus_moe.io_utils import STAGE_FILE, file_sha256, read_json, write_json
 from nexus_moe.pipeline import (
-    STAGE_FILE,
     branch_expert,
-    file_hash,
     fingerprint,
     mark_done,
     pretrain_seed,
@@ -180,7 +178,7 @@ class Stages:
             self.recipe.model,
             self.recipe.seed_train,
             stage_key(corpus_dir),
-            file_hash(tokenizer),
+            file_sha256(tokenizer)[:16],
             domains,
         )
         self._stage(
