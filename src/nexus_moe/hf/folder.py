@@ -13,10 +13,9 @@ from pathlib import Path
 from nexus_moe.checkpoint import FORMAT
 from nexus_moe.errors import NexusError
 from nexus_moe.hf.config import CONFIG_FILE
-from nexus_moe.io_utils import read_json
+from nexus_moe.io_utils import WEIGHTS_FILE, read_json
 from nexus_moe.safetensors_io import SafetensorsFiles
 
-WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
