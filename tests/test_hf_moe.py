@@ -417,15 +417,6 @@ def test_qwen2_moe_without_a_shared_expert_is_refused_when_mixtral_fits(tmp_path
     assert not any(tmp_path.iterdir())
 
 
-def test_context_routing_is_refused_naming_the_fix(tmp_path):
-    ours = _moe_model(shared_expert=False, renormalize=True)
-    ours.cfg.moe.router_context = 0.5
-    for fmt in ("mixtral", "qwen2_moe", "auto"):
-        with pytest.raises(NexusError, match=r"router_context=0\.5.*--set router_context=0"):
-            export_hf(ours, tmp_path / fmt, fmt=fmt)
-    assert not any(tmp_path.iterdir())
-
-
 # --------------------------------------------------------------------------------------------
 # bad input on import
 

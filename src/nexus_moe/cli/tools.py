@@ -117,9 +117,10 @@ def export(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a transformers checkpoint (config, sharded safetensors, tokenizer, chat template,
-    generation config, model card)."""
+    generation config, model card). A MoE that routes on context also gets the modeling code
+    that transformers runs with trust_remote_code=True."""
     from nexus_moe.hf import export_hf
-    from nexus_moe.hf.formats import parse_size
+    from nexus_moe.hf.formats import CONTEXT_MODULE, parse_size
     from nexus_moe.hf.writer import DEFAULT_MAX_SHARD_SIZE
     from nexus_moe.pipeline import resolve_model_dir
 
@@ -129,6 +130,10 @@ def export(
     check_out(out, [ckpt])
     export_hf(ckpt, out, fmt=format_, dtype=dtype, max_shard_size=shard_size)
     console.print(f"{format_} export written to {out}{chosen_format(format_, out)}")
+    if (out / f"{CONTEXT_MODULE}.py").is_file():
+        console.print(
+            f"its router scores the context ({CONTEXT_MODULE}.py): load it with trust_remote_code=True"
+        )
 
 
 @app.command()

@@ -16,8 +16,10 @@ Every MoE format (qwen2_moe, qwen3_moe, mixtral) scores experts with a linear ga
 float32 softmax over all routed experts before top-k, which is our MoE layer's math
 (docs/design.md §3): a linear router is exported as the gate, a Nexus router as its
 expert-embedding matrix ``E`` (``logits = x @ E^T`` in both). Imports therefore always have a
-linear router. The adaptive-clustering router and context routing cannot be expressed. Nothing is unpickled; outputs are written to a temporary directory and renamed
-into place.
+linear router. A router on context is exported as the same gate with ``model_type``
+``nexus_context_<format>`` and :mod:`~nexus_moe.hf.remote`'s modeling module, which transformers
+runs with ``trust_remote_code=True``. The adaptive-clustering router cannot be expressed. Nothing
+is unpickled; outputs are written to a temporary directory and renamed into place.
 """
 
 from __future__ import annotations

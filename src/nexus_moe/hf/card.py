@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from nexus_moe.config import ModelConfig, RouterType
-from nexus_moe.hf.formats import Format
+from nexus_moe.hf.formats import (
+    CONTEXT_MODULE,
+    CONTEXT_PREFIX,
+    Format,
+    MoEFormat,
+    context_class_names,
+)
 
 MODEL_CARD_FILE = "README.md"
 
@@ -27,13 +33,26 @@ def model_card(
         lines.append("- mixture-of-experts")
     lines += ["---", "", f"# {name}", ""]
     kind = "Mixture-of-Experts" if cfg.moe is not None else "dense"
-    lines += [
-        f"A {kind} language model built with nexus-moe and exported to the Hugging Face "
-        f"`{fmt.model_type}` format: `AutoModelForCausalLM.from_pretrained` loads it with "
-        "no custom code and reproduces the nexus-moe model's logits (float32).",
-        "",
-    ]
     moe = cfg.moe
+    context = moe is not None and moe.router_context > 0
+    if context:
+        lines += [
+            f"A {kind} language model built with nexus-moe: the Hugging Face `{fmt.model_type}` "
+            f"model whose router scores the context mix of each MoE block's input, "
+            f"`(1 - c) x_t + c mean(x_1..x_t)` with c = {moe.router_context:g}, computed by "
+            f"`{CONTEXT_MODULE}.py` in this folder. `AutoModelForCausalLM.from_pretrained` "
+            "loads it with `trust_remote_code=True` (needed: without it transformers refuses "
+            "the folder) and reproduces the nexus-moe model's logits and its generation with "
+            "the KV cache (float32).",
+            "",
+        ]
+    else:
+        lines += [
+            f"A {kind} language model built with nexus-moe and exported to the Hugging Face "
+            f"`{fmt.model_type}` format: `AutoModelForCausalLM.from_pretrained` loads it with "
+            "no custom code and reproduces the nexus-moe model's logits (float32).",
+            "",
+        ]
     lines += ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), ""]
     domains = (moe.domains if moe is not None else []) or metadata.get("domains") or []
     if moe is not None and domains:
@@ -41,16 +60,18 @@ def model_card(
         lines += [f"| {i} | {domain} |" for i, domain in enumerate(domains)]
         lines.append("")
     lines += _provenance_lines(metadata) + _format_notes(cfg, fmt)
+    trust = ", trust_remote_code=True" if context else ""
     lines += [
         "## Use",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}"{trust})',
     ]
     if tokenizer_file is not None:
-        lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{name}")')
+        # AutoTokenizer reads config.json too (and asks before running its code)
+        lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{name}"{trust})')
     lines += ["```", ""]
     return "\n".join(lines)
 
@@ -64,8 +85,15 @@ def _summary_rows(
     if cfg.moe is not None:
         exported.moe = dataclasses.replace(cfg.moe, router=RouterType.linear)
     total, active = exported.num_params(), exported.num_params(active=True)
+    architecture = f"`{fmt.architecture}` (model_type `{fmt.model_type}`)"
+    if cfg.moe is not None and cfg.moe.router_context > 0 and isinstance(fmt, MoEFormat):
+        model_class = context_class_names(fmt)[1]
+        architecture = (
+            f"`{model_class}` (model_type `{CONTEXT_PREFIX}{fmt.model_type}`), "
+            f"`{fmt.architecture}` with a router on context"
+        )
     return [
-        ("architecture", f"`{fmt.architecture}` (model_type `{fmt.model_type}`)"),
+        ("architecture", architecture),
         ("parameters", f"{total / 1e6:.2f} M total, {active / 1e6:.2f} M active per token"),
         (
             "layers / hidden / heads",
@@ -92,6 +120,11 @@ def _moe_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
             "expert-embedding matrix, a linear gate with identical logits"
         ),
     }.get(moe.router, moe.router.value)
+    if moe.router_context > 0:
+        router += (
+            f"; scores (1 - c) x_t + c mean(x_1..x_t), c = {moe.router_context:g} "
+            f"(`{CONTEXT_MODULE}.py`, trust_remote_code)"
+        )
     return [
         ("routed experts", f"{moe.num_experts}, top-{moe.top_k} per token, gate = {gates}"),
         ("shared expert", _shared(moe)),

@@ -3,7 +3,9 @@
 Imports read what the format says and refuse what our model cannot compute exactly (RoPE
 scaling, MLP biases, MoE layers that are not every k-th block, ...). Exports write a complete
 ``config.json`` readable by transformers 4.45+ and 5.x, plus, for a MoE, our own config under
-:data:`SIDECAR_KEY` so that an import restores what the format does not carry.
+:data:`SIDECAR_KEY` so that an import restores what the format does not carry. A MoE routing on
+context is written as ``nexus_context_<format>`` with an ``auto_map`` to the modeling module
+(transformers 5) and its ``router_context``, which an import reads back.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import torch
 from nexus_moe import __version__
 from nexus_moe.config import ModelConfig, MoEConfig, RouterType, from_dict, to_dict
 from nexus_moe.errors import NexusError
-from nexus_moe.hf.formats import FORMATS, DenseFormat, Format, MoEFormat
+from nexus_moe.hf.formats import (
+    CONTEXT_MODULE,
+    CONTEXT_PREFIX,
+    FORMATS,
+    DenseFormat,
+    Format,
+    MoEFormat,
+    context_class_names,
+)
 from nexus_moe.io_utils import read_json
 
 CONFIG_FILE = "config.json"
@@ -324,7 +334,25 @@ def _moe_from_hf(
     cfg = dataclasses.replace(
         base, intermediate_size=intermediate, attention_bias=attention_bias, moe=moe
     )
-    return _restore_from_sidecar(cfg, doc, where), notes
+    cfg = _restore_from_sidecar(cfg, doc, where)
+    assert cfg.moe is not None
+    # What the router scores is the format's: the context mix only for our context model_type.
+    context = _router_context(doc, where)
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router_context=context)), notes
+
+
+def _router_context(doc: dict[str, Any], where: str) -> float:
+    """``router_context`` of a ``nexus_context_<format>`` config (0: the format's own routing)."""
+    if not str(doc.get("model_type", "")).startswith(CONTEXT_PREFIX):
+        return 0.0
+    value = doc.get("router_context")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise NexusError(
+            f"{where}: 'router_context' must be a number in (0, 1] for model_type "
+            f"'{doc.get('model_type')}' (the weight of the running mean in what the router "
+            f"scores), got {value!r}"
+        )
+    return float(value)
 
 
 def _check_moe(fmt: MoEFormat, cfg: ModelConfig) -> None:
@@ -341,13 +369,6 @@ def _check_moe(fmt: MoEFormat, cfg: ModelConfig) -> None:
             "the adaptive-clustering (AC) router rescales each token by statistics of the "
             "previous MoE layer's routing; no Hugging Face MoE format (qwen2_moe, qwen3_moe, "
             "mixtral) can express that, so an AC model cannot be exported"
-        )
-    if moe.router_context > 0:
-        raise NexusError(
-            f"the router scores the causal mean of the layer's inputs "
-            f"(router_context={moe.router_context}), but Hugging Face MoE formats route each "
-            "token on its own hidden state, so this model cannot be exported exactly; upcycle "
-            "it again with `--set router_context=0` to make it exportable"
         )
     if cfg.qk_norm and moe.shared_expert:
         raise NexusError(
@@ -442,6 +463,19 @@ def _moe_to_hf(
     doc.update(fmt.extra_config)
     doc["router_aux_loss_coef"] = moe.load_balance_weight
     doc["output_router_logits"] = False
+    if moe.router_context > 0:
+        # The format's model with a router on context, from the module written beside it.
+        config_class, model_class = context_class_names(fmt)
+        doc["architectures"] = [model_class]
+        doc["model_type"] = CONTEXT_PREFIX + fmt.model_type
+        doc["auto_map"] = {
+            "AutoConfig": f"{CONTEXT_MODULE}.{config_class}",
+            "AutoModelForCausalLM": f"{CONTEXT_MODULE}.{model_class}",
+        }
+        doc["router_context"] = moe.router_context
+        # The module needs transformers 5, which reads rope_parameters; its generic config (what
+        # AutoTokenizer falls back to without trust_remote_code) warns about rope_scaling.
+        doc.pop("rope_scaling", None)
     doc[SIDECAR_KEY] = {"version": __version__, "model": to_dict(cfg)}
     return doc
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from nexus_moe.config import ModelConfig
 from nexus_moe.errors import NexusError
 from nexus_moe.hf.card import MODEL_CARD_FILE, model_card
 from nexus_moe.hf.config import CONFIG_FILE, check_exportable, config_to_hf
-from nexus_moe.hf.formats import AUTO, Format, export_format, parse_size
+from nexus_moe.hf.formats import AUTO, CONTEXT_MODULE, Format, export_format, parse_size
 from nexus_moe.hf.gguf import GENERATION_CONFIG_FILE
 from nexus_moe.hf.mapping import Plan, export_plan, tensor_map
 from nexus_moe.hf.writer import DEFAULT_MAX_SHARD_SIZE, write_shards
@@ -71,8 +72,11 @@ def export_hf(
     MoE ``qwen2_moe`` (shared expert, any top-k gating, MoE every k-th block) and ``mixtral`` (no
     shared expert, renormalised gates, every block MoE); ``auto`` picks llama/qwen3 for a dense
     model and mixtral, else qwen2_moe, for a MoE. Linear and Nexus routers are exported as the
-    gate matrix they score tokens with; a model a format cannot express exactly (an AC router,
-    ...) is refused. Biases a format requires but the model lacks are written as zeros.
+    gate matrix they score tokens with; a MoE that routes on context (``router_context`` > 0)
+    gets ``model_type`` ``nexus_context_<format>`` and the modeling module that routes on the
+    context mix (loaded with ``trust_remote_code=True``). A model a format cannot express
+    exactly (an AC router, ...) is refused. Biases a format requires but the model lacks are
+    written as zeros.
 
     Weights are saved in ``dtype`` (a torch dtype or ``bf16``/``fp16``/``fp32``; default: the
     model's) as ``model.safetensors``, or as shards plus ``model.safetensors.index.json`` when
@@ -173,6 +177,11 @@ def _write_folder(
             write_json(tmp / TOKENIZER_CONFIG_FILE, doc)
             if "auto_map" in doc:
                 (tmp / TOKENIZER_MODULE_FILE).write_text(_TOKENIZER_MODULE)
+        if cfg.moe is not None and cfg.moe.router_context > 0:
+            # The router on context, for trust_remote_code (docs/design.md §15.1).
+            module = f"{CONTEXT_MODULE}.py"
+            source = resources.files("nexus_moe.hf.remote").joinpath(module)
+            (tmp / module).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
         if cfg.is_moe or metadata is not None:
             card = model_card(cfg, fmt, metadata or {}, out_dir.name, tokenizer_file)
             (tmp / MODEL_CARD_FILE).write_text(card)

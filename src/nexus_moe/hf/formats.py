@@ -253,8 +253,25 @@ def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
     return size
 
 
+# model_type of an MoE export that routes on context: this prefix + the format it extends, run by
+# the modeling module written beside the weights (trust_remote_code; docs/design.md §15.1).
+CONTEXT_PREFIX = "nexus_context_"
+CONTEXT_MODULE = "modeling_nexus_context"  # hf/remote/<this>.py, copied into the folder
+
+
+def context_class_names(fmt: MoEFormat) -> tuple[str, str]:
+    """The (config, model) class names of :data:`CONTEXT_MODULE` for format ``fmt``."""
+    model = f"NexusContext{fmt.architecture}"
+    return model.removesuffix("ForCausalLM") + "Config", model
+
+
 def format_for(model_type: Any, where: str) -> Format:
-    """The format named ``model_type`` (from a config.json at ``where``, or an option)."""
+    """The format named ``model_type`` (from a config.json at ``where``, or an option); a
+    context-routing export's ``nexus_context_<format>`` names the MoE format it extends."""
+    if isinstance(model_type, str) and model_type.startswith(CONTEXT_PREFIX):
+        base = model_type.removeprefix(CONTEXT_PREFIX)
+        if base in MOE_FORMATS:
+            return MOE_FORMATS[base]
     if model_type not in FORMATS:
         raise NexusError(
             f"{where}: model_type {model_type!r} is not supported; supported: "
