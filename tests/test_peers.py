@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,7 +88,7 @@ def test_data_peers_route_each_domain_to_its_expert(method):
 def test_arrow_rows_are_the_experts_weight_change_directions():
     seed, moe, directions = _models()
     peers.place_peer_rows(moe, "arrow", seed=seed)
-    rows = moe.moe_layers()[0].router.expert_embeddings()
+    rows = moe.moe_layers()[0].router.rows
     cos = (rows @ torch.stack(directions).t()).abs()
     torch.testing.assert_close(cos.diagonal(), torch.ones(3), atol=1e-4, rtol=0)
     x = torch.randn(7, 32)
@@ -117,8 +115,8 @@ def test_dume_adding_an_expert_resolves_every_row_and_removing_it_restores_them(
     assert grown.shape[0] == 4
     assert not torch.allclose(grown[:3], rows_before, atol=1e-4)  # every row re-solved
     peers.remove_peer_expert(moe, state, 3)
-    torch.testing.assert_close(moe.moe_layers()[0].router.expert_embeddings(), rows_before,
-                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    # the same sum of the remaining domains' statistics: the same rows, bit for bit
+    assert torch.equal(moe.moe_layers()[0].router.expert_embeddings(), rows_before)
 
 
 def test_mean_peer_adds_a_row_without_moving_the_others():
@@ -137,22 +135,9 @@ def test_phatgoose_gates_move_and_route():
     seed, moe, _ = _models()
     windows = [_windows(i) for i in range(3)]
     state = peers.place_peer_rows(moe, "phatgoose", windows, seed, phatgoose_steps=5)
-    assert all(g[0].norm() > 0 for g in state.inputs)  # trained away from their zero start
+    assert all(g[0].norm() > 0 for g in state.vectors)  # trained away from their zero start
     assert moe.moe_layers()[0].router.score == "standardised"
     assert all(not p.grad_fn and p.requires_grad for p in moe.parameters())  # unfrozen again
-
-
-def test_export_rows_only_for_bias_free_linear_peers():
-    seed, moe, _ = _models()
-    windows = [_windows(i) for i in range(3)]
-    peers.place_peer_rows(moe, "dume", windows, seed)
-    rows = peers.export_rows(moe)
-    x = torch.randn(5, 32)
-    router = moe.moe_layers()[0].router
-    torch.testing.assert_close(router(x), x @ rows[0].t())
-    peers.place_peer_rows(moe, "dume-bias", windows, seed)
-    with pytest.raises(NexusError, match="bias-free"):
-        peers.export_rows(moe)
 
 
 def test_unknown_method_and_missing_data_are_named():
@@ -163,18 +148,3 @@ def test_unknown_method_and_missing_data_are_named():
         peers.place_peer_rows(moe, "dume")
     with pytest.raises(NexusError, match="needs the seed model"):
         peers.place_peer_rows(moe, "arrow")
-
-
-def test_native_rows_keep_the_models_router_and_score_as_the_peer():
-    seed, moe, _ = _models()
-    windows = [_windows(i) for i in range(3)]
-    peer = copy.deepcopy(moe)
-    peers.place_peer_rows(peer, "mean", windows, seed)
-    linear = type(moe.moe_layers()[0].router)
-    peers.place_native_rows(moe, "mean", windows, seed)
-    assert type(moe.moe_layers()[0].router) is linear
-    x = torch.randn(5, 32)
-    for a, b in zip(moe.moe_layers(), peer.moe_layers(), strict=True):
-        torch.testing.assert_close(a.router(x), b.router(x))
-    with pytest.raises(NexusError, match="cannot be written as router rows"):
-        peers.place_native_rows(moe, "arrow", windows, seed)

@@ -10,6 +10,9 @@ Layout of a checkpoint directory::
                          chat_template.jinja, special_tokens_map.json, generation_config.json
     routing_stats.safetensors   MoE only, optional: the domain statistics its router rows were
                          calibrated from (``nexus_moe.calibrate``), used to place new experts
+    peer_router.safetensors     MoE upcycled with a peer's ``--router-init`` only: what its rows
+                         were made from, to grow and shrink it by the peer's rule
+                         (``nexus_moe.routers.peers``)
 
 Everything is written to a temporary directory and renamed into place, so an interrupted save
 never leaves a half-written checkpoint. Nothing is unpickled on load.
@@ -32,6 +35,7 @@ from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.errors import NexusError
 from nexus_moe.io_utils import atomic_dir, file_sha256, read_json, write_json
 from nexus_moe.model import Transformer
+from nexus_moe.routers import peers
 from nexus_moe.safetensors_io import (
     NonFiniteTensor,
     SafetensorsFiles,
@@ -112,6 +116,7 @@ def save_checkpoint(
         if tokenizer_path is not None:
             copy_tokenizer(find_tokenizer(tokenizer_path), tmp)
         write_routing_stats(model, tmp)
+        peers.write_model_state(model, tmp)
         for name, content in (extra_files or {}).items():
             _write_extra(tmp / name, content)
     return out_dir
@@ -404,6 +409,7 @@ def load_checkpoint(
     state = read_safetensors(ckpt_dir / WEIGHTS_FILE, device=device)
     load_state_into(model, state, ckpt_dir / WEIGHTS_FILE)
     load_routing_stats(model, ckpt_dir)
+    peers.attach_state(model, ckpt_dir)
     return model, metadata
 
 

@@ -72,8 +72,11 @@ class Range:
     flag: str = ""  # the command-line option, e.g. --leak-budget ("": recipes only)
     key: str = ""  # the recipe field, e.g. extend.leak_budget ("": command line only)
     hint: str = ""  # what to give instead
+    choices: tuple[str, ...] = ()  # a name option: the names it may take (the bounds unused)
 
     def describe(self) -> str:
+        if self.choices:
+            return f"one of: {', '.join(self.choices)}"
         kind = "an integer" if self.integer else "a finite number"
         show = (lambda x: f"{int(x)}") if self.integer else (lambda x: f"{x:g}")
         if self.low is not None and self.high is not None:
@@ -86,6 +89,8 @@ class Range:
         return kind
 
     def admits(self, value: Any) -> bool:
+        if self.choices:
+            return isinstance(value, str) and value in self.choices
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         if self.integer and not isinstance(value, int):
@@ -97,7 +102,21 @@ class Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
 
+# How upcycle places the router rows (--router-init): ``nexus``, this project's own (the
+# calibrated rows, or the router's initialisation), or a training-free peer's, whose rule also
+# grows the MoE in extend (nexus_moe.routers.peers; docs/design.md §5.8).
+ROUTER_INITS = (
+    "nexus", "dume", "dume-bias", "mean", "arrow", "mergekit-hidden", "mergekit-hidden-avg",
+    "phatgoose",
+)  # fmt: skip
+
 OPTION_RANGES: dict[str, Range] = {
+    "router_init": Range(
+        choices=ROUTER_INITS,
+        flag="--router-init",
+        key="moe.router_init",
+        hint="nexus (the default), or a peer's name (docs/design.md §5.8)",
+    ),
     "calibration_tokens": Range(
         1, integer=True, flag="--calibration-tokens", hint=f"e.g. {DEFAULT_CALIBRATION_TOKENS}"
     ),
@@ -354,7 +373,7 @@ def check_device_name(name: str, where: str = "--device") -> None:
 _MOE_RANGED = (
     "num_experts", "moe_every", "expert_intermediate_size", "load_balance_weight",
     "z_loss_weight", "router_init_std", "domain_embedding_dim", "nexus_hidden_size", "ac_eps",
-    "ac_tau", "ac_momentum", "top_k", "router_context",
+    "ac_tau", "ac_momentum", "top_k", "router_context", "router_init",
 )  # fmt: skip
 _MODEL_RANGED = {
     "vocab_size": "vocab_size_model", "hidden_size": "hidden_size",
@@ -397,6 +416,10 @@ class MoEConfig:
     router_context: float = 0.0
     domains: list[str] = field(default_factory=list)  # domain of each routed expert (may be empty)
     embedder: str | None = None  # sentence-transformers model the domain embeddings came from
+    # How the router rows were placed (ROUTER_INITS): ``nexus``, by this project's rules, or a
+    # training-free peer's name, whose rule extend then follows (a peer's rows sit in a linear
+    # router, or a fixed peer router where they carry a bias or a non-linear score).
+    router_init: str = "nexus"
 
     def __post_init__(self) -> None:
         check_fields(self, _MOE_RANGED)
@@ -404,6 +427,11 @@ class MoEConfig:
         self.ac_base = RouterType(self.ac_base)
         if self.ac_base == RouterType.ac:
             raise NexusError("moe.ac_base must be 'linear' or 'nexus'")
+        if self.router_init != "nexus" and self.router != RouterType.linear:
+            raise NexusError(
+                f"moe.router_init={self.router_init} places the rows of a linear router, but "
+                f"moe.router is {self.router.value}; drop the router setting"
+            )
         if not 1 <= self.top_k <= self.num_experts:
             raise NexusError(
                 f"moe.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}"

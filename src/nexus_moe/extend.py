@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from nexus_moe import calibrate, config, domain_stats, placement
+from nexus_moe import calibrate, config, domain_stats, peer_init, placement
 from nexus_moe.checkpoint import (
     TOKENIZER_FILE,
     load_checkpoint,
+    load_config,
     read_safetensors,
     require_text,
     save_checkpoint,
@@ -450,6 +451,7 @@ class ExtendOptions:
     refit_rows: bool = calibrate.REFIT_EARLIER_ROWS
     row_scale: float | None = None
     calibration_stats: DomainStats | None = None
+    router_init: str | None = None  # None: the MoE's own; another than its own is refused
 
 
 def extend(
@@ -467,6 +469,7 @@ def extend(
     refit_rows: bool = calibrate.REFIT_EARLIER_ROWS,
     row_scale: float | None = None,
     calibration_stats: DomainStats | None = None,
+    router_init: str | None = None,
 ) -> Path:
     """Extend the MoE checkpoint ``moe_dir`` with the dense expert ``expert_dir`` (docs/design.md §7).
 
@@ -485,7 +488,8 @@ def extend(
     share of the earlier domains' gates on their own experts; with ``refit_rows`` (and no leak
     budget) the earlier experts' rows are refit among all the domains. ``calibration_stats``
     (the domain's statistics file, :mod:`nexus_moe.domain_stats`) place the row in place of its
-    text, for an expert branched FFN-only.
+    text, for an expert branched FFN-only. An MoE upcycled with a peer's ``--router-init`` grows
+    by the peer's rule instead (``router_init``: None or the MoE's own; docs/design.md §5.8).
     """
     options = ExtendOptions(
         domain=domain,
@@ -499,6 +503,7 @@ def extend(
         refit_rows=refit_rows,
         row_scale=row_scale,
         calibration_stats=calibration_stats,
+        router_init=router_init,
     )
     return extend_with(moe_dir, expert_dir, out_dir, options)
 
@@ -518,6 +523,7 @@ def extend_with(
         raise NexusError("--leak-budget is estimated on the domain's text: pass --corpus")
     leak_budget = o.leak_budget or None  # 0: the default bound
     moe_dir, expert_dir, out_dir = Path(moe_dir), Path(expert_dir), Path(out_dir)
+    peer = peer_init.check_extend(load_config(moe_dir)[0].moe, moe_dir, o)  # before the weights
     moe, moe_meta = load_checkpoint(moe_dir)
     expert, expert_meta = load_checkpoint(expert_dir)
     if moe.cfg.moe is None:
@@ -548,11 +554,14 @@ def extend_with(
     if o.calibration_stats is not None:
         moments, new_held = _moments_of_file(o.calibration_stats, moe, expert, expert_dir, domain)
     placement: dict = {}
-    moe, undo = extend_model(
-        moe, expert, domain, embedding, o.reset_linear_router, merge_lambda, o.seed, windows,
-        leak_budget, o.refit_rows, o.row_scale, report=placement, calibration_moments=moments,
-        new_held=new_held,
-    )  # fmt: skip
+    if peer:  # by the peer's own rule (docs/design.md §5.8)
+        undo = _extend_by_peer(moe, expert, domain, windows, merge_lambda, moe_meta, moe_dir)
+    else:
+        moe, undo = extend_model(
+            moe, expert, domain, embedding, o.reset_linear_router, merge_lambda, o.seed, windows,
+            leak_budget, o.refit_rows, o.row_scale, report=placement,
+            calibration_moments=moments, new_held=new_held,
+        )  # fmt: skip
     merged_now = _as_after_removal(moe.state_dict(), undo)
     metadata = {
         **moe_meta,
@@ -574,6 +583,26 @@ def extend_with(
         extra_files={UNDO_FILE: undo} if undo else None,
     )
     return out_dir
+
+
+def _extend_by_peer(
+    moe: Transformer,
+    expert: Transformer,
+    domain: str,
+    windows: torch.Tensor | None,
+    merge_lambda: float | None,
+    moe_meta: dict[str, Any],
+    moe_dir: Path,
+) -> dict[str, torch.Tensor]:
+    """Add ``expert`` to an MoE upcycled with a peer's ``--router-init``: the other weights
+    merged as for any MoE, the new row placed by the peer's rule; returns the undo record."""
+    assert moe.cfg.moe is not None
+    if domain in moe.cfg.moe.domains:
+        raise NexusError(f"the MoE already has an expert for domain '{domain}'")
+    n = moe.cfg.moe.num_experts
+    undo = _merge_weights(moe, expert, 1.0 / (n + 1) if merge_lambda is None else merge_lambda)
+    peer_init.grow(moe, expert, domain, windows, moe_meta, moe_dir)
+    return undo
 
 
 def _domain_embedding(
@@ -616,7 +645,10 @@ def remove_expert(ckpt_dir: str | Path, out_dir: str | Path, domain: str) -> Pat
     domains = model.cfg.moe.domains
     if domain not in domains:
         raise NexusError(f"{ckpt_dir}: no expert for domain '{domain}' (experts: {domains})")
-    remove_from_model(model, domains.index(domain))
+    if model.cfg.moe.router_init != "nexus":  # by the peer's own rule
+        peer_init.shrink(model, domains.index(domain), ckpt_dir)
+    else:
+        remove_from_model(model, domains.index(domain))
     undo_info = meta.get("undo") or {}
     restored = False
     if undo_info.get("domain") == domain and (ckpt_dir / UNDO_FILE).is_file():

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from nexus_moe import calibrate, domain_stats
+from nexus_moe import calibrate, domain_stats, peer_init
 from nexus_moe.checkpoint import (
     WEIGHTS_FILE,
     NonFiniteModel,
@@ -140,6 +140,7 @@ class UpcycleOptions:
       shared expert, the statistics are measured on each dense expert alone, one in memory at a
       time (the same rows as on the assembled MoE), and any ``out_format`` may be calibrated;
       otherwise calibration runs on the assembled MoE and needs the native format.
+    * ``router_init``: ``nexus``, or a training-free peer placing the rows instead (docs §5.8).
     """
 
     domain_embeddings: DomainEmbeddings | None = None
@@ -155,6 +156,7 @@ class UpcycleOptions:
     out_dtype: str | None = None
     max_shard_size: int | str | None = None
     domain_stats: list[DomainStats] | None = None
+    router_init: str = "nexus"
 
 
 def upcycle(
@@ -175,6 +177,7 @@ def upcycle(
     out_dtype: str | None = None,
     max_shard_size: int | str | None = None,
     domain_stats: list[DomainStats] | None = None,
+    router_init: str = "nexus",
 ) -> Path:
     """Assemble dense checkpoints into ``out_dir`` with ``method`` (docs/design.md §5); returns ``out_dir``.
 
@@ -204,6 +207,7 @@ def upcycle(
         out_dtype=out_dtype,
         max_shard_size=max_shard_size,
         domain_stats=domain_stats,
+        router_init=router_init,
     )
     return upcycle_with(method, seed_dir, expert_dirs, out_dir, options)
 
@@ -216,8 +220,8 @@ def upcycle_with(
     options: UpcycleOptions,
 ) -> Path:
     """:func:`upcycle` with its settings as one :class:`UpcycleOptions`."""
-    o = options
     method = _parse_method(method)
+    o = peer_init.upcycle_options(method, options)
     check_option("calibration_tokens", o.calibration_tokens)
     out_dir = Path(out_dir)
     expert_paths = [Path(p) for p in expert_dirs]
@@ -257,7 +261,9 @@ def upcycle_with(
         "router_seed": o.seed,
         "seed_sha256": seed_hash(seed_in.path),  # extend checks new experts against it
     }
-    finish = _finish_step(layer_stats, calibrate_router, o)
+    finish = _finish_step(layer_stats, calibrate_router, o) or peer_init.upcycle_placement(
+        o, cfg, seed_in, expert_domains
+    )
     hf_options = {"dtype": o.out_dtype}
     if o.max_shard_size is not None:
         hf_options["max_shard_size"] = o.max_shard_size

@@ -199,6 +199,15 @@ UpcycleStatsOpt = Annotated[
         "repeat. Experts without one are calibrated from --corpus.",
     ),
 ]
+RouterInitOpt = Annotated[
+    str,
+    typer.Option(
+        help="How the router rows are placed: nexus (calibrated from --corpus as above, or the "
+        "router's own initialisation), or a training-free peer: dume, dume-bias, mean, arrow, "
+        "mergekit-hidden, mergekit-hidden-avg, phatgoose (all but arrow read --corpus; "
+        "docs/design.md §5.8). A peer's MoE grows by its own rule in `extend`.",
+    ),
+]
 
 
 @app.command()
@@ -218,6 +227,7 @@ def upcycle(
     calibrate: CalibrateOpt = None,
     calibration_tokens: UpcycleTokensOpt = None,
     stats: UpcycleStatsOpt = None,
+    router_init: RouterInitOpt = "nexus",
     dtype: DtypeOpt = None,
     max_shard_size: MaxShardOpt = None,
     overwrite: OverwriteOpt = False,
@@ -254,6 +264,7 @@ def upcycle(
         calibrate=calibrate,
         calibration_tokens=calibration_tokens,
         stats=stats,
+        router_init=router_init,
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
@@ -276,6 +287,7 @@ def upcycle(
         out_dtype=dtype,
         max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
         domain_stats=[read_domain_stats(p) for p in stats or []] or None,
+        router_init=router_init,
     )
     console.print(f"{method} model written to {result}{chosen_format(fmt, result)}")
 
@@ -375,6 +387,14 @@ ExtendStatsOpt = Annotated[
         "hidden states (docs/design.md §5.7).",
     ),
 ]
+ExtendRouterInitOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="The MoE's router init (default: its own, recorded when it was upcycled): an MoE "
+        "upcycled with a peer's --router-init grows by that peer's rule (DUME re-solves every "
+        "row; docs/design.md §5.8). Another than the MoE's own is refused.",
+    ),
+]
 
 
 @app.command("extend")
@@ -393,10 +413,11 @@ def extend_cmd(
     row_scale: RowScaleOpt = None,
     merge_weight: MergeWeightOpt = None,
     stats: ExtendStatsOpt = None,
+    router_init: ExtendRouterInitOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Append a new domain expert to an MoE (docs/design.md §7); then finetune with `train --init`."""
-    from nexus_moe.config import check_extend_options
+    from nexus_moe.config import check_extend_options, check_option
     from nexus_moe.domain_stats import read as read_domain_stats
     from nexus_moe.embed import DomainEmbeddings
     from nexus_moe.extend import extend
@@ -406,6 +427,7 @@ def extend_cmd(
         corpus is not None or stats is not None, calibration_tokens, leak_budget, refit_rows,
         row_scale, merge_weight,
     )  # fmt: skip
+    check_option("router_init", router_init)
     calibration_tokens = _calibration_tokens(calibration_tokens, corpus)
     moe_dir, expert_dir = resolve_model_dir(moe), resolve_model_dir(expert)
     claim(
@@ -424,6 +446,7 @@ def extend_cmd(
         row_scale=row_scale,
         merge_weight=merge_weight,
         stats=stats,
+        router_init=router_init,
     )
     check_out(out, [moe_dir, expert_dir, embeddings, corpus, stats])
     result = extend(
@@ -441,6 +464,7 @@ def extend_cmd(
         refit_rows=refit_rows,
         row_scale=row_scale,
         calibration_stats=read_domain_stats(stats) if stats is not None else None,
+        router_init=router_init,
     )
     console.print(f"extended MoE written to {result}")
 

@@ -9,11 +9,13 @@ from nexus_moe.routers.ac import ACRouter, cluster_feature_weights
 from nexus_moe.routers.base import Router
 from nexus_moe.routers.linear import LinearRouter
 from nexus_moe.routers.nexus import NexusRouter
+from nexus_moe.routers.peer_router import PEER_SCORES, PeerRouter
 
 __all__ = [
     "ACRouter",
     "LinearRouter",
     "NexusRouter",
+    "PeerRouter",
     "Router",
     "build_router",
     "cluster_feature_weights",
@@ -36,6 +38,8 @@ def _build_base(kind: RouterType, cfg: MoEConfig, hidden_size: int) -> Router:
 
 def build_router(cfg: MoEConfig, hidden_size: int) -> Router:
     """The router a MoE layer with config ``cfg`` uses."""
+    if cfg.router_init in PEER_SCORES:  # a peer's rows with a bias or a non-linear score
+        return PeerRouter.for_method(cfg.router_init, cfg.num_experts, hidden_size)
     if cfg.router == RouterType.ac:
         return ACRouter(
             _build_base(cfg.ac_base, cfg, hidden_size), cfg.ac_eps, cfg.ac_tau, cfg.ac_momentum

@@ -1,11 +1,13 @@
-"""Training-free peer routers (docs/design.md, "Training-free peer routers").
+"""Training-free peer routers (docs/design.md §5.8).
 
 The router placements a user who wants "dense experts in, MoE out, experts added without
 training" could pick instead of the calibrated Nexus rows, rebuilt here so that they can be
-measured on the same experts (``benchmarks/peer_routers.py``). Each works on any MoE this project
-builds: it replaces every MoE layer's router by a :class:`PeerRouter` that holds the peer's rows
-(and, where the peer has one, a bias or a non-linear score), and it grows and shrinks by one
-expert by the peer's own rule.
+measured on the same experts (``benchmarks/peer_routers.py``) and chosen with ``upcycle
+--router-init`` (:mod:`nexus_moe.peer_init`). Each works on any MoE this project builds: its rows
+go into a linear router (the bias-free linear peers, ``LINEAR_METHODS``) or a fixed
+:class:`~nexus_moe.routers.peer_router.PeerRouter` (a bias or a non-linear score), the model's
+config names it (``moe.router_init``), and it grows and shrinks by one expert by the peer's own
+rule from a :class:`PeerState` saved beside the weights (``peer_router.safetensors``).
 
 =====================  =====================================================================
 method                 rows (per MoE layer), from
@@ -30,30 +32,43 @@ own fixed one, 1), then the MoE layer applies its own softmax / top-k / renormal
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nexus_moe.calibrate import moe_inputs
+from nexus_moe.config import ROUTER_INITS, RouterType
 from nexus_moe.errors import NexusError
 from nexus_moe.model import Transformer
 from nexus_moe.moe import MoELayer
-from nexus_moe.routers.base import Router
+from nexus_moe.routers import build_router
+from nexus_moe.routers.peer_router import PEER_SCORES, PeerRouter
 
-METHODS = (
-    "dume",
-    "dume-bias",
-    "mean",
-    "arrow",
-    "mergekit-hidden",
-    "mergekit-hidden-avg",
-    "phatgoose",
-)
-# Peers whose routing is ``x . e_i`` with no bias: their rows fit any router of this project
-# (and the Hugging Face formats), see :func:`export_rows`.
+__all__ = [
+    "LINEAR_METHODS",
+    "METHODS",
+    "STATE_FILE",
+    "PeerRouter",
+    "PeerState",
+    "add_peer_expert",
+    "attach_state",
+    "place_peer_rows",
+    "read_state",
+    "remove_peer_expert",
+    "write_model_state",
+]
+
+METHODS = ROUTER_INITS[1:]  # every name of --router-init but nexus
+# Peers whose routing is ``x . e_i`` with no bias: their rows are a linear router's weight,
+# which every Hugging Face MoE format holds as its gate.
 LINEAR_METHODS = ("dume", "mean", "mergekit-hidden", "mergekit-hidden-avg")
+STATE_FILE = "peer_router.safetensors"
 DUME_LAMBDA = 1e-2  # DUME's ridge on the summed Gram matrix (its default)
 MERGEKIT_PROMPTS = 8  # prompts per domain for the mergekit gates
 MERGEKIT_PROMPT_LEN = 64
@@ -62,93 +77,26 @@ PHATGOOSE_LR = 1e-2
 PHATGOOSE_BATCH = 8
 _TAU_GRID = torch.logspace(-3, 2.5, 56)
 _KEEP_FOR_TAU = 1024  # tokens per domain and layer the temperature is fitted on
-
-
-class PeerRouter(Router):
-    """``logits = tau * score(x, rows) + bias`` with score ``dot`` (``x . r``), ``abs``
-    (``|x . r|``, Arrow) or ``standardised`` (``LN(x) . LN(r) / sqrt(H)``, PHATGOOSE; LN
-    without affine weights)."""
-
-    def __init__(
-        self,
-        rows: torch.Tensor,
-        score: str = "dot",
-        temperature: float = 1.0,
-        bias: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        if score not in ("dot", "abs", "standardised"):
-            raise ValueError(f"unknown peer score '{score}'")
-        self.score, self.temperature = score, float(temperature)
-        self.num_experts = rows.shape[0]
-        self.register_buffer("rows", rows.detach().float().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-
-    def expert_embeddings(self) -> torch.Tensor:
-        return self.rows
-
-    def forward(self, x: torch.Tensor, prev_assignment: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.float()
-        if self.score == "standardised":
-            h = x.shape[-1]
-            s = F.layer_norm(x, (h,)) @ F.layer_norm(self.rows, (h,)).t() / math.sqrt(h)
-        else:
-            s = x @ self.rows.t()
-            if self.score == "abs":
-                s = s.abs()
-        s = self.temperature * s
-        return s if self.bias is None else s + self.bias
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        pass  # nothing learned
-
-    @torch.no_grad()
-    def set_rows(self, rows: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.rows = rows.detach().float().to(self.rows.device).clone()
-        self.num_experts = rows.shape[0]
-        if bias is not None:
-            self.bias = bias.detach().float().to(self.rows.device).clone()
-
-    @torch.no_grad()
-    def set_row(self, index: int, row: torch.Tensor) -> None:
-        self.rows[index].copy_(row.float())
-
-    @torch.no_grad()
-    def shift_rows(self, shift: torch.Tensor) -> None:
-        self.rows[: shift.shape[0]] += shift.to(self.rows)
-
-    @torch.no_grad()
-    def add_expert(self, domain_embedding: torch.Tensor | None = None, reset: bool = False) -> None:
-        """Append a zero row (and bias 0); the placement then sets it."""
-        self.rows = torch.cat([self.rows, torch.zeros_like(self.rows[:1])])
-        if self.bias is not None:
-            self.bias = torch.cat([self.bias, torch.zeros_like(self.bias[:1])])
-        self.num_experts += 1
-
-    @torch.no_grad()
-    def remove_expert(self, index: int) -> None:
-        keep = [i for i in range(self.num_experts) if i != index]
-        self.rows = self.rows[keep].clone()
-        if self.bias is not None:
-            self.bias = self.bias[keep].clone()
-        self.num_experts -= 1
+_SCORE = {m: PEER_SCORES.get(m, "dot") for m in METHODS}
+_FITTED = ("dume", "dume-bias", "mean", "phatgoose")  # the peers with a fitted temperature
 
 
 @dataclass
 class PeerState:
-    """What a placement was made from, kept to grow and shrink the MoE by the peer's rule."""
+    """What a placement was made from, kept to grow and shrink the MoE by the peer's rule.
+
+    Everything is per expert (in the MoE's order), so removing an expert drops its entries and
+    gives back the rows the MoE had before it was added, bit for bit.
+    """
 
     method: str
-    temperatures: list[float]
-    # Per expert, per MoE layer: (N, H) inputs of its domain with its tokens on its expert
-    # (DUME, mean; a sample of them), or the seed's prompt states (mergekit, (H,) each).
-    inputs: list[list[torch.Tensor]] = field(default_factory=list)
-    # DUME: per layer the Gram matrix A = sum [x,1]^T [x,1] and B = sum [x,1]^T y (float64).
-    gram: list[torch.Tensor] = field(default_factory=list)
-    targets: list[torch.Tensor] = field(default_factory=list)
+    temperatures: list[float]  # per MoE layer
+    # Per expert, per MoE layer: DUME's sum of its domain's [x, 1] (float64, the column of
+    # X^T Y), the mean rows' mean input (float64), mergekit's prompt state of the seed,
+    # PHATGOOSE's gate, or Arrow's singular vector.
+    vectors: list[list[torch.Tensor]] = field(default_factory=list)
+    grams: list[list[torch.Tensor]] = field(default_factory=list)  # DUME: X^T X of each domain
     seed_ffns: list[torch.Tensor] | None = None  # Arrow: the seed's FFN input weights per layer
-    # Per expert, per layer: its domain's inputs with its tokens on it (temperature fits, DUME).
-    forced: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 def _check(model: Transformer, method: str) -> list[MoELayer]:
@@ -174,13 +122,9 @@ def fit_temperature(score_fn, inputs: list[torch.Tensor]) -> float:
     return best
 
 
-def _gram(x: torch.Tensor, label: int, num: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _augmented(x: torch.Tensor, bias: bool) -> torch.Tensor:
     xa = x.double()
-    if bias:
-        xa = torch.cat([xa, torch.ones(len(xa), 1, dtype=xa.dtype)], 1)
-    y = torch.zeros(xa.shape[1], num, dtype=xa.dtype)
-    y[:, label] = xa.sum(0)  # X^T Y with one-hot rows
-    return xa.t() @ xa, y
+    return torch.cat([xa, torch.ones(len(xa), 1, dtype=xa.dtype)], 1) if bias else xa
 
 
 def dume_solve(
@@ -198,9 +142,6 @@ def dume_solve(
 def _scores(method: str, rows: torch.Tensor, bias: torch.Tensor | None):
     router = PeerRouter(rows, _SCORE[method], 1.0, bias)
     return lambda x: router(x)
-
-
-_SCORE = {m: "dot" for m in METHODS} | {"arrow": "abs", "phatgoose": "standardised"}
 
 
 def forced_inputs(model: Transformer, windows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -259,6 +200,12 @@ def _moe_blocks(model: Transformer) -> list[int]:
     return [i for i, b in enumerate(model.model.layers) if isinstance(b.mlp, MoELayer)]
 
 
+def seed_ffn_inputs(seed: Transformer, moe_blocks: list[int]) -> list[torch.Tensor]:
+    """Arrow's reference: the seed's FFN input weights (2I, H) at each MoE block."""
+    mlps = [seed.model.layers[b].mlp for b in moe_blocks]
+    return [_ffn_inputs(m.gate_proj.weight, m.up_proj.weight) for m in mlps]
+
+
 def train_phatgoose_gates(
     model: Transformer,
     expert: int,
@@ -271,7 +218,7 @@ def train_phatgoose_gates(
     scaled by ``sigmoid(x . g)`` (x: what the router scores), only g trained (from 0) on the
     language-modelling loss of its domain's ``windows``; every weight of the model frozen."""
     layers = model.moe_layers()
-    hidden = layers[0].router.expert_embeddings().shape[1]
+    hidden = model.cfg.hidden_size
     gates = [torch.zeros(hidden, requires_grad=True) for _ in layers]
     masks = [layer.expert_mask for layer in layers]
     flags = [p.requires_grad for p in model.parameters()]
@@ -313,42 +260,104 @@ def train_phatgoose_gates(
     return [g.detach().clone() for g in gates]
 
 
+def _install(model: Transformer, method: str) -> None:
+    """Make ``model`` a ``method``-routed MoE: its config names the peer (a linear router) and
+    every MoE layer gets the router that config builds (a linear one, or a PeerRouter), unless
+    it has it already; the rows are placed after."""
+    cfg = model.cfg.moe
+    assert cfg is not None
+    peer_cfg = replace(cfg, router=RouterType.linear, router_init=method)
+    model.cfg.moe = peer_cfg
+    for layer in model.moe_layers():
+        with torch.random.fork_rng(devices=[]):  # a linear router's own init: not the global RNG
+            fresh = build_router(peer_cfg, model.cfg.hidden_size)
+        if type(fresh) is not type(layer.router) or (
+            getattr(fresh, "score", None) != getattr(layer.router, "score", None)
+        ):
+            ref = layer.experts.gate_proj
+            # (a linear router's weight in the model's dtype; a peer router's buffers float32)
+            layer.router = (
+                fresh.to(ref.device)
+                if isinstance(fresh, PeerRouter)
+                else fresh.to(device=ref.device, dtype=ref.dtype)
+            )
+        layer._set_config(peer_cfg)
+
+
+def _rows(state: PeerState, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer ``layer``'s rows (E, H) and bias from ``state``: DUME solves its ridge regression
+    on every domain's sums, mean rows normalise the means, mergekit subtracts each domain's
+    negatives, Arrow and PHATGOOSE take their vectors as they are."""
+    method = state.method
+    vectors = [v[layer] for v in state.vectors]
+    if method in ("dume", "dume-bias"):
+        gram = torch.zeros_like(state.grams[0][layer])
+        for g in state.grams:  # in expert order, so that a removal gives the same sum back
+            gram += g[layer]
+        return dume_solve(gram, torch.stack(vectors, 1), method == "dume-bias")
+    if method == "mean":
+        return F.normalize(torch.stack(vectors).double(), dim=-1).float(), None
+    if method.startswith("mergekit"):
+        return _mergekit_rows(state.vectors, layer), None
+    return torch.stack(vectors).float(), None
+
+
 @torch.no_grad()
-def _set_routers(model: Transformer, state: PeerState, rows, biases) -> None:
+def _apply(model: Transformer, state: PeerState, only: int | None = None) -> None:
+    """Write the rows of ``state`` (times each layer's temperature) into every MoE layer's
+    router; ``only``: in a linear router, that expert's row alone (the others, trained or not,
+    are kept)."""
     for i, layer in enumerate(model.moe_layers()):
-        bias = None if biases is None else biases[i]
-        layer.router = PeerRouter(rows[i], _SCORE[state.method], state.temperatures[i], bias)
+        rows, bias = _rows(state, i)
+        router, tau = layer.router, state.temperatures[i]
+        if isinstance(router, PeerRouter):
+            router.set_rows(rows, bias)
+            router.temperature.fill_(tau)
+        elif only is not None:
+            router.set_row(only, tau * rows[only])
+        else:
+            router.set_rows(tau * rows)
 
 
-def _layer_rows(model: Transformer, state: PeerState, fit: bool) -> None:
-    """(Re)compute every layer's rows from ``state`` (DUME re-solves every row; mergekit
-    recomputes every negative) and install them; ``fit``: refit the temperatures."""
-    method, layers = state.method, model.moe_layers()
-    rows, biases = [], [] if method == "dume-bias" else None
-    for i, layer in enumerate(layers):
-        if method in ("dume", "dume-bias"):
-            r, b = dume_solve(state.gram[i], state.targets[i], method == "dume-bias")
-            if biases is not None:
-                biases.append(b)
-        elif method == "mean":
-            r = F.normalize(torch.stack([x[i].double().mean(0) for x in state.inputs]), dim=-1)
-            r = r.float()
-        elif method.startswith("mergekit"):
-            r = _mergekit_rows(state.inputs, i)
-        elif method == "arrow":
-            e = layer.experts
-            r = torch.stack([
-                arrow_vector(_ffn_inputs(e.gate_proj[j], e.up_proj[j]) - state.seed_ffns[i])
-                for j in range(layer.num_experts)
-            ])  # fmt: skip
-        else:  # phatgoose: the gates themselves
-            r = torch.stack([x[i] for x in state.inputs])
-        rows.append(r)
-        if fit and method in ("dume", "dume-bias", "mean", "phatgoose"):
-            b = None if biases is None else biases[-1]
-            samples = [x[i] for x in state.forced]
-            state.temperatures[i] = fit_temperature(_scores(method, r, b), samples)
-    _set_routers(model, state, rows, biases)
+def _domain_entry(
+    state: PeerState,
+    model: Transformer,
+    expert: int,
+    windows: torch.Tensor | None,
+    seed: Transformer | None,
+    phatgoose_steps: int,
+) -> list[torch.Tensor] | None:
+    """Append expert ``expert``'s entries to ``state`` (its domain's ``windows``, through the
+    MoE with its tokens on that expert); returns those inputs, per layer, where the peer read
+    them (for the temperature fit)."""
+    method, forced = state.method, None
+    if method == "arrow":
+        e = [layer.experts for layer in model.moe_layers()]
+        assert state.seed_ffns is not None
+        state.vectors.append([
+            arrow_vector(_ffn_inputs(x.gate_proj[expert], x.up_proj[expert]) - ref)
+            for x, ref in zip(e, state.seed_ffns, strict=True)
+        ])  # fmt: skip
+        return None
+    assert windows is not None
+    if method.startswith("mergekit"):
+        assert seed is not None
+        avg = method == "mergekit-hidden-avg"
+        state.vectors.append(seed_prompt_states(seed, windows, _moe_blocks(model), avg))
+        return None
+    if method == "phatgoose":
+        with torch.enable_grad():
+            state.vectors.append(
+                train_phatgoose_gates(model, expert, windows, phatgoose_steps, seed=expert)
+            )
+    forced = moe_inputs(model, windows, expert)
+    if method == "mean":
+        state.vectors.append([x.double().mean(0) for x in forced])
+    elif method in ("dume", "dume-bias"):
+        xs = [_augmented(x, method == "dume-bias") for x in forced]
+        state.grams.append([xa.t() @ xa for xa in xs])
+        state.vectors.append([xa.sum(0) for xa in xs])
+    return forced
 
 
 def place_peer_rows(
@@ -358,7 +367,8 @@ def place_peer_rows(
     seed: Transformer | None = None,
     phatgoose_steps: int = PHATGOOSE_STEPS,
 ) -> PeerState:
-    """Replace every MoE layer's router of ``model`` by peer ``method``'s placement.
+    """Make ``model`` a ``method``-routed MoE: its config names the peer, every MoE layer's
+    router holds the peer's rows, and ``model.peer_state`` the state they were made from.
 
     ``windows[i]`` (rows, T) int64: training windows of expert i's domain (all but Arrow need
     them); ``seed``: the dense model the experts were branched from (Arrow, mergekit).
@@ -368,50 +378,26 @@ def place_peer_rows(
     n = layers[0].num_experts
     if method != "arrow" and (windows is None or len(windows) != n):
         raise NexusError(f"peer router '{method}' needs calibration windows of every domain")
-    if method in ("arrow",) or method.startswith("mergekit"):
-        if seed is None:
-            raise NexusError(f"peer router '{method}' needs the seed model")
+    if (method == "arrow" or method.startswith("mergekit")) and seed is None:
+        raise NexusError(f"peer router '{method}' needs the seed model")
     state = PeerState(method, [1.0] * len(layers))
     if method == "arrow":
-        blocks = [seed.model.layers[b].mlp for b in _moe_blocks(model)]
-        state.seed_ffns = [_ffn_inputs(m.gate_proj.weight, m.up_proj.weight) for m in blocks]
-    elif method.startswith("mergekit"):
-        blocks = _moe_blocks(model)
-        avg = method == "mergekit-hidden-avg"
-        state.inputs = [seed_prompt_states(seed, w, blocks, avg) for w in windows]
-    elif method == "phatgoose":
-        state.inputs = [
-            train_phatgoose_gates(model, i, w, phatgoose_steps, seed=i)
-            for i, w in enumerate(windows)
-        ]
-        state.forced = forced_inputs(model, windows)  # for the temperature
-    else:
-        state.forced = forced_inputs(model, windows)
-        _accumulate(state, state.forced)
-    _layer_rows(model, state, fit=True)
+        assert seed is not None
+        state.seed_ffns = seed_ffn_inputs(seed, _moe_blocks(model))
+    forced = [
+        _domain_entry(state, model, i, None if windows is None else windows[i], seed,
+                      phatgoose_steps)
+        for i in range(n)
+    ]  # fmt: skip
+    if method in _FITTED:
+        for i in range(len(layers)):
+            rows, bias = _rows(state, i)
+            samples = [f[i] for f in forced if f is not None]
+            state.temperatures[i] = fit_temperature(_scores(method, rows, bias), samples)
+    _install(model, method)
+    _apply(model, state)
+    model.peer_state = state
     return state
-
-
-def _accumulate(state: PeerState, forced: list[list[torch.Tensor]], start: int = 0) -> None:
-    """Fold domains ``start..`` of ``forced`` into the DUME Gram matrices / the mean inputs."""
-    bias = state.method == "dume-bias"
-    num = len(forced)
-    if state.method == "mean":
-        state.inputs = [list(x) for x in forced]
-        return
-    num_layers = len(forced[0])
-    if not state.gram:
-        h = forced[0][0].shape[1] + (1 if bias else 0)
-        state.gram = [torch.zeros(h, h, dtype=torch.float64) for _ in range(num_layers)]
-        state.targets = [torch.zeros(h, 0, dtype=torch.float64) for _ in range(num_layers)]
-    for i in range(num_layers):
-        grown = torch.zeros(state.gram[i].shape[0], num, dtype=torch.float64)
-        grown[:, : state.targets[i].shape[1]] = state.targets[i]
-        state.targets[i] = grown
-        for d in range(start, num):
-            a, y = _gram(forced[d][i], d, num, bias)
-            state.gram[i] += a
-            state.targets[i] += y
 
 
 @torch.no_grad()
@@ -433,38 +419,31 @@ def add_peer_expert(
     n = cfg.num_experts
     if domain in cfg.domains:
         raise NexusError(f"the MoE already has an expert for domain '{domain}'")
-    grown = replace(
-        cfg, num_experts=n + 1, domains=[*cfg.domains, domain], top_k=min(cfg.top_k, n + 1)
-    )
-    for i, block in enumerate(model.model.layers):
-        if isinstance(block.mlp, MoELayer):
-            ffn = expert.model.layers[i].mlp
-            block.mlp.add_expert(ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight,
-                                 grown)  # fmt: skip
-    model.cfg.moe = grown
     method = state.method
     if method != "arrow" and windows is None:
         raise NexusError(f"peer router '{method}' needs the new domain's windows")
-    if method.startswith("mergekit"):
-        avg = method == "mergekit-hidden-avg"
-        state.inputs.append(seed_prompt_states(seed, windows, _moe_blocks(model), avg))
-    elif method == "phatgoose":
-        with torch.enable_grad():
-            state.inputs.append(train_phatgoose_gates(model, n, windows, phatgoose_steps, seed=n))
-    elif method != "arrow":
-        new = moe_inputs(model, windows, n)
-        state.forced.append(new)
-        if method == "mean":
-            state.inputs.append(new)
-        else:
-            _accumulate(state, state.forced, start=n)
-    _layer_rows(model, state, fit=False)
+    if method.startswith("mergekit") and seed is None:
+        raise NexusError(f"peer router '{method}' needs the seed model")
+    grown = replace(
+        cfg, num_experts=n + 1, domains=[*cfg.domains, domain], top_k=min(cfg.top_k, n + 1)
+    )
+    with torch.random.fork_rng(devices=[]):  # a linear router's random new row: replaced below
+        for i, block in enumerate(model.model.layers):
+            if isinstance(block.mlp, MoELayer):
+                ffn = expert.model.layers[i].mlp
+                block.mlp.add_expert(ffn.gate_proj.weight, ffn.up_proj.weight,
+                                     ffn.down_proj.weight, grown)  # fmt: skip
+    model.cfg.moe = grown
+    _domain_entry(state, model, n, windows, seed, phatgoose_steps)
+    _apply(model, state, only=n if method in ("mean", "arrow", "phatgoose") else None)
+    model.peer_state = state
 
 
 @torch.no_grad()
 def remove_peer_expert(model: Transformer, state: PeerState, index: int) -> None:
     """Drop routed expert ``index`` (opt-out); DUME re-solves without its domain, mergekit
-    recomputes the negatives; the other peers drop the row."""
+    recomputes the negatives; the other peers drop the row. Right after :func:`add_peer_expert`
+    of that expert, the rows are those before it, bit for bit."""
     cfg = model.cfg.moe
     assert cfg is not None
     if cfg.num_experts <= 1:
@@ -475,49 +454,80 @@ def remove_peer_expert(model: Transformer, state: PeerState, index: int) -> None
     for layer in model.moe_layers():
         layer.remove_expert(index, shrunk, None)
     model.cfg.moe = shrunk
-    if state.forced:
-        del state.forced[index]
-    if state.method in ("dume", "dume-bias"):
-        state.gram, state.targets = [], []
-        _accumulate(state, state.forced)
-    elif state.inputs:
-        del state.inputs[index]
-    _layer_rows(model, state, fit=False)
+    del state.vectors[index]
+    if state.grams:
+        del state.grams[index]
+    if state.method in ("dume", "dume-bias") or state.method.startswith("mergekit"):
+        _apply(model, state)
+    model.peer_state = state
 
 
-def export_rows(model: Transformer) -> list[torch.Tensor]:
-    """The ``tau * r_i`` rows of a bias-free ``dot`` peer, one (E, H) per MoE layer, for
-    ``Router.set_rows`` of the model's own router type (a checkpoint or Hugging Face export)."""
-    out = []
-    for layer in model.moe_layers():
-        r = layer.router
-        if not isinstance(r, PeerRouter) or r.score != "dot" or r.bias is not None:
-            raise NexusError("only the bias-free linear peers (" + ", ".join(LINEAR_METHODS)
-                             + ") can be written as router rows")  # fmt: skip
-        out.append(r.temperature * r.rows)
+# --------------------------------------------------------------------------------------------
+# the state on disk: safetensors, the method and domains in its metadata
+
+
+def state_tensors(state: PeerState) -> dict[str, torch.Tensor]:
+    """``state`` as named tensors (``expert.{i}.layer.{l}.vector`` / ``.gram``,
+    ``layer.{l}.seed_ffn``, ``temperatures``)."""
+    out = {"temperatures": torch.tensor(state.temperatures, dtype=torch.float64)}
+    for i, per_layer in enumerate(state.vectors):
+        for j, v in enumerate(per_layer):
+            out[f"expert.{i}.layer.{j}.vector"] = v.contiguous()
+    for i, per_layer in enumerate(state.grams):
+        for j, g in enumerate(per_layer):
+            out[f"expert.{i}.layer.{j}.gram"] = g.contiguous()
+    for j, w in enumerate(state.seed_ffns or []):
+        out[f"layer.{j}.seed_ffn"] = w.contiguous()
     return out
 
 
-@torch.no_grad()
-def place_native_rows(
-    model: Transformer,
-    method: str,
-    windows: list[torch.Tensor],
-    seed: Transformer | None = None,
-) -> None:
-    """Place a bias-free linear peer's rows (``LINEAR_METHODS``) into ``model``'s own routers
-    (``Router.set_rows``: a linear router's weight, a Nexus router's anchors with the projection
-    at zero), so the MoE is saved and exported as any other; what ``--router-init`` would do.
-    ``windows``: each expert's domain windows, e.g. the ``held`` ones of its routing statistics."""
-    if method not in LINEAR_METHODS:
+def write_model_state(model: Transformer, folder: Path) -> None:
+    """Write ``model.peer_state`` (if the model has one) as ``folder/peer_router.safetensors``."""
+    state = getattr(model, "peer_state", None)
+    if state is None or model.cfg.moe is None:
+        return
+    meta = {"method": state.method, "domains": json.dumps(list(model.cfg.moe.domains))}
+    save_file(state_tensors(state), str(Path(folder) / STATE_FILE), metadata=meta)
+
+
+def read_state(path: Path, method: str, domains: list[str], num_layers: int) -> PeerState:
+    """The state in ``path``, checked to be that of a ``method``-routed MoE with these experts'
+    ``domains`` and MoE layers; NexusError naming the file otherwise."""
+    fix = "it does not belong to this checkpoint: delete it, or upcycle the MoE again"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise NexusError(f"{path}: not a readable safetensors file ({exc}); {fix}") from None
+    if meta.get("method") != method or json.loads(meta.get("domains", "null")) != list(domains):
         raise NexusError(
-            f"router init '{method}' has a bias or a non-linear score and cannot be written as "
-            f"router rows; choose one of {', '.join(LINEAR_METHODS)}"
+            f"{path}: the state of a '{meta.get('method')}' router of the experts "
+            f"{meta.get('domains')}, the MoE is '{method}' of {list(domains)}; {fix}"
         )
-    layers = _check(model, method)
-    own = [layer.router for layer in layers]
-    place_peer_rows(model, method, windows, seed)
-    rows = export_rows(model)
-    for layer, router, r in zip(layers, own, rows, strict=True):
-        layer.router = router
-        router.set_rows(r)
+    try:
+        temps = tensors["temperatures"].tolist()
+        state = PeerState(method, temps)
+        layers = range(num_layers)
+        state.vectors = [[tensors[f"expert.{i}.layer.{j}.vector"] for j in layers]
+                         for i in range(len(domains))]  # fmt: skip
+        if method in ("dume", "dume-bias"):
+            state.grams = [[tensors[f"expert.{i}.layer.{j}.gram"] for j in layers]
+                           for i in range(len(domains))]  # fmt: skip
+        if method == "arrow":
+            state.seed_ffns = [tensors[f"layer.{j}.seed_ffn"] for j in layers]
+    except KeyError as exc:
+        raise NexusError(f"{path}: incomplete peer router state (no {exc}); {fix}") from None
+    if len(temps) != num_layers:
+        raise NexusError(f"{path}: {len(temps)} layers' temperatures for {num_layers}; {fix}")
+    return state
+
+
+def attach_state(model: Transformer, folder: Path) -> None:
+    """Set ``model.peer_state`` from ``folder``'s state file when the model is peer-routed and
+    the file is there (an exported and re-imported model has none)."""
+    cfg = model.cfg.moe
+    path = Path(folder) / STATE_FILE
+    if cfg is None or cfg.router_init == "nexus" or not path.is_file():
+        return
+    model.peer_state = read_state(path, cfg.router_init, cfg.domains, len(model.moe_layers()))
