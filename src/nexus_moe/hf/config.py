@@ -29,9 +29,8 @@ from nexus_moe.hf.formats import (
     MoEFormat,
     context_class_names,
 )
-from nexus_moe.io_utils import read_json
+from nexus_moe.io_utils import CONFIG_FILE, read_json
 
-CONFIG_FILE = "config.json"
 # Key of an exported config.json that records our own config, so that an import can restore what
 # the HF format does not carry (domain names, an unused FFN width, moe_every); transformers keeps
 # unknown keys and ignores them.
