@@ -33,7 +33,15 @@ from nexus_moe import __version__
 from nexus_moe.calibrate import STATS_FILE, stats_from_tensors, stats_to_tensors
 from nexus_moe.config import ModelConfig, from_dict, to_dict
 from nexus_moe.errors import NexusError
-from nexus_moe.io_utils import atomic_dir, file_sha256, read_json, write_json
+from nexus_moe.io_utils import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    atomic_dir,
+    file_sha256,
+    read_json,
+    write_json,
+)
 from nexus_moe.model import Transformer
 from nexus_moe.routers import peers
 from nexus_moe.safetensors_io import (
@@ -71,9 +79,6 @@ __all__ = [
     "write_checkpoint",
 ]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 # Files that describe how a tokenizer.json is used (chat template, bos/eos/pad, generation
 # defaults); wherever a tokenizer.json is copied, those beside it go with it.
 TOKENIZER_COMPANIONS = (

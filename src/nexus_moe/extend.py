@@ -46,12 +46,12 @@ from nexus_moe.config import (
 from nexus_moe.data import TokenShards
 from nexus_moe.domain_stats import DomainStats
 from nexus_moe.errors import NexusError
+from nexus_moe.io_utils import UNDO_FILE
 from nexus_moe.model import Transformer
 from nexus_moe.moe import MoELayer
 from nexus_moe.train import FFN_PARAMETERS
 from nexus_moe.upcycle import ARCHITECTURE_FIELDS
 
-UNDO_FILE = "undo.safetensors"
 # Undo-record keys of the routing statistics before extension (the others are state-dict names).
 _STATS_UNDO = "routing_stats."
 

@@ -76,8 +76,8 @@ class MoEVariant:
     train_steps: int | None = None  # MoE training steps of this variant; None: moe.train.steps
     # What this variant's MoE training trains (TrainConfig.train_only patterns, e.g.
     # [mlp.experts, router]: the experts' FFNs and routers, the shared attention, norms and
-    # embeddings kept); empty: what moe.train says. Measured on the study's plug-in MoEs:
-    # -0.5% mean perplexity against training every weight (BENCHMARKS.md, benchmarks/moe_lr.py).
+    # embeddings kept); empty: what moe.train says. Keeping the shared weights helps a plug-in
+    # MoE (BENCHMARKS.md, "What MoE training trains").
     train_only: list[str] = field(default_factory=list)
     # Train for as many tokens as branching the experts plus MoE training took together (a
     # compute-matched sparse-upcycle baseline: it branches nothing, so it gets those tokens here).
