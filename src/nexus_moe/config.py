@@ -22,12 +22,9 @@ T = TypeVar("T")
 DEFAULT_VOCAB_SIZE = 4096  # tokenizer vocabulary; a new seed model takes its tokenizer's size
 DEFAULT_CALIBRATION_TOKENS = 8192  # training tokens per domain that place a router row
 # Norm of a new expert's row relative to the earlier rows when it is not fitted (``leak_budget``
-# None; docs/design.md §5.6), by how much context the router scores. Routing on context 0.75
-# (the nexus default), 1.0 met the zero-shot targets on math, legal, a user's changelogs and man
-# pages (never used to choose it) on three seeds; 1.1 cost the changelogs' earlier domains
-# +1.1-1.5%. At context 0.5, 1.0 cost legal's earlier domains up to +1.1% and the changelogs' up
-# to +1.6%, and 0.9 stays (with per-token routing a full-norm row cost math's +2.5% in a
-# development run).
+# None), by how much context the router scores: the largest norm that kept the earlier domains
+# within the zero-shot targets at that context (the measurements: docs/design.md §5.6 and
+# BENCHMARKS.md, "Zero-shot extension: routing on more context").
 NEW_ROW_SCALE = 1.0
 NEW_ROW_SCALE_LESS_CONTEXT = 0.9
 CONTEXT_FOR_FULL_ROW = 0.75  # router_context from which NEW_ROW_SCALE applies
@@ -49,8 +46,9 @@ MEAN_LOSS_BUDGET = 0.015
 HELD_CONFIDENCE = 0.0
 
 
-# With the earlier rows refit (``REFIT_EARLIER_ROWS``): 0.9 cost math's earlier domains up to
-# +0.73% on the study's trained MoEs and 0.8 up to +0.45%, for 0.76-0.80 of math's tokens.
+# The new row's norm with the earlier rows refit (``REFIT_EARLIER_ROWS``): lower, since the refit
+# already biases the new domain towards its expert (docs/design.md §5.6, "Refitting the earlier
+# rows"; BENCHMARKS.md, "Zero-shot extension: refitting the earlier rows").
 REFIT_ROW_SCALE = 0.8
 
 
@@ -337,9 +335,14 @@ class Method(enum.StrEnum):
     nexus_paper = "nexus-paper"  # the paper's configuration: top-1 + shared expert, random init
 
     @property
+    def rules(self) -> MethodRules:
+        """What the method is and may do: its row of :data:`METHOD_RULES`."""
+        return METHOD_RULES[self]
+
+    @property
     def is_moe(self) -> bool:
         """False for btm, which merges the experts into one dense model."""
-        return self != Method.btm
+        return self.rules.moe
 
     @property
     def is_dense_merge(self) -> bool:
@@ -349,7 +352,65 @@ class Method(enum.StrEnum):
     @property
     def calibrates_by_default(self) -> bool:
         """Whether the method places its router rows from the domains' text (needs a corpus)."""
-        return self == Method.nexus
+        return self.rules.calibrates
+
+
+@dataclass(frozen=True)
+class MethodRules:
+    """One upcycling method's rules (a row of :data:`METHOD_RULES`; docs/design.md §5)."""
+
+    moe: bool  # builds an MoE; False: merges the experts into one dense model
+    takes_experts: bool  # assembles dense expert checkpoints; False: copies of the seed's FFN
+    calibrates: bool  # places its router rows from each domain's text by default
+    seed_expert: bool  # may route to the seed as one more expert (btx_include_seed)
+    router_only: bool  # differs from the other such methods by its router alone (convergence)
+    moe_defaults: dict[str, Any]  # the MoE settings before the user's overrides
+
+    @property
+    def routes_domains(self) -> bool:
+        """A router over one expert per domain: what calibrated or peer rows are placed for."""
+        return self.moe and self.takes_experts
+
+
+_LINEAR, _NEXUS = RouterType.linear.value, RouterType.nexus.value
+# Every per-method rule, read through ``Method.rules`` (upcycle, the recipe checks, the study).
+METHOD_RULES: dict[Method, MethodRules] = {
+    # Top-2 of identical copies renormalised reproduces the dense model at initialisation.
+    Method.sparse_upcycle: MethodRules(
+        moe=True, takes_experts=False, calibrates=False, seed_expert=False, router_only=False,
+        moe_defaults=dict(top_k=2, shared_expert=False, renormalize=True, router=_LINEAR),
+    ),
+    Method.btm: MethodRules(
+        moe=False, takes_experts=True, calibrates=False, seed_expert=False, router_only=False,
+        moe_defaults={},  # a dense merge has no MoE settings
+    ),
+    Method.btx: MethodRules(
+        moe=True, takes_experts=True, calibrates=False, seed_expert=True, router_only=False,
+        moe_defaults=dict(top_k=2, shared_expert=False, renormalize=True, router=_LINEAR),
+    ),
+    Method.moe_linear: MethodRules(
+        moe=True, takes_experts=True, calibrates=False, seed_expert=False, router_only=True,
+        moe_defaults=dict(top_k=1, shared_expert=True, renormalize=False, router=_LINEAR),
+    ),
+    # Plug-in Nexus: no shared expert and renormalised top-2, so a token routed to its domain's
+    # expert with gate ~1 gets that dense expert's FFN exactly (with a calibrated router, the
+    # MoE starts at the dense experts' quality); two active experts per token, the compute of
+    # the paper's top-1 + shared. It routes on context (the causal mean of the layer's inputs,
+    # weighted 0.75 against the token's 0.25): more of each domain's tokens reach its expert
+    # than per-token routing sends, and a new expert's row takes fewer of the earlier domains'
+    # tokens than at 0.5 (docs/design.md §5.6).
+    Method.nexus: MethodRules(
+        moe=True, takes_experts=True, calibrates=True, seed_expert=False, router_only=True,
+        moe_defaults=dict(
+            top_k=2, shared_expert=False, renormalize=True, router=_NEXUS, router_context=0.75
+        ),
+    ),
+    # The paper's Nexus: top-1 routed expert plus the seed FFN as an always-on shared one.
+    Method.nexus_paper: MethodRules(
+        moe=True, takes_experts=True, calibrates=False, seed_expert=False, router_only=True,
+        moe_defaults=dict(top_k=1, shared_expert=True, renormalize=False, router=_NEXUS),
+    ),
+}  # fmt: skip
 
 
 class Device(enum.StrEnum):
@@ -412,7 +473,8 @@ class MoEConfig:
     # Route on context: the router scores (1 - c) x_t + c * mean(x_1..x_t), the causal mean of
     # the layer's inputs in the sequence so far (0: per token, as the Hugging Face formats do).
     # A domain is a property of the document, and the running mean separates domains far better
-    # than a single token (docs/design.md §5.6); such a router cannot be exported.
+    # than a single token (docs/design.md §5.6); `export` writes it with the code that runs it in
+    # transformers (trust_remote_code, docs/design.md §15.1).
     router_context: float = 0.0
     domains: list[str] = field(default_factory=list)  # domain of each routed expert (may be empty)
     embedder: str | None = None  # sentence-transformers model the domain embeddings came from

@@ -62,8 +62,8 @@ def upcycle_options(method: Method, o: UpcycleOptions) -> UpcycleOptions:
     if init == "nexus":
         return o
     flag = f"--router-init {init}"
-    if method in (Method.btm, Method.sparse_upcycle):
-        what = "merges the experts into one dense model" if method == Method.btm else (
+    if not method.rules.routes_domains:
+        what = "merges the experts into one dense model" if not method.is_moe else (
             "routes between copies of the seed, not domain experts")  # fmt: skip
         raise NexusError(f"{flag}: {method.value} {what}; use nexus, btx, moe-linear or "
                          "nexus-paper")  # fmt: skip

@@ -106,7 +106,7 @@ class MoEVariant:
     @property
     def copies_seed(self) -> bool:
         """The routed experts are copies of the seed's FFN (no dense experts are used)."""
-        return self.kind is Method.sparse_upcycle
+        return not self.kind.rules.takes_experts
 
 
 @dataclass

@@ -54,7 +54,6 @@ from nexus_moe.config import (
     Method,
     ModelConfig,
     MoEConfig,
-    RouterType,
     check_option,
     from_dict,
     to_dict,
@@ -233,7 +232,7 @@ def upcycle_with(
 
     seed_in, expert_ins = check_inputs(Path(seed_dir), expert_paths)
     routed, expert_domains, base = _routed_experts(method, seed_in, expert_ins, o)
-    if method == Method.btm:
+    if not method.is_moe:
         if o.moe_overrides:
             raise NexusError("btm produces a dense model; moe_overrides do not apply")
         cfg, vectors = seed_in.cfg, None
@@ -278,20 +277,21 @@ def upcycle_with(
 
 def _check_request(method: Method, expert_paths: list[Path], o: UpcycleOptions) -> None:
     """Refuse a combination of method, experts and options that cannot be, before any reading."""
-    if method == Method.sparse_upcycle and expert_paths:
+    rules = method.rules
+    if not rules.takes_experts and expert_paths:
         raise NexusError(
             f"sparse-upcycle copies the seed's FFN and takes no expert checkpoints "
             f"(got {len(expert_paths)}); use btx, moe-linear or nexus to combine experts"
         )
-    if method != Method.sparse_upcycle and not expert_paths:
+    if rules.takes_experts and not expert_paths:
         raise NexusError(f"{method.value} needs at least one dense expert checkpoint; got none")
-    if method != Method.sparse_upcycle and o.num_experts is not None:
+    if rules.takes_experts and o.num_experts is not None:
         raise NexusError(
             f"num_experts is only for sparse-upcycle; {method.value} has one routed expert per "
             f"expert checkpoint ({len(expert_paths)})"
         )
 
-    if o.btx_include_seed and method != Method.btx:
+    if o.btx_include_seed and not rules.seed_expert:
         raise NexusError(f"btx_include_seed applies to btx only, not {method.value}")
     _check_out_format(o.out_format)
     if o.out_format == NATIVE and (o.out_dtype is not None or o.max_shard_size is not None):
@@ -306,7 +306,7 @@ def _routed_experts(
 ) -> tuple[list[DenseInput], list[str], list[DenseInput]]:
     """Where each kind of tensor comes from: the routed experts, their domains, and the inputs
     whose non-FFN weights are averaged."""
-    if method == Method.sparse_upcycle:
+    if not method.rules.takes_experts:
         copies = 4 if o.num_experts is None else o.num_experts
         if copies < 1:
             raise NexusError(f"num_experts={copies}: sparse-upcycle needs at least one copy")
@@ -317,7 +317,7 @@ def _routed_experts(
         expert_domains = resolve_domains(expert_ins, o.domains)
         routed = list(expert_ins)
         base = list(expert_ins)  # non-FFN weights: mean over the experts
-        if method == Method.btx and o.btx_include_seed:
+        if method.rules.seed_expert and o.btx_include_seed:
             routed.append(seed_in)
             expert_domains = check_domains(
                 [str(p.path) for p in routed], [*expert_domains, SEED_DOMAIN]
@@ -375,7 +375,7 @@ def _check_calibration(
         if has_stats:
             raise NexusError("--stats calibrates the router; drop it or --no-calibrate")
         return False
-    if method in (Method.btm, Method.sparse_upcycle):
+    if not method.rules.routes_domains:
         raise NexusError(
             f"{method.value} has no domain experts to calibrate a router for; drop --corpus "
             "and --stats"
@@ -562,29 +562,10 @@ def _parse_method(method: str | Method) -> Method:
 
 
 def method_defaults(method: Method) -> dict[str, Any]:
-    """The MoE settings ``method`` sets before the user's overrides (a study keys its upcycling
-    stages on them, so that a changed default is not served from an earlier run's result)."""
-    linear, nexus = RouterType.linear.value, RouterType.nexus.value
-    defaults: dict[Method, dict[str, Any]] = {
-        # Top-2 of identical copies renormalised reproduces the dense model at initialisation.
-        Method.sparse_upcycle: dict(top_k=2, shared_expert=False, renormalize=True, router=linear),
-        Method.btx: dict(top_k=2, shared_expert=False, renormalize=True, router=linear),
-        Method.moe_linear: dict(top_k=1, shared_expert=True, renormalize=False, router=linear),
-        # The paper's Nexus: top-1 routed expert plus the seed FFN as an always-on shared one.
-        Method.nexus_paper: dict(top_k=1, shared_expert=True, renormalize=False, router=nexus),
-        # Plug-in Nexus: no shared expert and renormalised top-2, so a token routed to its
-        # domain's expert with gate ~1 gets that dense expert's FFN exactly (with a calibrated
-        # router, the MoE starts at the dense experts' quality); two active experts per token,
-        # the compute of the paper's top-1 + shared.
-        # It routes on context (the causal mean of the layer's inputs, weighted 0.75 against
-        # the token's 0.25): far more of each domain's tokens reach its expert than per-token
-        # routing can send, and a new expert's row takes fewer of the earlier domains' tokens
-        # than at 0.5 (docs/design.md §5.6).
-        Method.nexus: dict(
-            top_k=2, shared_expert=False, renormalize=True, router=nexus, router_context=0.75
-        ),
-    }
-    return dict(defaults.get(method, {}))  # a dense merge (btm) has no MoE settings
+    """The MoE settings ``method`` sets before the user's overrides (``METHOD_RULES``; a study
+    keys its upcycling stages on them, so that a changed default is not served from an earlier
+    run's result)."""
+    return dict(method.rules.moe_defaults)  # a dense merge (btm) has none
 
 
 def moe_config(

@@ -207,11 +207,11 @@ def convergence_summary(results: Results) -> dict[str, Any]:
     """Steps each router needs to reach the same validation loss, per seed.
 
     Compared: the trained MoE variants built like the reference (same expert set and training
-    length) whose methods differ only by router (moe-linear, nexus, nexus-paper; with or without
-    AC). The
-    target per seed is the highest final validation loss among them, so every one reaches it.
+    length) whose methods differ only by router (``MethodRules.router_only``: moe-linear, nexus,
+    nexus-paper; with or without AC). The target per seed is the highest final validation loss
+    among them, so every one reaches it.
     """
-    from nexus_moe.upcycle import Method
+    from nexus_moe.config import Method
 
     ref = results.reference
     info = results.variants
@@ -223,7 +223,7 @@ def convergence_summary(results: Results) -> dict[str, Any]:
         name
         for name, v in info.items()
         if name in curves
-        and Method(v["method"]) in (Method.moe_linear, Method.nexus, Method.nexus_paper)
+        and Method(v["method"]).rules.router_only
         and v["experts"] == ref_info["experts"]
         and v["train_tokens"] == ref_info["train_tokens"]
     ]
