@@ -9,6 +9,7 @@ statistics (``LayerStats.held``) rises by more than its share of ``config.LOSS_B
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -115,20 +116,20 @@ def place_new_rows(
     calibration ``windows``, with a norm bounded by what it costs the earlier domains on their
     held windows (``stats[0].held``): after the rows of the first l + 1 MoE layers are placed,
     no earlier domain's perplexity on its held windows may have risen by more than
-    ``budget * (l + 1) / L``. Returns the statistics grown by the new domain, each layer's norm
-    factor (times the earlier rows' mean norm) and the largest rise at the end (``worst``).
+    ``budget * (l + 1) / L``, nor their mean by more than ``mean_budget * (l + 1) / L``, each
+    domain's rise taken as an upper bound over its windows (:func:`held_excess`). Returns the
+    statistics grown by the new domain, each layer's norm factor (times the earlier rows' mean
+    norm) and the largest mean rise at the end (``worst``).
 
-    A token sent to the new expert leaves its layer changed, and the change carries on through
-    attention and the router's running mean to the layers above, where more of the window's
-    tokens then go to the new expert (measured on the demo's MoE: 0.6% of a domain's tokens at
-    the first MoE layer, 5.8% at the last); and the new domain's own tokens reach a layer as the
-    layers below routed them. Neither shows in statistics of each layer taken alone, so the
-    rows are placed on the model itself, layer by layer from the first: the new domain's
-    inputs at layer l are taken with the rows below placed (the new expert masked from layer l
-    up), its direction is :func:`new_expert_row`'s from them, and its norm is the largest of
-    the candidates (:func:`_candidate_rows`: ``_NORM_GRID`` up to ``max_factor``, below it
-    negative biases) within the layer's share of the budget (by bisection), measured on the
-    whole model with the new expert masked above; the most cautious candidate when none is.
+    A token sent to the new expert changes the layers above it too (through attention and the
+    router's running mean), and the new domain's own tokens reach a layer as the layers below
+    routed them; neither shows in statistics of each layer taken alone (docs/design.md §5.6).
+    So the rows are placed on the model itself, layer by layer from the first: the new
+    domain's inputs at layer l are taken with the rows below placed (the new expert masked from
+    layer l up), its direction is :func:`new_expert_row`'s from them, and its norm is the
+    largest of the candidates (:func:`_candidate_rows`: ``_NORM_GRID`` up to ``max_factor``,
+    below it negative biases) within the layer's share of the budgets (by bisection), measured
+    on the whole model with the new expert masked above; the most cautious when none is.
 
     Without the new domain's text (``windows`` None), ``new_moments`` give its inputs' moments
     at each MoE layer as its dense expert computes them (a domain statistics file; its windows,
@@ -142,50 +143,52 @@ def place_new_rows(
     layers = model.moe_layers()
     blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
     new = layers[0].num_experts - 1
-    saved = [layer.expert_mask for layer in layers]
-    masked = torch.ones(new + 1, dtype=torch.bool, device=device)
-    masked[new] = False
     grown_stats, factors = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for layer in layers:
-            layer.expert_mask = masked
+    with _new_expert_masked(model, device) as saved:
         held = _HeldForward(model, stats[0].held, device)
         before = held.losses()
-
-        def excess(rises: torch.Tensor, share: float) -> float:
-            return held_excess(rises, budget * share, mean_budget * share, confidence)
-
         for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
             held.advance(blocks[index])
             x = _new_inputs(model, windows, new_moments, index, device)
             earlier = layer.router.expert_embeddings().detach()[:new].float()
+            new_windows = windows if windows is not None else new_held
             unit, grown = new_expert_row(
-                layer_stats,
-                x,
-                earlier.cpu(),
-                ridge,
-                scale=1.0,
-                new_windows=windows if windows is not None else new_held,
+                layer_stats, x, earlier.cpu(), ridge, scale=1.0, new_windows=new_windows
             )
             layer.expert_mask = saved[index]
+            share = (index + 1) / len(layers)
 
-            def rise(row: torch.Tensor, i: int = index) -> float:
-                layers[i].router.set_row(new, row.to(device))
-                return excess(held.losses() - before, share=(i + 1) / len(layers))
+            def rise(row: torch.Tensor, layer=layer, share=share) -> float:
+                layer.router.set_row(new, row.to(device))
+                rises = held.losses() - before
+                return held_excess(rises, budget * share, mean_budget * share, confidence)
 
             factor, row = _bounded_row(unit, layer_stats, ridge, max_factor, rise, 1.0)
             factors.append(factor)
             layer.router.set_row(new, row.to(device))
             grown_stats.append(grown)
-        rises = held.losses() - before
-        worst = float(rises.mean(dim=1).max())
+        worst = float((held.losses() - before).mean(dim=1).max())
+    return grown_stats, factors, {"worst": math.expm1(worst)}
+
+
+@contextlib.contextmanager
+def _new_expert_masked(model: Transformer, device: str | torch.device):
+    """``model`` in eval mode with its last expert masked in every MoE layer; yields the masks
+    as they were (a layer whose row is placed gets its own back), restores masks and mode."""
+    layers = model.moe_layers()
+    saved = [layer.expert_mask for layer in layers]
+    masked = torch.ones(layers[0].num_experts, dtype=torch.bool, device=device)
+    masked[-1] = False
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers:
+            layer.expert_mask = masked
+        yield saved
     finally:
         for layer, mask in zip(layers, saved, strict=True):
             layer.expert_mask = mask
         model.train(was_training)
-    return grown_stats, factors, {"worst": math.expm1(worst)}
 
 
 def held_excess(rises: torch.Tensor, worst: float, mean: float, confidence: float) -> float:
