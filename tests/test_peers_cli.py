@@ -224,3 +224,44 @@ def test_a_peer_moe_without_its_state_file_is_refused_by_extend(world, tmp_path)
     with pytest.raises(NexusError, match="peer_router.safetensors"):
         extend(copy, world["experts"][NEW], tmp_path / "out", calibration_shards=world["shards"],
                calibration_tokens=TOKENS)  # fmt: skip
+
+
+def test_a_recipe_variant_names_a_peer_and_the_study_upcycles_it(world, tmp_path):
+    """`moe.variants: - {name: dume, method: nexus, router_init: dume}`: the study's upcycle
+    stage places DUME's rows from the corpus, without domain embeddings; a bad name, the field
+    under `moe:` or a peer variant in extend.variants fail at load, naming the field."""
+    from test_recipe import _recipe
+
+    from nexus_moe.pipeline import mark_done
+    from nexus_moe.recipe import load_recipe
+    from nexus_moe.study import Study
+
+    variants = [{"name": "nexus", "method": "nexus"},
+                {"name": "dume", "method": "nexus", "router_init": "dume"}]  # fmt: skip
+    recipe = load_recipe(_recipe(tmp_path, moe__variants=variants, extend__variants=["nexus"]))
+    dume = recipe.moe.variants[1]
+    assert dume.router_init == "dume"
+    embeddings = tmp_path / "no-embeddings"  # a peer reads none: only its stage key is used
+    experts = {d: world["experts"][d] for d in DOMAINS}
+    for folder in (world["seed"].parent, *(p.parent for p in experts.values()), embeddings,
+                   world["corpus"]):  # fmt: skip
+        folder.mkdir(exist_ok=True)
+        mark_done(folder, f"key-of-{folder.name}")
+    out = Study(recipe).stage_upcycle(dume, 0, world["seed"], experts, embeddings, world["corpus"])
+    model = load_checkpoint(out)[0]
+    assert model.cfg.moe.router_init == "dume" and model.peer_state.method == "dume"
+    assert _own_share(model, world["shards"], DOMAINS) >= 0.6
+
+    for change, named in (
+        ({"moe__variants": [*variants[:1], {**variants[1], "router_init": "nope"}]},
+         "moe.variants 'dume'.router_init: 'nope' is not one of"),
+        ({"moe__variants": [*variants[:1], {"name": "dume", "method": "nexus",
+                                            "moe": {"router_init": "dume"}}]},
+         "router_init is the variant's own field"),
+        ({"moe__variants": variants, "extend__variants": ["nexus", "dume"]},
+         "extend.variants: 'dume' is routed by a training-free peer"),
+        ({"moe__variants": [*variants[:1], {**variants[1], "method": "sparse-upcycle"}]},
+         "routes between copies of the seed"),
+    ):  # fmt: skip
+        with pytest.raises(NexusError, match=named):
+            load_recipe(_recipe(tmp_path, **change))

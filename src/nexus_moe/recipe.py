@@ -82,9 +82,13 @@ class MoEVariant:
     # Train for as many tokens as branching the experts plus MoE training took together (a
     # compute-matched sparse-upcycle baseline: it branches nothing, so it gets those tokens here).
     compute_matched: bool = False
+    # How the router rows are placed: nexus's own, or a training-free peer's (upcycle
+    # --router-init; docs/design.md §5.8). A peer-routed variant is not extended by the study.
+    router_init: str = "nexus"
 
     def __post_init__(self) -> None:
         check_option("train_steps", self.train_steps, f"moe.variants '{self.name}'.train_steps")
+        check_option("router_init", self.router_init, f"moe.variants '{self.name}'.router_init")
 
     @property
     def kind(self) -> Method:
@@ -354,14 +358,24 @@ def _check_variants(recipe: Recipe) -> None:
                 )
             continue
         overrides = {**recipe.moe.overrides, **variant.moe}
+        if "router_init" in overrides:
+            raise NexusError(f"{where}.moe: router_init is the variant's own field, e.g. "
+                             "{name: dume, method: nexus, router_init: dume}")  # fmt: skip
         try:  # the MoE config upcycling would build for this variant
+            _peer_options(variant, kind, overrides)
             moe_config(kind, recipe.model, num_domains, list(recipe.corpus.domains), overrides)
         except NexusError as exc:
             raise NexusError(f"{where}: {exc}") from None
     if not recipe.moe.variants:
         return  # no MoE is built, so nothing is extended
     trained_moes = [v.name for v in recipe.moe.variants if v.kind.is_moe and v.train]
+    peers = [v.name for v in recipe.moe.variants if v.router_init != "nexus"]
     for name in recipe.extend.variants:
+        if name in peers:
+            raise NexusError(
+                f"extend.variants: '{name}' is routed by a training-free peer (router_init); "
+                "the study extends nexus-routed MoEs (peers: `make peers`); drop it there"
+            )
         if name not in trained_moes:
             default = ", ".join(ExtendSection().variants)
             raise NexusError(
@@ -369,6 +383,20 @@ def _check_variants(recipe: Recipe) -> None:
                 f"(those are: {', '.join(trained_moes) or 'none'}); set extend.variants to the "
                 f"ones to extend (default: {default})"
             )
+
+
+def _peer_options(variant: MoEVariant, kind: Method, overrides: dict[str, Any]) -> None:
+    """A peer-routed variant: what upcycle would refuse (the method, the router setting), and
+    ``overrides`` completed as upcycle completes them."""
+    if variant.router_init == "nexus":
+        return
+    from nexus_moe.peer_init import upcycle_options
+    from nexus_moe.upcycle import UpcycleOptions
+
+    text = None if variant.router_init == "arrow" else object()  # stands in for the corpus
+    o = UpcycleOptions(moe_overrides=dict(overrides), calibration_shards=text,  # type: ignore[arg-type]
+                       router_init=variant.router_init)  # fmt: skip
+    overrides.update(upcycle_options(kind, o).moe_overrides or {})
 
 
 def _check_patterns(patterns: list[str], where: str, example: str) -> None:

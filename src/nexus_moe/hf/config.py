@@ -30,6 +30,7 @@ from nexus_moe.hf.formats import (
     context_class_names,
 )
 from nexus_moe.io_utils import CONFIG_FILE, read_json
+from nexus_moe.routers.peer_router import export_refusal
 
 # Key of an exported config.json that records our own config, so that an import can restore what
 # the HF format does not carry (domain names, an unused FFN width, moe_every); transformers keeps
@@ -369,6 +370,8 @@ def _check_moe(fmt: MoEFormat, cfg: ModelConfig) -> None:
             "previous MoE layer's routing; no Hugging Face MoE format (qwen2_moe, qwen3_moe, "
             "mixtral) can express that, so an AC model cannot be exported"
         )
+    if (refusal := export_refusal(moe.router_init)) is not None:  # a peer's bias or score
+        raise NexusError(refusal)
     if cfg.qk_norm and moe.shared_expert:
         raise NexusError(
             "the model normalises q and k per head (qk_norm, a Qwen3 seed) and has a shared "

@@ -38,7 +38,7 @@ def export_refusal(method: str) -> str | None:
     return (
         f"the router scores {_CANNOT_EXPORT[method]} (--router-init {method}), so this model "
         "cannot be exported; upcycle with nexus or a bias-free linear peer (dume, mean, "
-        "mergekit-hidden, mergekit-hidden-avg) and --set router_context=0 to export one"
+        "mergekit-hidden, mergekit-hidden-avg) to export one"
     )
 
 

@@ -258,9 +258,11 @@ class Stages:
         shared = {} if variant.produces_dense else self.recipe.moe.overrides
         overrides = {**shared, **variant.moe}
         sparse = variant.copies_seed
-        calibrates = variant.kind.calibrates_by_default  # reads the corpus
+        peer = variant.router_init != "nexus"  # a training-free peer places the rows (§5.8)
+        # reads the corpus: nexus's calibration, or every peer but Arrow
+        calibrates = variant.router_init != "arrow" if peer else variant.kind.calibrates_by_default
         key = fingerprint(
-            [variant.method, variant.moe],
+            [variant.method, variant.moe, *([variant.router_init] if peer else [])],
             method_defaults(variant.kind),  # a changed default makes a new MoE
             overrides,
             seed,
@@ -278,13 +280,14 @@ class Stages:
                 seed_dir,
                 [] if sparse else list(experts.values()),
                 out,
-                domain_embeddings=DomainEmbeddings.load(embeddings),
+                domain_embeddings=None if peer else DomainEmbeddings.load(embeddings),
                 num_experts=len(experts) if sparse else None,
                 moe_overrides=overrides or None,
                 seed=seed,
                 calibration_shards=(
                     tokens_for(corpus_dir, seed_dir / TOKENIZER_FILE) if calibrates else None
                 ),
+                router_init=variant.router_init,
             ),
         )
         return out
