@@ -271,7 +271,14 @@ def test_default_new_row_keeps_the_earlier_domains_loss_within_the_budget(world,
     extend(moe_dir, world["experts"][NEW], out, domain_embeddings=world["emb"],
            calibration_shards=world["shards"], calibration_tokens=512)  # fmt: skip
     model, meta = load_checkpoint(out)
-    rise = placement.held_losses(model, held) - placement.held_losses(old, held)
+    rises = placement.held_losses(model, held, per_window=True) - placement.held_losses(
+        old, held, per_window=True
+    )
+    bound = placement.held_excess(
+        rises, config.LOSS_BUDGET, config.MEAN_LOSS_BUDGET, config.HELD_CONFIDENCE
+    )
+    rise = rises.mean(dim=1)
+    assert bound <= 1 + 1e-6, rises
     assert float(rise.max()) <= math.log1p(config.LOSS_BUDGET) + 1e-6, rise
     # The checkpoint records what the placement gave.
     placed = meta["extended_with"]["new_row"]
@@ -732,6 +739,29 @@ def test_owners_hand_over_statistics_files_on_the_command_line(world):
     model = load_checkpoint(root / "moe")[0]
     share = _own_share(model, world["shards"], DOMAINS)
     assert min(share.values()) >= 0.6, share
+
+
+def test_held_excess_bounds_the_windows_means_and_their_upper_bound():
+    """The placement's limit: each earlier domain's mean rise over its held windows within its
+    layer's share of the budgets, and (with a confidence) each domain's upper bound mean + z x
+    standard error within the budgets themselves, so a rise that sits in a few windows counts
+    for more than the same mean spread evenly."""
+    even = torch.full((2, 16), 0.004, dtype=torch.float64)
+    lumpy = torch.zeros(2, 16, dtype=torch.float64)
+    lumpy[:, 0] = 0.064  # the same mean rise, all of it in one window
+    worst, mean = 0.02, 0.01
+    point = max(0.004 / math.log1p(worst * 0.5), 0.004 / math.log1p(mean * 0.5))
+    for rises in (even, lumpy):  # without a confidence, only the means count
+        assert placement.held_excess(rises, worst, mean, 0.0, share=0.5) == pytest.approx(point)
+    assert placement.held_excess(even, worst, mean, 2.0) == pytest.approx(0.004 / math.log1p(mean))
+    spread = float(lumpy[0].std()) / 4.0
+    upper = (0.004 + 2.0 * spread) / math.log1p(mean)
+    assert placement.held_excess(lumpy, worst, mean, 2.0) == pytest.approx(upper)
+    assert upper > 1.0 > placement.held_excess(even, worst, mean, 2.0)
+    # one domain over the worst budget fails even when the mean is within its own
+    one = torch.tensor([[0.025] * 4, [0.0] * 4], dtype=torch.float64)
+    assert placement.held_excess(one, worst, mean, 0.0) == pytest.approx(0.025 / math.log1p(worst))
+    assert placement.held_excess(one, worst, mean, 0.0) > 1.0
 
 
 def test_extend_from_a_statistics_file_without_the_text(world):

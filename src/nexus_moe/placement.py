@@ -37,9 +37,15 @@ _HEAD_WINDOWS = 4  # held windows whose logits are computed at once
 
 
 @torch.no_grad()
-def held_losses(model: Transformer, held: torch.Tensor, device: str | torch.device = "cpu"):
-    """(E,) mean next-token loss of ``model`` on each domain's held windows (E, W, T)."""
-    from nexus_moe.losses import language_model_loss
+def held_losses(
+    model: Transformer,
+    held: torch.Tensor,
+    device: str | torch.device = "cpu",
+    per_window: bool = False,
+) -> torch.Tensor:
+    """(E,) mean next-token loss of ``model`` on each domain's held windows (E, W, T), float64;
+    (E, W) each window's with ``per_window``."""
+    import torch.nn.functional as F
 
     was_training = model.training
     model.eval()
@@ -47,11 +53,13 @@ def held_losses(model: Transformer, held: torch.Tensor, device: str | torch.devi
         losses = []
         for windows in held.long():
             windows = windows.to(device)
-            logits = model(windows[:, :-1]).logits
-            losses.append(float(language_model_loss(logits, windows[:, 1:])))
+            logits = model(windows[:, :-1]).logits.float()
+            loss = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
+            losses.append(loss.double().mean(dim=1).cpu())
     finally:
         model.train(was_training)
-    return torch.tensor(losses, dtype=torch.float64)
+    out = torch.stack(losses)
+    return out if per_window else out.mean(dim=1)
 
 
 class _HeldForward:
@@ -161,7 +169,7 @@ def place_new_rows(
             def rise(row: torch.Tensor, layer=layer, share=share) -> float:
                 layer.router.set_row(new, row.to(device))
                 rises = held.losses() - before
-                return held_excess(rises, budget * share, mean_budget * share, confidence)
+                return held_excess(rises, budget, mean_budget, confidence, share)
 
             factor, row = _bounded_row(unit, layer_stats, ridge, max_factor, rise, 1.0)
             factors.append(factor)
@@ -191,15 +199,25 @@ def _new_expert_masked(model: Transformer, device: str | torch.device):
         model.train(was_training)
 
 
-def held_excess(rises: torch.Tensor, worst: float, mean: float, confidence: float) -> float:
+def held_excess(
+    rises: torch.Tensor, worst: float, mean: float, confidence: float, share: float = 1.0
+) -> float:
     """How far the earlier domains' loss ``rises`` (E, W: per held window, nats) are from
-    their limits, as a fraction (<= 1 within): each domain's rise is the upper ``confidence``
-    bound of its windows' mean rise (mean + confidence x standard error over the windows), and
-    the largest may reach a perplexity rise of ``worst``, their mean one of ``mean``."""
+    their limits, as a fraction (<= 1 within). The largest domain's rise may reach a perplexity
+    rise of ``share * worst`` and their mean one of ``share * mean`` (the windows' means), and
+    with ``confidence`` > 0 each domain's upper bound over its windows (mean + ``confidence`` x
+    standard error) may reach ``worst`` and ``mean`` themselves: the windows are a sample of the
+    domain's text, and a new expert's damage sits in a few of them (docs/design.md §5.6)."""
     windows = rises.shape[1]
     spread = rises.std(dim=1) / math.sqrt(windows) if windows > 1 else torch.zeros(len(rises))
-    upper = rises.mean(dim=1) + confidence * spread
-    return max(float(upper.max()) / math.log1p(worst), float(upper.mean()) / math.log1p(mean))
+    point = rises.mean(dim=1)
+    upper = point + confidence * spread
+    return max(
+        float(point.max()) / math.log1p(share * worst),
+        float(point.mean()) / math.log1p(share * mean),
+        float(upper.max()) / math.log1p(worst),
+        float(upper.mean()) / math.log1p(mean),
+    )
 
 
 def _new_inputs(
