@@ -312,6 +312,8 @@ def _place_bounded(moe: Transformer, stats: list, row: _NewRow, report: dict | N
     if report is not None:  # what the placement gave (recorded with the checkpoint)
         report.update(
             loss_budget=row.loss_budget,
+            mean_loss_budget=config.MEAN_LOSS_BUDGET,
+            held_confidence=config.HELD_CONFIDENCE,
             row_factors=[round(f, 3) for f in factors],
             held_worst_rise=round(info["worst"], 5),
         )

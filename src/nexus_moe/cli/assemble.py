@@ -29,6 +29,7 @@ from nexus_moe.config import (
     CONTEXT_FOR_FULL_ROW,
     DEFAULT_CALIBRATION_TOKENS,
     LOSS_BUDGET,
+    MEAN_LOSS_BUDGET,
     NEW_ROW_SCALE,
     NEW_ROW_SCALE_LESS_CONTEXT,
     REFIT_ROW_SCALE,
@@ -328,9 +329,10 @@ ExtendCorpusOpt = Annotated[
         help="Corpus holding the new domain: its router row is placed from the domain's "
         "training text (MoEs upcycled with a calibrated router), so the MoE routes the "
         "domain to the new expert before any finetuning. By default each layer's row is "
-        "as large as it can be while no earlier domain's perplexity on the windows kept "
-        f"with the routing statistics rises by more than {LOSS_BUDGET:.1%} (docs/design.md "
-        "§5.6).",
+        "as large as it can be while, on the windows of the earlier domains' text kept "
+        f"with the routing statistics, none's perplexity rises by more than {LOSS_BUDGET:.0%} "
+        f"and their mean by more than {MEAN_LOSS_BUDGET:.0%}, each taken as an upper bound "
+        "over its windows (docs/design.md §5.6).",
     ),
 ]
 ExtendTokensOpt = Annotated[

@@ -69,8 +69,10 @@ def _calibration_defaults(trained: Path) -> list[Any]:
     return [
         _default_row_scale(trained),
         config.REFIT_ROW_SCALE,
-        "placed on held windows, at most the fixed norm",
+        "placed on held windows, at most the fixed norm, upper bounds over the windows",
         config.LOSS_BUDGET,
+        config.MEAN_LOSS_BUDGET,
+        config.HELD_CONFIDENCE,
         placement._CARRIER_SPREAD,
         calibrate.HELD_WINDOWS,
         placement._NORM_GRID.tolist(),
