@@ -60,6 +60,20 @@ def _default_row_scale(moe_dir: Path) -> float:
     return config.new_row_scale(cfg.moe.router_context if cfg.moe is not None else 0.0)
 
 
+def _statistics_defaults() -> list[Any]:
+    """The code's defaults that shape the routing statistics a calibrated MoE carries (and that
+    training refreshes), as stage-key inputs: an MoE upcycled when fewer windows were kept is
+    made again, not extended against them."""
+    from nexus_moe import calibrate, config
+
+    return [
+        config.DEFAULT_CALIBRATION_TOKENS,
+        calibrate.CALIBRATION_SEQ_LEN,
+        calibrate.HELD_WINDOWS,
+        calibrate.DEFAULT_RIDGE,
+    ]
+
+
 def _calibration_defaults(trained: Path) -> list[Any]:
     """The code's defaults a calibrated extension depends on, as stage-key inputs: the default
     norms of a calibrated new row for this MoE, and the default bound on the earlier domains'
@@ -272,6 +286,7 @@ class Stages:
             [] if sparse else [stage_key(p.parent) for p in experts.values()],
             stage_key(embeddings),
             stage_key(corpus_dir) if calibrates else None,
+            _statistics_defaults() if calibrates else None,
         )
         self._stage(
             f"upcycle:{variant.name}:s{seed}",
