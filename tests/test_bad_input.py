@@ -1014,7 +1014,8 @@ def test_single_file_output_never_replaces_a_users_file(w, tmp_path, command):
 
 def test_a_recipes_results_written_before_records_are_its_own(tmp_path):
     """A study rerun in a work folder from before files carried records replaces its own
-    results (the results folder beside its stage folders), and still no other file."""
+    results (the results folder beside its stage folders, a later seed's routing folder beside
+    that seed's), and still no other file."""
     from nexus_moe.io_utils import is_own_file
 
     work = tmp_path / "run"
@@ -1028,6 +1029,22 @@ def test_a_recipes_results_written_before_records_are_its_own(tmp_path):
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(b"a user's picture")
     assert not is_own_file(elsewhere)
+    # a later seed's routing reports, beside that seed's stage folders (s1/moe/nexus/upcycled)
+    stage = work / "s1" / "moe" / "nexus" / "upcycled"
+    stage.mkdir(parents=True)
+    (work / "s1" / "routing").mkdir()
+    later = work / "s1" / "routing" / "routing-nexus+math-ft0.png"
+    later.write_bytes(b"an earlier run's heatmap")
+    assert not is_own_file(later)  # no stage there yet
+    (stage / "stage.json").write_text("{}\n")
+    assert is_own_file(later)
+    for name in ("s1x", "routing"):  # another folder name: not a seed's
+        other = tmp_path / name / "routing" / "x.png"
+        other.parent.mkdir(parents=True)
+        other.write_bytes(b"a user's picture")
+        (other.parent.parent / "a" / "b" / "c").mkdir(parents=True)
+        (other.parent.parent / "a" / "b" / "c" / "stage.json").write_text("{}\n")
+        assert not is_own_file(other)
 
 
 def test_embed_domains_out_is_checked_before_the_embedder_runs(w, tmp_path):

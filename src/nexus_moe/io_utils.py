@@ -368,8 +368,8 @@ def is_own_file(target: str | os.PathLike) -> bool:
     """True when nexus-moe wrote the file ``target`` as it is now.
 
     Its record beside it (``.NAME.nexus-moe.json``) names the sha256 of what was written; a file
-    in a stage folder of ``nexus-moe run`` (``stage.json`` beside it), or in the ``results``
-    folder beside such stage folders, is the recipe's own too.
+    in a stage folder of ``nexus-moe run`` (``stage.json`` beside it), or in a folder where it
+    writes a recipe's reports (:func:`_in_recipe_reports`), is the recipe's own too.
     A symbolic link is never ours (nexus-moe writes none).
     """
     target = Path(target)
@@ -377,11 +377,20 @@ def is_own_file(target: str | os.PathLike) -> bool:
         return False
     if (target.parent / STAGE_FILE).is_file():
         return True
-    if target.parent.name == "results" and any(target.parent.parent.glob(f"*/{STAGE_FILE}")):
-        return True  # a recipe's results folder, beside its stage folders (runs written before
-        # files carried records are re-run in place)
+    if _in_recipe_reports(target.parent):
+        return True  # runs written before files carried records are re-run in place
     hashes = _recorded_hashes(target)
     return bool(hashes) and file_sha256(target) in hashes
+
+
+def _in_recipe_reports(folder: Path) -> bool:
+    """``folder`` is where ``nexus-moe run`` writes a recipe's reports: its ``results`` folder
+    beside stage folders, or a later seed's ``s<N>/routing`` folder beside that seed's stages."""
+    if folder.name == "results":
+        return any(folder.parent.glob(f"*/{STAGE_FILE}"))
+    if folder.name == "routing" and re.fullmatch(r"s\d+", folder.parent.name):
+        return any(folder.parent.glob(f"*/*/*/{STAGE_FILE}"))
+    return False
 
 
 def check_output_file(
