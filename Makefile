@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench paper clean-venv
+.PHONY: demo test lint bench paper peers clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ bench: $(STAMP)
 paper: $(STAMP)
 	$(BIN)/nexus-moe run configs/paper-small.yaml
 	$(BIN)/nexus-moe report runs/paper-small/results/scores.json --out docs/results.md
+
+# After `make paper`: every training-free peer router against nexus on the study's experts,
+# with man pages from this machine as the user's domain (BENCHMARKS.md, "Training-free peer
+# routers"); writes the comparison table into README.md.
+peers: $(STAMP)
+	test -d runs/local-domains/manpages || $(BIN)/python benchmarks/local_domains.py --out runs/local-domains --domains manpages
+	$(BIN)/python benchmarks/peer_routers.py --data runs/local-domains --json runs/peers/peers.json --markdown runs/peers/peers.md --readme README.md
 
 clean-venv:
 	rm -rf $(VENV)
