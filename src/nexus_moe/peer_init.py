@@ -47,10 +47,6 @@ UpcycleOptions = Any  # nexus_moe.upcycle.UpcycleOptions (which imports this mod
 NATIVE = "native"
 
 
-def _needs_seed(method: str) -> bool:
-    return method == "arrow" or method.startswith("mergekit")
-
-
 def upcycle_options(method: Method, o: UpcycleOptions) -> UpcycleOptions:
     """``o`` checked for ``o.router_init``; for a peer, with the MoE settings that name it (a
     linear router holding the peer's rows) and nexus's calibration off."""
@@ -79,12 +75,13 @@ def upcycle_options(method: Method, o: UpcycleOptions) -> UpcycleOptions:
     if o.calibrate_router is not None:
         raise NexusError(f"--calibrate/--no-calibrate: apply to nexus's calibrated rows; {flag} "
                          "places its own; drop the flag")  # fmt: skip
-    if init == "arrow" and o.calibration_shards is not None:
-        raise NexusError(f"--corpus: {flag} places its rows from the experts' weights alone and "
-                         "reads no text; drop --corpus")  # fmt: skip
-    if init != "arrow" and o.calibration_shards is None:
-        raise NexusError(f"{flag} places its rows from each domain's training text: pass --corpus "
-                         "(the corpus the experts were branched on)")  # fmt: skip
+    _check_text(
+        init, o.calibration_shards is not None,
+        f"--corpus: {flag} places its rows from the experts' weights alone and reads no text; "
+        "drop --corpus",
+        f"{flag} places its rows from each domain's training text: pass --corpus (the corpus the "
+        "experts were branched on)",
+    )  # fmt: skip
     if o.out_format != NATIVE:
         raise NexusError(
             f"{flag}: the peer's rows are placed on the assembled MoE, written as a nexus-moe "
@@ -108,10 +105,10 @@ def upcycle_placement(
     if init == "nexus":
         return None
     windows = None
-    if init != "arrow":
+    if peers.reads_text(init):
         windows = _domain_windows(o.calibration_shards, domains, cfg, o.calibration_tokens)
     return functools.partial(_place_in_place, method=init, windows=windows,
-                             seed=seed if _needs_seed(init) else None)  # fmt: skip
+                             seed=seed if peers.needs_seed(init) else None)  # fmt: skip
 
 
 def _domain_windows(
@@ -174,13 +171,23 @@ def check_extend(moe_cfg: MoEConfig | None, moe_dir: Path, o: Any) -> bool:
     if given:
         raise NexusError(f"{given[0]}: shapes nexus's rows; the {own}-routed MoE in {moe_dir} "
                          f"places its new row by {own}'s rule; drop {given[0]}")  # fmt: skip
-    if own == "arrow" and o.calibration_shards is not None:
-        raise NexusError(f"--corpus: the arrow-routed MoE in {moe_dir} places the new row from "
-                         "the expert's weights alone and reads no text; drop --corpus")  # fmt: skip
-    if own != "arrow" and o.calibration_shards is None:
-        raise NexusError(f"the {own}-routed MoE in {moe_dir} places the new row from the new "
-                         "domain's training text: pass --corpus holding it")  # fmt: skip
+    _check_text(
+        own, o.calibration_shards is not None,
+        f"--corpus: the arrow-routed MoE in {moe_dir} places the new row from the expert's "
+        "weights alone and reads no text; drop --corpus",
+        f"the {own}-routed MoE in {moe_dir} places the new row from the new domain's training "
+        "text: pass --corpus holding it",
+    )  # fmt: skip
     return True
+
+
+def _check_text(method: str, given: bool, drop: str, need: str) -> None:
+    """NexusError ``drop`` when text is ``given`` to a peer that reads none, ``need`` when a peer
+    that reads it has none."""
+    if given and not peers.reads_text(method):
+        raise NexusError(drop)
+    if not given and peers.reads_text(method):
+        raise NexusError(need)
 
 
 def _state(model: Transformer, moe_dir: Path) -> peers.PeerState:

@@ -45,20 +45,12 @@ def held_losses(
 ) -> torch.Tensor:
     """(E,) mean next-token loss of ``model`` on each domain's held windows (E, W, T), float64;
     (E, W) each window's with ``per_window``."""
-    import torch.nn.functional as F
-
     was_training = model.training
     model.eval()
     try:
-        losses = []
-        for windows in held.long():
-            windows = windows.to(device)
-            logits = model(windows[:, :-1]).logits.float()
-            loss = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
-            losses.append(loss.double().mean(dim=1).cpu())
+        out = _HeldForward(model, held, device).losses()
     finally:
         model.train(was_training)
-    out = torch.stack(losses)
     return out if per_window else out.mean(dim=1)
 
 

@@ -391,9 +391,10 @@ def _peer_options(variant: MoEVariant, kind: Method, overrides: dict[str, Any]) 
     if variant.router_init == "nexus":
         return
     from nexus_moe.peer_init import upcycle_options
+    from nexus_moe.routers.peers import reads_text
     from nexus_moe.upcycle import UpcycleOptions
 
-    text = None if variant.router_init == "arrow" else object()  # stands in for the corpus
+    text = object() if reads_text(variant.router_init) else None  # stands in for the corpus
     o = UpcycleOptions(moe_overrides=dict(overrides), calibration_shards=text,  # type: ignore[arg-type]
                        router_init=variant.router_init)  # fmt: skip
     overrides.update(upcycle_options(kind, o).moe_overrides or {})

@@ -99,6 +99,17 @@ class PeerState:
     seed_ffns: list[torch.Tensor] | None = None  # Arrow: the seed's FFN input weights per layer
 
 
+def reads_text(method: str) -> bool:
+    """Whether peer ``method`` places its rows from the domains' training text (every peer but
+    Arrow, which reads the experts' weights alone)."""
+    return method != "arrow"
+
+
+def needs_seed(method: str) -> bool:
+    """Whether peer ``method`` needs the seed model (Arrow's weight deltas, mergekit's prompts)."""
+    return method == "arrow" or method.startswith("mergekit")
+
+
 def _check(model: Transformer, method: str) -> list[MoELayer]:
     if method not in METHODS:
         raise NexusError(f"unknown peer router '{method}'; choose one of {', '.join(METHODS)}")
@@ -376,9 +387,9 @@ def place_peer_rows(
     """
     layers = _check(model, method)
     n = layers[0].num_experts
-    if method != "arrow" and (windows is None or len(windows) != n):
+    if reads_text(method) and (windows is None or len(windows) != n):
         raise NexusError(f"peer router '{method}' needs calibration windows of every domain")
-    if (method == "arrow" or method.startswith("mergekit")) and seed is None:
+    if needs_seed(method) and seed is None:
         raise NexusError(f"peer router '{method}' needs the seed model")
     state = PeerState(method, [1.0] * len(layers))
     if method == "arrow":
@@ -420,7 +431,7 @@ def add_peer_expert(
     if domain in cfg.domains:
         raise NexusError(f"the MoE already has an expert for domain '{domain}'")
     method = state.method
-    if method != "arrow" and windows is None:
+    if reads_text(method) and windows is None:
         raise NexusError(f"peer router '{method}' needs the new domain's windows")
     if method.startswith("mergekit") and seed is None:
         raise NexusError(f"peer router '{method}' needs the seed model")

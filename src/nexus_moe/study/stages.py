@@ -267,6 +267,7 @@ class Stages:
         corpus_dir: Path,
     ) -> Path:
         from nexus_moe.embed import DomainEmbeddings
+        from nexus_moe.routers.peers import reads_text
         from nexus_moe.upcycle import method_defaults, upcycle
 
         out = self.layout.upcycled(variant.name, seed)
@@ -276,7 +277,7 @@ class Stages:
         sparse = variant.copies_seed
         peer = variant.router_init != "nexus"  # a training-free peer places the rows (§5.8)
         # reads the corpus: nexus's calibration, or every peer but Arrow
-        calibrates = variant.router_init != "arrow" if peer else variant.kind.calibrates_by_default
+        calibrates = reads_text(variant.router_init) if peer else variant.kind.calibrates_by_default
         key = fingerprint(
             [variant.method, variant.moe, *([variant.router_init] if peer else [])],
             method_defaults(variant.kind),  # a changed default makes a new MoE
