@@ -3,7 +3,6 @@ peer's own rule in a later process, evaluated and exported (docs/design.md §5.8
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,51 +10,21 @@ import torch
 import torch.nn.functional as F
 from test_bad_input import run
 
-from conftest import tiny_bpe_file, tiny_config
+from conftest import PLUGIN_DOMAINS, PLUGIN_NEW, plugin_world
 from nexus_moe.checkpoint import load_checkpoint, model_state_dict
-from nexus_moe.corpus import build_corpus
 from nexus_moe.errors import NexusError
 from nexus_moe.extend import extend, remove_expert
-from nexus_moe.pipeline import branch_expert, pretrain_seed, tokens_for
 from nexus_moe.routers import LinearRouter, PeerRouter, peers
-from nexus_moe.train import FFN_PARAMETERS, TrainConfig
 from nexus_moe.upcycle import upcycle
 
-TEXTS = {
-    "recipes": "Whisk {i} eggs with sugar, fold in flour and bake for {i} minutes at 180 degrees.",
-    "sports": "The striker scored {i} goals as the home team won the league match {i} to nil.",
-    "finance": "Shares rose {i} percent after the bank reported quarterly earnings of {i} million.",
-    "music": "The orchestra tuned to A and played the symphony in {i} movements with a {i} bar coda.",
-}
-DOMAINS = ["recipes", "sports", "finance"]
-NEW = "music"
+DOMAINS, NEW = PLUGIN_DOMAINS, PLUGIN_NEW
 TOKENS = 512  # calibration tokens per domain
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """A corpus of four domains, a seed and one FFN-only expert per domain (seconds)."""
-    root = tmp_path_factory.mktemp("peers")
-    data = root / "data"
-    for domain, template in TEXTS.items():
-        (data / domain).mkdir(parents=True)
-        for i in range(30):
-            text = " ".join(template.format(i=(i * 7 + j) % 97) for j in range(12))
-            (data / domain / f"doc{i}.txt").write_text(text)
-    corpus = root / "corpus"
-    build_corpus(corpus, domains=list(TEXTS), source_dir=data, val_fraction=0.1, seed=0)
-    texts = [t.format(i=i) for t in TEXTS.values() for i in range(50)]
-    tok = tiny_bpe_file(root / "tok.json", texts, 300)
-    train = TrainConfig(
-        steps=40, batch_size=4, seq_len=32, lr=3e-3, eval_tokens=128, checkpoint_every=0
-    )
-    seed = pretrain_seed(tiny_config(vocab_size=300), corpus, tok, DOMAINS, train, root / "seed")
-    branch = replace(train, steps=15, train_only=list(FFN_PARAMETERS))
-    experts = {
-        d: branch_expert(seed, corpus, d, branch, root / "experts" / d) for d in [*DOMAINS, NEW]
-    }
-    shards = tokens_for(corpus, seed / "tokenizer.json")
-    return dict(root=root, corpus=corpus, seed=seed, experts=experts, shards=shards)
+    return plugin_world(tmp_path_factory.mktemp("peers"), 30, 40, 15, 128)
 
 
 def _peer_moe(world: dict, init: str, name: str | None = None, **overrides) -> Path:

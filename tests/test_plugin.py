@@ -10,65 +10,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_bpe_file, tiny_config
+from conftest import PLUGIN_DOMAINS, PLUGIN_NEW, PLUGIN_TEXTS, plugin_world, tiny_config
 from nexus_moe import calibrate, config, placement
 from nexus_moe.analyse import routing_counts
 from nexus_moe.checkpoint import load_checkpoint, save_checkpoint
 from nexus_moe.config import MoEConfig
-from nexus_moe.corpus import build_corpus
 from nexus_moe.embed import DomainEmbeddings
 from nexus_moe.errors import NexusError
 from nexus_moe.evaluate import EvalConfig, evaluate_domains
 from nexus_moe.extend import extend, remove_expert
 from nexus_moe.model import KVCache, Transformer
-from nexus_moe.pipeline import branch_expert, pretrain_seed, tokens_for, train_model
+from nexus_moe.pipeline import train_model
 from nexus_moe.train import FFN_PARAMETERS, TrainConfig
 from nexus_moe.upcycle import upcycle
 
-TEXTS = {
-    "recipes": "Whisk {i} eggs with sugar, fold in flour and bake for {i} minutes at 180 degrees.",
-    "sports": "The striker scored {i} goals as the home team won the league match {i} to nil.",
-    "finance": "Shares rose {i} percent after the bank reported quarterly earnings of {i} million.",
-    "music": "The orchestra tuned to A and played the symphony in {i} movements with a {i} bar coda.",
-}
-DOMAINS = ["recipes", "sports", "finance"]
-NEW = "music"
+TEXTS, DOMAINS, NEW = PLUGIN_TEXTS, PLUGIN_DOMAINS, PLUGIN_NEW
 EVAL = EvalConfig(seq_len=32, batch_size=4, max_tokens=1024)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """A corpus of four domains, a seed and one FFN-only expert per domain (seconds)."""
-    root = tmp_path_factory.mktemp("plugin")
-    data = root / "data"
-    for domain, template in TEXTS.items():
-        (data / domain).mkdir(parents=True)
-        for i in range(40):
-            text = " ".join(template.format(i=(i * 7 + j) % 97) for j in range(12))
-            (data / domain / f"doc{i}.txt").write_text(text)
-    corpus = root / "corpus"
-    build_corpus(corpus, domains=list(TEXTS), source_dir=data, val_fraction=0.1, seed=0)
-    texts = [t.format(i=i) for t in TEXTS.values() for i in range(50)]
-    tok = tiny_bpe_file(root / "tok.json", texts, 300)
-    train = TrainConfig(
-        steps=100, batch_size=4, seq_len=32, lr=3e-3, eval_tokens=256, checkpoint_every=0
-    )
-    cfg = tiny_config(vocab_size=300)
-    seed = pretrain_seed(cfg, corpus, tok, DOMAINS, train, root / "seed")
-    branch = replace(train, steps=30, train_only=list(FFN_PARAMETERS))
-    experts = {
-        d: branch_expert(seed, corpus, d, branch, root / "experts" / d) for d in [*DOMAINS, NEW]
-    }
+    out = plugin_world(tmp_path_factory.mktemp("plugin"), 40, 100, 30, 256)
     vectors = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     emb = DomainEmbeddings(list(TEXTS), vectors, embedder="test-embedder", dim=8, num_chunks=4)
-    return dict(
-        root=root,
-        corpus=corpus,
-        seed=seed,
-        experts=experts,
-        emb=emb,
-        shards=tokens_for(corpus, seed / "tokenizer.json"),
-    )
+    return dict(out, emb=emb)
 
 
 def _upcycled(world: dict, name: str = "moe", **kw) -> Path:
