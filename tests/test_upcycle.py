@@ -136,6 +136,21 @@ def test_btm_one_expert_is_that_expert_two_is_the_average(tmp_path, inputs):
     assert (two / "tokenizer.json").read_bytes() == (seed / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.parametrize("order", [(0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0)])
+def test_mean_of_partly_equal_inputs_is_the_float32_sum_in_input_order(tmp_path, tokenizer, order):
+    """The sum starts only at the first input that differs from the first one (to save
+    memory); the mean is still the float32 sum in input order, and equal inputs give
+    themselves bit for bit."""
+    seed = make_dense(tmp_path / "seed", tokenizer, 0)
+    made = [make_dense(tmp_path / f"e{i}", tokenizer, 1 + k, f"d{i}") for i, k in enumerate(order)]
+    out = upcycle("btm", seed, made, tmp_path / "btm")
+    parts = [read_safetensors(e / "model.safetensors") for e in made]
+    got = read_safetensors(out / "model.safetensors")
+    for name, tensor in got.items():
+        want = parts[0][name] if order == (0, 0, 0) else float32_mean([p[name] for p in parts])
+        assert torch.equal(tensor, want), name
+
+
 def test_btx_of_one_expert_reproduces_it(tmp_path, inputs):
     seed, experts = inputs
     out = upcycle("btx", seed, experts[:1], tmp_path / "btx", moe_overrides={"top_k": 1})

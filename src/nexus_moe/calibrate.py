@@ -360,7 +360,8 @@ def statistics_from_moments(
     domain has them). A domain without kept inputs takes, for the temperature fit only, samples
     of a Gaussian with its mean and covariance (a fixed generator: the same rows every time).
     ``pooled_scatter``: each layer's sum of the domains' scatters, in domain order, when the
-    caller has summed them already (and dropped each domain's, to save memory)."""
+    caller has summed them already (and dropped each domain's, to save memory); they are
+    divided in place into the covariances, so the caller must not use them after."""
     num_layers = len(moments[0])
     out = []
     for layer in range(num_layers):
@@ -368,7 +369,7 @@ def statistics_from_moments(
         centroids = torch.stack([m.mean for m in per_domain])  # type: ignore[misc]
         counts = torch.tensor([float(m.count) for m in per_domain], dtype=torch.float64)
         if pooled_scatter is not None:
-            covariance = pooled_scatter[layer] / counts.sum()
+            covariance = pooled_scatter[layer].div_(counts.sum())
         else:
             covariance = sum(m.scatter for m in per_domain) / counts.sum()  # type: ignore[operator]
         center = centroids.mean(0)

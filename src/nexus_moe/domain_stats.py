@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +100,17 @@ def streamed_moments(
     router_context: float,
     blocks: list[int] | None = None,
     batch_size: int = 16,
+    finished: Callable[[int, DomainMoments], None] | None = None,
 ) -> list[DomainMoments]:
     """:func:`dense_moments` of the dense model ``cfg`` whose weights are ``tensors``, without
     the model in memory: the windows' hidden states (tokens x H) go through one block at a
     time, each block built from its own weights and dropped after. The same batches pass the
     same modules as in :func:`dense_moments`, so the moments are the same bit for bit; peak
-    memory is one block, the embedding table and the hidden states."""
+    memory is one block, the embedding table and the hidden states.
+
+    ``finished(position, moments)`` is called as soon as every window has passed the block
+    ``blocks[position]``, so a caller can take its scatter (and drop it) before the next block
+    adds one of its own."""
     if cfg.moe is not None:
         raise NexusError("domain statistics are measured on a dense expert, not an MoE")
     blocks = list(range(cfg.num_layers)) if blocks is None else blocks
@@ -132,6 +138,8 @@ def streamed_moments(
             states[k] = block(x, cos, sin, None, None, index)[0]
         if hook is not None:
             hook.remove()
+            if finished is not None:
+                finished(blocks.index(index), moments[index])
         del block
     return [moments[b] for b in blocks]
 

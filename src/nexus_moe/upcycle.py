@@ -478,6 +478,17 @@ def _dense_statistics(
     context = cfg.moe.router_context
     moments, held = [], []
     pooled: list[torch.Tensor] = []  # each layer's sum of the domains' scatters (H, H)
+
+    def pool(layer: int, m: calibrate.DomainMoments) -> None:
+        # (the order sum() would add them in: domain after domain); a domain's scatter is
+        # dropped once pooled, the moment its block is done, so one domain holds one at a time
+        scatter = m.drop_scatter() if m.samples is not None else m.scatter
+        assert scatter is not None
+        if len(pooled) == layer:  # (a scatter still held by m is copied, not summed into)
+            pooled.append(scatter if m.scatter is None else scatter.clone())
+        else:
+            pooled[layer].add_(scatter)
+
     for expert, domain in zip(routed, domains, strict=True):
         if domain in stats:
             got, windows = domain_stats.for_moe(
@@ -487,20 +498,15 @@ def _dense_statistics(
                 domain_stats.tensor_fingerprint(expert.tensors),
                 f"--stats of {domain}",
             )
+            for layer, m in enumerate(got):
+                pool(layer, m)
         else:
             assert shards is not None
             windows = calibrate.domain_windows(shards, domain, cfg.max_seq_len, num_tokens)
             require_text(windows, shards.data_dir, domain)
             got = domain_stats.streamed_moments(
-                expert.cfg, expert.tensors, windows, context, blocks
+                expert.cfg, expert.tensors, windows, context, blocks, finished=pool
             )
-        for layer, m in enumerate(got):  # (the order sum() would add them in)
-            scatter = m.drop_scatter() if m.samples is not None else m.scatter
-            assert scatter is not None
-            if len(pooled) == layer:
-                pooled.append(scatter.clone())
-            else:
-                pooled[layer].add_(scatter)
         moments.append(got)
         held.append(windows)
     return calibrate.statistics_from_moments(moments, held, pooled_scatter=pooled)
@@ -752,21 +758,21 @@ def _averaged(
         # float32 accumulation in input order: sum(x_i) / n, then back to the input dtype.
         # Inputs that all hold the same tensor (experts branched with only their FFNs trained
         # share the seed's other weights) give that tensor bit for bit, not a rounded mean.
-        first: torch.Tensor | None = None
+        # The sum is started only at the first input that differs (the inputs before it
+        # equal the first, so it is the same sum): the common case holds two inputs' pages,
+        # not a copy and a float32 sum besides.
+        first = _read(sources[0], name)
         total: torch.Tensor | None = None
-        identical = True
-        for source in sources:
+        for position, source in enumerate(sources[1:], start=1):
             tensor = _read(source, name)
-            if first is None:
-                first = tensor.clone()
-                total = tensor.to(torch.float32, copy=True)
-            else:
-                identical = identical and torch.equal(tensor, first)
-                assert total is not None
+            if total is None and not torch.equal(tensor, first):
+                total = first.to(torch.float32, copy=True)
+                for _ in range(position - 1):
+                    total += first
+            if total is not None:
                 total += tensor
             del tensor  # release the mapping before the next read
-        assert first is not None and total is not None
-        if identical:
+        if total is None:
             return [first.to(dtype)]
         total /= len(sources)
         return [total.to(dtype)]
