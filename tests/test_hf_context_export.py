@@ -266,3 +266,20 @@ def test_per_token_export_is_unchanged(tmp_path):
     back = import_hf(hf_dir)
     assert back.cfg.moe.router_context == 0.0
     _ = model_state_dict(back)
+
+
+def test_the_remote_module_names_the_transformers_it_needs(monkeypatch):
+    """Under transformers 4 (no ``MixtralTopKRouter``) the folder's module says which
+    transformers it needs, not a bare 'cannot import name'."""
+    import importlib.util
+    import sys
+    import types
+
+    path = resources.files("nexus_moe.hf.remote") / "modeling_nexus_context.py"
+    old = types.ModuleType("transformers.models.mixtral.modeling_mixtral")  # 4.x: no router class
+    old.MixtralForCausalLM = old.MixtralSparseMoeBlock = object
+    monkeypatch.setitem(sys.modules, "transformers.models.mixtral.modeling_mixtral", old)
+    spec = importlib.util.spec_from_file_location("nexus_context_under_test", str(path))
+    module = importlib.util.module_from_spec(spec)
+    with pytest.raises(ImportError, match=r"needs transformers 5 .*pip install"):
+        spec.loader.exec_module(module)

@@ -43,7 +43,7 @@ def model_card(
             f"`{CONTEXT_MODULE}.py` in this folder. `AutoModelForCausalLM.from_pretrained` "
             "loads it with `trust_remote_code=True` (needed: without it transformers refuses "
             "the folder) and reproduces the nexus-moe model's logits and its generation with "
-            "the KV cache (float32).",
+            "the KV cache (float32). It needs transformers 5 (written against 5.24).",
             "",
         ]
     else:

@@ -31,24 +31,32 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.models.mixtral.configuration_mixtral import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import (
-    MixtralForCausalLM,
-    MixtralSparseMoeBlock,
-    MixtralTopKRouter,
-)
-from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
-from transformers.models.qwen2_moe.modeling_qwen2_moe import (
-    Qwen2MoeForCausalLM,
-    Qwen2MoeSparseMoeBlock,
-    Qwen2MoeTopKRouter,
-)
-from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
-from transformers.models.qwen3_moe.modeling_qwen3_moe import (
-    Qwen3MoeForCausalLM,
-    Qwen3MoeSparseMoeBlock,
-    Qwen3MoeTopKRouter,
-)
+import transformers
+
+try:  # the MoE blocks with a router module of their own: transformers 5
+    from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import (
+        MixtralForCausalLM,
+        MixtralSparseMoeBlock,
+        MixtralTopKRouter,
+    )
+    from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import (
+        Qwen2MoeForCausalLM,
+        Qwen2MoeSparseMoeBlock,
+        Qwen2MoeTopKRouter,
+    )
+    from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeSparseMoeBlock,
+        Qwen3MoeTopKRouter,
+    )
+except ImportError as error:  # transformers 4: no TopKRouter modules
+    raise ImportError(
+        f"this nexus-moe model (routing on context) needs transformers 5 (written against 5.24; "
+        f"found {transformers.__version__}): pip install 'transformers>=5,<5.25' ({error})"
+    ) from error
 
 try:  # transformers >= 5: per-format weight renamings applied when loading
     from transformers.conversion_mapping import (
