@@ -212,6 +212,26 @@ def test_load_balancing_loss_trains_under_two_ranks(two_ranks):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_the_gathered_model_keeps_the_routing_statistics_and_peer_state(
+    corpus, tmp_path, monkeypatch
+):
+    """Under FSDP the model written is rebuilt from the gathered state; what the state dict
+    does not hold (each layer's routing statistics, a peer router's state file contents) must
+    come along, or a trained peer-routed MoE could not be extended by its peer's rule."""
+    import nexus_moe.distributed as dist_utils
+
+    trainer = make_trainer(corpus, tmp_path / "run", "fsdp", 0.0, BATCH)
+    stats = [object() for _ in trainer.model.moe_layers()]
+    for layer, s in zip(trainer.model.moe_layers(), stats, strict=True):
+        layer.domain_stats = s
+    trainer.model.peer_state = state = object()
+    monkeypatch.setattr(dist_utils, "is_sharded", lambda model: True)  # as FSDP would say
+    model, _ = trainer._full_model_and_optimizer()
+    assert model is not trainer.model
+    assert [layer.domain_stats for layer in model.moe_layers()] == stats
+    assert model.peer_state is state
+
+
 def test_assign_to_devices_round_robin():
     domains = ["code", "legal", "math", "prose", "wiki"]
     assert assign_to_devices(domains, 2) == [["code", "math", "wiki"], ["legal", "prose"]]

@@ -316,6 +316,8 @@ class Trainer:
             model = model_from_state(self.model.cfg, model_state)
             for full, local in zip(model.moe_layers(), self.model.moe_layers(), strict=True):
                 full.domain_stats = local.domain_stats
+            if getattr(self.model, "peer_state", None) is not None:  # a peer router's inputs
+                model.peer_state = self.model.peer_state  # (routers/peers.py), as unsharded
         else:
             model = self.model
         return model, optimizer_tensors(optim_state)
