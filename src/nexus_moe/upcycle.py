@@ -479,13 +479,13 @@ def _dense_statistics(
     moments, held = [], []
     pooled: list[torch.Tensor] = []  # each layer's sum of the domains' scatters (H, H)
 
-    def pool(layer: int, m: calibrate.DomainMoments) -> None:
+    def pool(layer: int, m: calibrate.DomainMoments, borrowed: bool = False) -> None:
         # (the order sum() would add them in: domain after domain); a domain's scatter is
         # dropped once pooled, the moment its block is done, so one domain holds one at a time
         scatter = m.drop_scatter() if m.samples is not None else m.scatter
         assert scatter is not None
-        if len(pooled) == layer:  # (a scatter still held by m is copied, not summed into)
-            pooled.append(scatter if m.scatter is None else scatter.clone())
+        if len(pooled) == layer:  # summed into in place: copied unless it is ours alone
+            pooled.append(scatter.clone() if borrowed or m.scatter is not None else scatter)
         else:
             pooled[layer].add_(scatter)
 
@@ -498,8 +498,8 @@ def _dense_statistics(
                 domain_stats.tensor_fingerprint(expert.tensors),
                 f"--stats of {domain}",
             )
-            for layer, m in enumerate(got):
-                pool(layer, m)
+            for layer, m in enumerate(got):  # (the statistics file's tensors: not ours)
+                pool(layer, m, borrowed=True)
         else:
             assert shards is not None
             windows = calibrate.domain_windows(shards, domain, cfg.max_seq_len, num_tokens)
