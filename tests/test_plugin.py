@@ -636,8 +636,12 @@ def test_an_moe_from_statistics_files_without_any_corpus(world):
             assert domain_stats.read(path).shares_text is share
     reference = load_checkpoint(_upcycled(world))[0]
     for share in (True, False):
-        out = _nexus(world, world["root"] / f"from-stats-{share}",
-                     domain_stats=[domain_stats.read(files[d, share]) for d in DOMAINS])  # fmt: skip
+        given = [domain_stats.read(files[d, share]) for d in DOMAINS]
+        out = _nexus(world, world["root"] / f"from-stats-{share}", domain_stats=given)
+        for d, stats in zip(DOMAINS, given, strict=True):  # read, not consumed or summed into
+            fresh = domain_stats.read(files[d, share])
+            for m, f in zip(stats.moments, fresh.moments, strict=True):
+                assert m.scatter is not None and torch.equal(m.scatter, f.scatter)
         model = load_checkpoint(out)[0]
         for a, b in zip(reference.moe_layers(), model.moe_layers(), strict=True):
             ra, rb = a.router.expert_embeddings().detach(), b.router.expert_embeddings().detach()

@@ -482,10 +482,12 @@ def _dense_statistics(
     def pool(layer: int, m: calibrate.DomainMoments, borrowed: bool = False) -> None:
         # (the order sum() would add them in: domain after domain); a domain's scatter is
         # dropped once pooled, the moment its block is done, so one domain holds one at a time
-        scatter = m.drop_scatter() if m.samples is not None else m.scatter
+        # (a statistics file's moments are the caller's: read, never dropped or summed into)
+        ours = not borrowed and m.samples is not None
+        scatter = m.drop_scatter() if ours else m.scatter
         assert scatter is not None
         if len(pooled) == layer:  # summed into in place: copied unless it is ours alone
-            pooled.append(scatter.clone() if borrowed or m.scatter is not None else scatter)
+            pooled.append(scatter if ours else scatter.clone())
         else:
             pooled[layer].add_(scatter)
 
@@ -498,7 +500,7 @@ def _dense_statistics(
                 domain_stats.tensor_fingerprint(expert.tensors),
                 f"--stats of {domain}",
             )
-            for layer, m in enumerate(got):  # (the statistics file's tensors: not ours)
+            for layer, m in enumerate(got):
                 pool(layer, m, borrowed=True)
         else:
             assert shards is not None
