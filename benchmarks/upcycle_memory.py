@@ -16,6 +16,8 @@ Hugging Face format can hold it) is upcycled with a calibrated router straight t
 §5.7). It is compared, in the same run, with the path that calibrates the assembled MoE (native
 output; forced here, since FFN-only experts no longer take it) and with one dense expert plus
 the statistics written with the MoE (the target: peak within 1.3x of those).
+Each upcycle runs as `nexus-moe upcycle` does, with glibc's mmap threshold held fixed
+(``nexus_moe.memory``); one more row leaves it moving, as glibc does by default.
 
 ``ru_maxrss`` of children is not used: with vfork-based spawning Linux folds the parent's
 high-water mark into the child's, so the parent's memory would pollute the figure.
@@ -113,6 +115,10 @@ def child(payload: dict) -> None:
 
     wall = 0.0
     if payload.get("method"):
+        if not payload.get("moving_threshold"):  # as `nexus-moe upcycle` does
+            from nexus_moe.memory import fix_mmap_threshold
+
+            fix_mmap_threshold()
         emb = DomainEmbeddings.load(payload["embeddings"])
         shards = TokenShards(Path(payload["corpus"])) if payload.get("corpus") else None
         if payload.get("force_moe_path"):  # the path FFN-only experts no longer take
@@ -255,6 +261,14 @@ def calibrated(args: argparse.Namespace) -> None:
         }
         baseline = run_child({})
         dense = run_child({**common, "out": str(workdir / "mixtral"), "format": "mixtral"})
+        moving = run_child(
+            {
+                **common,
+                "out": str(workdir / "moving"),
+                "format": "mixtral",
+                "moving_threshold": True,
+            }
+        )
         native = run_child({**common, "out": str(workdir / "native")})
         forced = run_child({**common, "out": str(workdir / "forced"), "force_moe_path": True})
         one_input = (workdir / "seed" / WEIGHTS_FILE).stat().st_size
@@ -267,6 +281,7 @@ def calibrated(args: argparse.Namespace) -> None:
         ]
         for label, result in [
             ("--format mixtral, on each dense expert", dense),
+            ("the same, glibc's moving mmap threshold", moving),
             ("native, on each dense expert", native),
             ("native, on the assembled MoE (before)", forced),
         ]:

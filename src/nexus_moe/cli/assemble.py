@@ -37,6 +37,7 @@ from nexus_moe.config import (
 )
 from nexus_moe.errors import NexusError
 from nexus_moe.hf.formats import UpcycleFormat
+from nexus_moe.memory import fix_mmap_threshold
 
 
 @app.command("embed-domains")
@@ -245,6 +246,7 @@ def upcycle(
     from nexus_moe.pipeline import resolve_model_dir
     from nexus_moe.upcycle import upcycle as run_upcycle
 
+    fix_mmap_threshold()  # a streamed upcycle's peak memory: nexus_moe.memory
     calibration_tokens = _calibration_tokens(calibration_tokens, corpus)
     seed_dir = resolve_model_dir(seed)
     expert_dirs = [resolve_model_dir(p) for p in experts or []]
