@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from user_domain import cached, data_key, model_key  # noqa: E402
 
-from nexus_moe import calibrate, config  # noqa: E402
+from nexus_moe import calibrate, config, placement  # noqa: E402
 from nexus_moe.analyse import RoutingCounter  # noqa: E402
 from nexus_moe.checkpoint import (  # noqa: E402
     CONFIG_FILE,
@@ -69,6 +69,8 @@ RULES = {
     "loss budget 0.03": {"loss_budget": 0.03},
     "fixed norm": {"row_scale": "fixed"},
     "leak budget 0.01": {"leak_budget": 0.01},
+    # the default's placement of models deeper than placement.LAYERWISE_MAX_LAYERS MoE layers
+    "joint": {"layerwise_max_layers": 0},
 }
 
 
@@ -108,9 +110,15 @@ def measure(moe, experts, embeddings, new_shards, old_shards, old_domains, dense
             model = copy.deepcopy(moe)
             if kwargs.get("row_scale") == "fixed":
                 kwargs = {"row_scale": config.new_row_scale(moe.cfg.moe.router_context)}
-            extend_model(model, expert, domain, embeddings.get([domain])[0], merge_lambda=0.0,
-                         seed=args.seed_of_moe, calibration_windows=windows,
-                         **kwargs)  # fmt: skip
+            kwargs = dict(kwargs)
+            layerwise = kwargs.pop("layerwise_max_layers", placement.LAYERWISE_MAX_LAYERS)
+            saved, placement.LAYERWISE_MAX_LAYERS = placement.LAYERWISE_MAX_LAYERS, layerwise
+            try:
+                extend_model(model, expert, domain, embeddings.get([domain])[0],
+                             merge_lambda=0.0, seed=args.seed_of_moe,
+                             calibration_windows=windows, **kwargs)  # fmt: skip
+            finally:
+                placement.LAYERWISE_MAX_LAYERS = saved
             n = model.cfg.moe.num_experts - 1
             after_new, share = score(model, new_shards, [domain], args.eval_tokens, n)
             after_old, leak = score(model, old_shards, old_domains, args.earlier_tokens, n)

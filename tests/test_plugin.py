@@ -200,6 +200,23 @@ def test_held_windows_scored_from_a_kept_block_match_whole_forward_passes(world)
         torch.testing.assert_close(runner.losses().mean(dim=1), whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("context", [0.75, 0.0])
+def test_routed_inputs_of_a_kept_stream_match_the_calibration_pass(world, context):
+    """The joint placement takes each layer's new inputs from one stream run up the model
+    (each block once more with its row set): the same inputs as calibrate.moe_inputs."""
+    model, _ = load_checkpoint(_upcycled(world, f"moe-ctx{context}", router_context=context))
+    model.eval()
+    windows = calibrate.domain_windows(world["shards"], NEW, model.cfg.max_seq_len, 512)
+    expected = calibrate.moe_inputs(model, windows, None)
+    stream = placement._HeldForward(model, windows[None], "cpu", scored=False)
+    blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
+    assert len(blocks) == len(expected) > 1
+    for block, layer, want in zip(blocks, model.moe_layers(), expected, strict=True):
+        stream.advance(block)
+        got = placement._routed_inputs(stream, block, layer)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("context", "row_scale", "expected"), [
     (0.75, None, config.NEW_ROW_SCALE),  # statistics without held windows: the fixed norm
     (0.5, None, config.NEW_ROW_SCALE_LESS_CONTEXT),
@@ -218,15 +235,21 @@ def test_new_rows_fixed_norm_follows_the_routers_context(world, tmp_path, contex
         torch.testing.assert_close(rows[-1].norm() / earlier, torch.tensor(float(expected)))
 
 
-@pytest.mark.parametrize(("context", "gain"), [(0.75, 0.9), (0.0, 1.0)])
+@pytest.mark.parametrize(("context", "gain", "jointly"), [
+    (0.75, 0.9, False), (0.0, 1.0, False), (0.75, 0.9, True), (0.0, 1.0, True),
+])  # fmt: skip
 def test_default_new_row_keeps_the_earlier_domains_loss_within_the_budget(world, tmp_path, context,
-                                                                         gain):  # fmt: skip
+                                                                         gain, jointly,
+                                                                         monkeypatch):  # fmt: skip
     """The default norm of a new row is bounded by what it costs the earlier domains: on the
     windows of each domain kept with the statistics, no earlier domain's perplexity rises by
     more than the budget, measured on the saved model (every layer's row, with what its leaks
     do to the layers above), while the new domain gains (per token little: this tiny model's
     "music" shares most of its words with "sports"); the windows grow with the expert and
-    shrink with it again."""
+    shrink with it again. ``jointly``: as a model deeper than LAYERWISE_MAX_LAYERS MoE layers
+    gets it, one norm factor for every layer."""
+    if jointly:
+        monkeypatch.setattr(placement, "LAYERWISE_MAX_LAYERS", 0)
     moe_dir = _upcycled(world, f"moe-ctx{context}", router_context=context)
     old, _ = load_checkpoint(moe_dir)
     held = old.moe_layers()[0].domain_stats.held
@@ -250,6 +273,8 @@ def test_default_new_row_keeps_the_earlier_domains_loss_within_the_budget(world,
     placed = meta["extended_with"]["new_row"]
     assert placed["held_worst_rise"] == pytest.approx(math.expm1(float(rise.max())), abs=1e-4)
     assert len(placed["row_factors"]) == len(model.moe_layers())
+    if jointly:
+        assert len(set(placed["row_factors"])) == 1, placed["row_factors"]
     before = evaluate_domains(old, world["shards"], [NEW], EVAL)[NEW].perplexity
     after = evaluate_domains(model, world["shards"], [NEW], EVAL)[NEW].perplexity
     assert after < gain * before, (before, after)

@@ -34,6 +34,11 @@ _NORM_GRID = torch.linspace(0.1, 2.5, 25)  # the candidates up to the cap place_
 _BIAS_GRID = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
 _CARRIER_SPREAD = 0.2
 _HEAD_WINDOWS = 4  # held windows whose logits are computed at once
+# Up to this many MoE layers a new row is placed layer by layer (each candidate runs the held
+# windows from its layer up, O(L^2) block passes); above it, one norm factor for every layer
+# (O(L)): on a 30-layer pretrained model the layer-by-layer placement ran for more than 17
+# minutes on 2 CPU cores without finishing (BENCHMARKS.md, "A real pretrained model").
+LAYERWISE_MAX_LAYERS = 8
 
 
 @torch.no_grad()
@@ -60,10 +65,18 @@ class _HeldForward:
     candidate runs only the blocks from it up (half the work of whole forward passes)."""
 
     @torch.no_grad()
-    def __init__(self, model: Transformer, held: torch.Tensor, device: str | torch.device):
+    def __init__(
+        self,
+        model: Transformer,
+        held: torch.Tensor,
+        device: str | torch.device,
+        scored: bool = True,
+    ):
+        """``scored`` False: every token of the windows is an input (no losses, only the
+        residual stream)."""
         self.model, self.domains = model, held.shape[0]
         ids = held.long().reshape(-1, held.shape[-1]).to(device)
-        self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
+        self.inputs, self.targets = (ids[:, :-1], ids[:, 1:]) if scored else (ids, None)
         self.x = model.model.embed_tokens(self.inputs)
         positions = torch.arange(self.inputs.shape[1], device=ids.device)
         self.cos, self.sin = model.rotary(positions, self.x.dtype)
@@ -87,6 +100,7 @@ class _HeldForward:
         """(E, W) mean next-token loss of each domain's held windows, float64."""
         import torch.nn.functional as F
 
+        assert self.targets is not None, "a stream made with scored=False has no losses"
         x, _ = self._run(self.x, self.prev, self.block, len(self.model.model.layers))
         hidden = self.model.model.norm(x)
         out = []
@@ -111,6 +125,7 @@ def place_new_rows(
     new_held: torch.Tensor | None = None,
     mean_budget: float | None = None,
     confidence: float | None = None,
+    jointly: bool | None = None,
 ) -> tuple[list[LayerStats], list[float], dict[str, float]]:
     """Place the row of the new (last) expert of every MoE layer of ``model`` from its domain's
     calibration ``windows``, with a norm bounded by what it costs the earlier domains on their
@@ -135,11 +150,24 @@ def place_new_rows(
     at each MoE layer as its dense expert computes them (a domain statistics file; its windows,
     if it shares them, ``new_held``), in place of its inputs as routed: the bound on the earlier
     domains holds the same, the direction is taken from the expert's own hidden states.
+
+    Layer by layer, each candidate runs the held windows from its layer up: about 6 L^2 / 2
+    block passes for L MoE layers. With ``jointly`` (default: more than
+    ``LAYERWISE_MAX_LAYERS`` MoE layers) every layer's row gets the same norm factor instead,
+    the largest whose rise of the whole model stays within the budgets (about 8 forward passes
+    of the held windows, :func:`_place_jointly`).
     """
     assert stats[0].held is not None
     assert (windows is None) != (new_moments is None)
     mean_budget = MEAN_LOSS_BUDGET if mean_budget is None else mean_budget
     confidence = HELD_CONFIDENCE if confidence is None else confidence
+    if jointly is None:
+        jointly = len(model.moe_layers()) > LAYERWISE_MAX_LAYERS
+    if jointly:
+        return _place_jointly(
+            model, windows, stats, budget, ridge, device, max_factor, new_moments, new_held,
+            mean_budget, confidence,
+        )  # fmt: skip
     layers = model.moe_layers()
     blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
     new = layers[0].num_experts - 1
@@ -239,15 +267,26 @@ def _bounded_row(
     the earlier domains' loss is within ``limit``, by bisection; the most cautious when none
     is. (The most taking is tried first: where it is within the limit, as at most layers of a
     far domain, that is one evaluation of the held windows instead of two.)"""
-    candidates = _candidate_rows(unit, layer_stats, ridge, max_factor)
-    if rise(candidates[-1][1]) <= limit:
+    return _most_taking(
+        _candidate_rows(unit, layer_stats, ridge, max_factor),
+        lambda: _candidate_rows(unit, layer_stats, ridge, max_factor, True),
+        lambda candidate: rise(candidate[1]),
+        limit,
+    )
+
+
+def _most_taking(candidates: list, last_resort: Callable[[], list], rise: Callable, limit: float):
+    """The most taking of ``candidates`` (from the most cautious to the most taking) whose
+    ``rise`` is within ``limit``, by bisection; where even the most cautious is not, the same
+    over ``last_resort()`` (more cautious ones first), and its most cautious when none is."""
+    if rise(candidates[-1]) <= limit:
         return candidates[-1]
-    if rise(candidates[0][1]) > limit:  # even the most cautious: try the biases too
-        candidates = _candidate_rows(unit, layer_stats, ridge, max_factor, True)
+    if rise(candidates[0]) > limit:
+        candidates = last_resort()
     lo, hi = 0, len(candidates) - 1  # the most taking candidate within the limit (hi is not)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if rise(candidates[mid][1]) <= limit:
+        if rise(candidates[mid]) <= limit:
             lo = mid
         else:
             hi = mid
@@ -291,3 +330,108 @@ def _candidate_rows(
         ]
     factors = [float(f) for f in _NORM_GRID if max_factor is None or f <= max_factor + 1e-6]
     return biased + [(f, f * unit) for f in factors]
+
+
+@torch.no_grad()
+def _place_jointly(
+    model: Transformer,
+    windows: torch.Tensor | None,
+    stats: list[LayerStats],
+    budget: float,
+    ridge: float,
+    device: str | torch.device,
+    max_factor: float | None,
+    new_moments: list[DomainMoments] | None,
+    new_held: torch.Tensor | None,
+    mean_budget: float,
+    confidence: float,
+) -> tuple[list[LayerStats], list[float], dict[str, float]]:
+    """:func:`place_new_rows` with one norm factor for every layer, in O(L) block passes.
+
+    Each layer's direction is :func:`new_expert_row`'s from the new domain's inputs there as
+    routed with the rows below it placed at the largest candidate (its windows run up the model
+    once, each block twice: before and after its row is set). Then the candidates of every
+    layer (the same norm factors; below the smallest, the negative biases) are taken together,
+    and the most taking whose rise of the earlier domains' loss on their held windows, through
+    the whole model, is within the budgets (no per-layer shares) is kept, by bisection."""
+    layers = model.moe_layers()
+    blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
+    new = layers[0].num_experts - 1
+    units, grown_stats = [], []
+    with _new_expert_masked(model, device) as saved:
+        held = _HeldForward(model, stats[0].held, device)
+        before = held.losses()
+        stream = None if windows is None else _HeldForward(model, windows[None], device, False)
+        for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
+            if stream is None:
+                assert new_moments is not None
+                x: NewInputs = new_moments[index]
+            else:
+                stream.advance(blocks[index])
+                x = _routed_inputs(stream, blocks[index], layer)
+            earlier = layer.router.expert_embeddings().detach()[:new].float()
+            unit, grown = new_expert_row(
+                layer_stats, x, earlier.cpu(), ridge, scale=1.0,
+                new_windows=windows if windows is not None else new_held,
+            )  # fmt: skip
+            layer.expert_mask = saved[index]
+            largest = float(_NORM_GRID[_norm_count(max_factor) - 1])
+            layer.router.set_row(new, (largest * unit).to(device))
+            units.append(unit)
+            grown_stats.append(grown)
+
+        def rise(rows: list[tuple[float, torch.Tensor]]) -> float:
+            for layer, (_, row) in zip(layers, rows, strict=True):
+                layer.router.set_row(new, row.to(device))
+            return held_excess(held.losses() - before, budget, mean_budget, confidence)
+
+        def joint(last_resort: bool) -> list[list[tuple[float, torch.Tensor]]]:
+            return _joint_candidates(units, stats, ridge, max_factor, last_resort)
+
+        chosen = _most_taking(joint(False), lambda: joint(True), rise, 1.0)
+        for layer, (_, row) in zip(layers, chosen, strict=True):
+            layer.router.set_row(new, row.to(device))
+        worst = float((held.losses() - before).mean(dim=1).max())
+    return grown_stats, [f for f, _ in chosen], {"worst": math.expm1(worst)}
+
+
+def _routed_inputs(stream: _HeldForward, block: int, layer: torch.nn.Module) -> torch.Tensor:
+    """(tokens, H) float32: what ``layer`` (the MoE of ``block``, the stream's current block)
+    scores for the stream's windows, as the model routes them now (the block runs once)."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: tuple) -> None:
+        route_in = module.routing_input(args[0])
+        captured.append(route_in.reshape(-1, route_in.shape[-1]).float().cpu())
+
+    handle = layer.register_forward_pre_hook(keep)
+    try:
+        stream._run(stream.x, stream.prev, block, block + 1)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def _joint_candidates(
+    units: list[torch.Tensor],
+    stats: list[LayerStats],
+    ridge: float,
+    max_factor: float | None,
+    last_resort: bool,
+) -> list[list[tuple[float, torch.Tensor]]]:
+    """Every layer's candidate rows at once, from the most cautious to the most taking: the
+    norm factors of _NORM_GRID; with ``last_resort``, before them each layer's negative biases
+    (a layer without a bias direction keeps its smallest norm there)."""
+    per_layer = []
+    for unit, layer_stats in zip(units, stats, strict=True):
+        candidates = _candidate_rows(unit, layer_stats, ridge, max_factor, last_resort)
+        norms = candidates[-_norm_count(max_factor) :]
+        biased = candidates[: len(candidates) - len(norms)] if last_resort else []
+        if last_resort and not biased:
+            biased = [norms[0]] * len(_BIAS_GRID)
+        per_layer.append(biased + norms)
+    return [list(rows) for rows in zip(*per_layer, strict=True)]
+
+
+def _norm_count(max_factor: float | None) -> int:
+    return sum(1 for f in _NORM_GRID if max_factor is None or f <= max_factor + 1e-6)
