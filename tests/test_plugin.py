@@ -273,6 +273,7 @@ def test_default_new_row_keeps_the_earlier_domains_loss_within_the_budget(world,
     placed = meta["extended_with"]["new_row"]
     assert placed["held_worst_rise"] == pytest.approx(math.expm1(float(rise.max())), abs=1e-4)
     assert len(placed["row_factors"]) == len(model.moe_layers())
+    assert placed["placement"] == ("joint" if jointly else "layerwise")
     if jointly:
         assert len(set(placed["row_factors"])) == 1, placed["row_factors"]
     before = evaluate_domains(old, world["shards"], [NEW], EVAL)[NEW].perplexity

@@ -316,6 +316,7 @@ def _place_bounded(moe: Transformer, stats: list, row: _NewRow, report: dict | N
             held_confidence=config.HELD_CONFIDENCE,
             row_factors=[round(f, 3) for f in factors],
             held_worst_rise=round(info["worst"], 5),
+            placement=info["placement"],
         )
 
 

@@ -126,7 +126,7 @@ def place_new_rows(
     mean_budget: float | None = None,
     confidence: float | None = None,
     jointly: bool | None = None,
-) -> tuple[list[LayerStats], list[float], dict[str, float]]:
+) -> tuple[list[LayerStats], list[float], dict]:
     """Place the row of the new (last) expert of every MoE layer of ``model`` from its domain's
     calibration ``windows``, with a norm bounded by what it costs the earlier domains on their
     held windows (``stats[0].held``): after the rows of the first l + 1 MoE layers are placed,
@@ -134,7 +134,7 @@ def place_new_rows(
     ``budget * (l + 1) / L``, nor their mean by more than ``mean_budget * (l + 1) / L``, each
     domain's rise taken as an upper bound over its windows (:func:`held_excess`). Returns the
     statistics grown by the new domain, each layer's norm factor (times the earlier rows' mean
-    norm) and the largest mean rise at the end (``worst``).
+    norm), the largest mean rise at the end (``worst``) and which ``placement`` it was.
 
     A token sent to the new expert changes the layers above it too (through attention and the
     router's running mean), and the new domain's own tokens reach a layer as the layers below
@@ -196,7 +196,7 @@ def place_new_rows(
             layer.router.set_row(new, row.to(device))
             grown_stats.append(grown)
         worst = float((held.losses() - before).mean(dim=1).max())
-    return grown_stats, factors, {"worst": math.expm1(worst)}
+    return grown_stats, factors, {"worst": math.expm1(worst), "placement": "layerwise"}
 
 
 @contextlib.contextmanager
@@ -345,7 +345,7 @@ def _place_jointly(
     new_held: torch.Tensor | None,
     mean_budget: float,
     confidence: float,
-) -> tuple[list[LayerStats], list[float], dict[str, float]]:
+) -> tuple[list[LayerStats], list[float], dict]:
     """:func:`place_new_rows` with one norm factor for every layer, in O(L) block passes.
 
     Each layer's direction is :func:`new_expert_row`'s from the new domain's inputs there as
@@ -392,7 +392,8 @@ def _place_jointly(
         for layer, (_, row) in zip(layers, chosen, strict=True):
             layer.router.set_row(new, row.to(device))
         worst = float((held.losses() - before).mean(dim=1).max())
-    return grown_stats, [f for f, _ in chosen], {"worst": math.expm1(worst)}
+    info = {"worst": math.expm1(worst), "placement": "joint"}
+    return grown_stats, [f for f, _ in chosen], info
 
 
 def _routed_inputs(stream: _HeldForward, block: int, layer: torch.nn.Module) -> torch.Tensor:

@@ -117,6 +117,7 @@ def domain_stats_cmd(
 
     check_option("router_context", router_context)
     check_option("calibration_tokens", calibration_tokens)
+    fix_mmap_threshold()  # streamed like a calibrated upcycle: nexus_moe.memory
     expert_dir = resolve_model_dir(expert)
     check_out_file(out, [expert_dir, corpus])
     source = open_input(expert_dir)
