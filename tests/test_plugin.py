@@ -200,6 +200,33 @@ def test_held_windows_scored_from_a_kept_block_match_whole_forward_passes(world)
         torch.testing.assert_close(runner.losses().mean(dim=1), whole, atol=1e-5, rtol=1e-5)
 
 
+def test_joint_placement_with_no_candidate_within_the_budget_takes_the_most_cautious(
+    world, monkeypatch
+):
+    """With budgets no row can meet, the joint placement ends on the most cautious candidate
+    (the smallest norm with the largest negative bias) in every layer, and reports the rise it
+    measured for it."""
+    from nexus_moe.extend import extend_model
+
+    monkeypatch.setattr(placement, "LAYERWISE_MAX_LAYERS", 0)
+    monkeypatch.setattr(placement, "MEAN_LOSS_BUDGET", 1e-9)
+    moe, _ = load_checkpoint(_upcycled(world))
+    held = moe.moe_layers()[0].domain_stats.held
+    before = placement.held_losses(moe, held)
+    expert, _ = load_checkpoint(world["experts"][NEW])
+    embedding = world["emb"].get([NEW])[0]
+    windows = calibrate.domain_windows(world["shards"], NEW, moe.cfg.max_seq_len, 512)
+    report: dict = {}
+    extend_model(moe, expert, NEW, embedding, merge_lambda=0.0, calibration_windows=windows,
+                 loss_budget=1e-9, report=report)  # fmt: skip
+    assert report["placement"] == "joint"
+    assert report["row_factors"] == [pytest.approx(float(placement._NORM_GRID[0]))] * len(
+        moe.moe_layers()
+    )
+    rise = placement.held_losses(moe, held) - before
+    assert report["held_worst_rise"] == pytest.approx(math.expm1(float(rise.max())), abs=1e-4)
+
+
 @pytest.mark.parametrize("context", [0.75, 0.0])
 def test_routed_inputs_of_a_kept_stream_match_the_calibration_pass(world, context):
     """The joint placement takes each layer's new inputs from one stream run up the model

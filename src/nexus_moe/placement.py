@@ -380,18 +380,23 @@ def _place_jointly(
             units.append(unit)
             grown_stats.append(grown)
 
+        scored: dict[int, tuple[list, torch.Tensor]] = {}  # each candidate's rises, by id
+
         def rise(rows: list[tuple[float, torch.Tensor]]) -> float:
             for layer, (_, row) in zip(layers, rows, strict=True):
                 layer.router.set_row(new, row.to(device))
-            return held_excess(held.losses() - before, budget, mean_budget, confidence)
+            scored[id(rows)] = (rows, held.losses() - before)  # (kept alive: ids stay unique)
+            return held_excess(scored[id(rows)][1], budget, mean_budget, confidence)
 
         def joint(last_resort: bool) -> list[list[tuple[float, torch.Tensor]]]:
             return _joint_candidates(units, stats, ridge, max_factor, last_resort)
 
         chosen = _most_taking(joint(False), lambda: joint(True), rise, 1.0)
+        if id(chosen) not in scored:  # the most cautious last resort, where none was within
+            rise(chosen)
         for layer, (_, row) in zip(layers, chosen, strict=True):
             layer.router.set_row(new, row.to(device))
-        worst = float((held.losses() - before).mean(dim=1).max())
+        worst = float(scored[id(chosen)][1].mean(dim=1).max())
     info = {"worst": math.expm1(worst), "placement": "joint"}
     return grown_stats, [f for f, _ in chosen], info
 
