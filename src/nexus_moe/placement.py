@@ -150,12 +150,8 @@ def place_new_rows(
     at each MoE layer as its dense expert computes them (a domain statistics file; its windows,
     if it shares them, ``new_held``), in place of its inputs as routed: the bound on the earlier
     domains holds the same, the direction is taken from the expert's own hidden states.
-
-    Layer by layer, each candidate runs the held windows from its layer up: about 6 L^2 / 2
-    block passes for L MoE layers. With ``jointly`` (default: more than
-    ``LAYERWISE_MAX_LAYERS`` MoE layers) every layer's row gets the same norm factor instead,
-    the largest whose rise of the whole model stays within the budgets (about 8 forward passes
-    of the held windows, :func:`_place_jointly`).
+    With ``jointly`` (default: above ``LAYERWISE_MAX_LAYERS`` MoE layers) every layer gets the
+    same factor instead, in O(L) forward passes, not ~3 L^2 block passes (:func:`_place_jointly`).
     """
     assert stats[0].held is not None
     assert (windows is None) != (new_moments is None)
