@@ -164,9 +164,7 @@ def place_new_rows(
             model, windows, stats, budget, ridge, device, max_factor, new_moments, new_held,
             mean_budget, confidence,
         )  # fmt: skip
-    layers = model.moe_layers()
-    blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
-    new = layers[0].num_experts - 1
+    layers, blocks, new = _moe_blocks(model)
     grown_stats, factors = [], []
     with _new_expert_masked(model, device) as saved:
         held = _HeldForward(model, stats[0].held, device)
@@ -193,6 +191,13 @@ def place_new_rows(
             grown_stats.append(grown)
         worst = float((held.losses() - before).mean(dim=1).max())
     return grown_stats, factors, {"worst": math.expm1(worst), "placement": "layerwise"}
+
+
+def _moe_blocks(model: Transformer) -> tuple[list, list[int], int]:
+    """The MoE layers, the indices of their blocks, and the new (last) expert's index."""
+    layers = model.moe_layers()
+    blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
+    return layers, blocks, layers[0].num_experts - 1
 
 
 @contextlib.contextmanager
@@ -350,9 +355,7 @@ def _place_jointly(
     layer (the same norm factors; below the smallest, the negative biases) are taken together,
     and the most taking whose rise of the earlier domains' loss on their held windows, through
     the whole model, is within the budgets (no per-layer shares) is kept, by bisection."""
-    layers = model.moe_layers()
-    blocks = [i for i, block in enumerate(model.model.layers) if block.is_moe]
-    new = layers[0].num_experts - 1
+    layers, blocks, new = _moe_blocks(model)
     units, grown_stats = [], []
     with _new_expert_masked(model, device) as saved:
         held = _HeldForward(model, stats[0].held, device)
