@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 from nexus_moe.calibrate import (
     DEFAULT_RIDGE,
@@ -169,7 +170,9 @@ def place_new_rows(
     with _new_expert_masked(model, device) as saved:
         held = _HeldForward(model, stats[0].held, device)
         before = held.losses()
-        for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
+        for index, (layer, layer_stats) in enumerate(
+            _progress(list(zip(layers, stats, strict=True)), "new row: placing", "layer")
+        ):
             held.advance(blocks[index])
             x = _new_inputs(model, windows, new_moments, index, device)
             earlier = layer.router.expert_embeddings().detach()[:new].float()
@@ -191,6 +194,11 @@ def place_new_rows(
             grown_stats.append(grown)
         worst = float((held.losses() - before).mean(dim=1).max())
     return grown_stats, factors, {"worst": math.expm1(worst), "placement": "layerwise"}
+
+
+def _progress(items: list | None, desc: str, unit: str) -> tqdm:
+    """A progress bar on a terminal (none otherwise): a deep model's placement takes minutes."""
+    return tqdm(items, desc=desc, unit=unit, disable=None, leave=False)
 
 
 def _moe_blocks(model: Transformer) -> tuple[list, list[int], int]:
@@ -361,7 +369,9 @@ def _place_jointly(
         held = _HeldForward(model, stats[0].held, device)
         before = held.losses()
         stream = None if windows is None else _HeldForward(model, windows[None], device, False)
-        for index, (layer, layer_stats) in enumerate(zip(layers, stats, strict=True)):
+        for index, (layer, layer_stats) in enumerate(
+            _progress(list(zip(layers, stats, strict=True)), "new row: directions", "layer")
+        ):
             if stream is None:
                 assert new_moments is not None
                 x: NewInputs = new_moments[index]
@@ -380,8 +390,10 @@ def _place_jointly(
             grown_stats.append(grown)
 
         scored: dict[int, tuple[list, torch.Tensor]] = {}  # each candidate's rises, by id
+        passes = _progress(None, "new row: bounding", "pass")
 
         def rise(rows: list[tuple[float, torch.Tensor]]) -> float:
+            passes.update(1)
             for layer, (_, row) in zip(layers, rows, strict=True):
                 layer.router.set_row(new, row.to(device))
             scored[id(rows)] = (rows, held.losses() - before)  # (kept alive: ids stay unique)
@@ -396,6 +408,7 @@ def _place_jointly(
         for layer, (_, row) in zip(layers, chosen, strict=True):
             layer.router.set_row(new, row.to(device))
         worst = float(scored[id(chosen)][1].mean(dim=1).max())
+        passes.close()
     info = {"worst": math.expm1(worst), "placement": "joint"}
     return grown_stats, [f for f, _ in chosen], info
 
