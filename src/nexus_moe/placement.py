@@ -152,7 +152,7 @@ def place_new_rows(
     if it shares them, ``new_held``), in place of its inputs as routed: the bound on the earlier
     domains holds the same, the direction is taken from the expert's own hidden states.
     With ``jointly`` (default: above ``LAYERWISE_MAX_LAYERS`` MoE layers) every layer gets the
-    same factor instead, in O(L) forward passes, not ~3 L^2 block passes (:func:`_place_jointly`).
+    same factor instead, in ~8 forward passes (8 L block passes), not ~3 L^2 (:func:`_place_jointly`).
     """
     assert stats[0].held is not None
     assert (windows is None) != (new_moments is None)
