@@ -337,8 +337,7 @@ def _candidate_rows(
             (float(_NORM_GRID[0]), smallest - float(b) * reference * carrier)
             for b in _BIAS_GRID.flip(0)
         ]
-    factors = [float(f) for f in _NORM_GRID if max_factor is None or f <= max_factor + 1e-6]
-    return biased + [(f, f * unit) for f in factors]
+    return biased + [(f, f * unit) for f in _norm_factors(max_factor)]
 
 
 @torch.no_grad()
@@ -365,6 +364,7 @@ def _place_jointly(
     the whole model, is within the budgets (no per-layer shares) is kept, by bisection."""
     layers, blocks, new = _moe_blocks(model)
     units, grown_stats = [], []
+    largest = _norm_factors(max_factor)[-1]  # the rows below a layer's, while it is placed
     with _new_expert_masked(model, device) as saved:
         held = _HeldForward(model, stats[0].held, device)
         before = held.losses()
@@ -384,7 +384,6 @@ def _place_jointly(
                 new_windows=windows if windows is not None else new_held,
             )  # fmt: skip
             layer.expert_mask = saved[index]
-            largest = float(_NORM_GRID[_norm_count(max_factor) - 1])
             layer.router.set_row(new, (largest * unit).to(device))
             units.append(unit)
             grown_stats.append(grown)
@@ -443,7 +442,7 @@ def _joint_candidates(
     per_layer = []
     for unit, layer_stats in zip(units, stats, strict=True):
         candidates = _candidate_rows(unit, layer_stats, ridge, max_factor, last_resort)
-        norms = candidates[-_norm_count(max_factor) :]
+        norms = candidates[-len(_norm_factors(max_factor)) :]
         biased = candidates[: len(candidates) - len(norms)] if last_resort else []
         if last_resort and not biased:
             biased = [norms[0]] * len(_BIAS_GRID)
@@ -451,5 +450,6 @@ def _joint_candidates(
     return [list(rows) for rows in zip(*per_layer, strict=True)]
 
 
-def _norm_count(max_factor: float | None) -> int:
-    return sum(1 for f in _NORM_GRID if max_factor is None or f <= max_factor + 1e-6)
+def _norm_factors(max_factor: float | None) -> list[float]:
+    """The norm factors of _NORM_GRID up to ``max_factor`` (None: all of them)."""
+    return [float(f) for f in _NORM_GRID if max_factor is None or f <= max_factor + 1e-6]
